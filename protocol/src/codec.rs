@@ -1,0 +1,207 @@
+//! Framing: `[len: u32 BE][kind: u8][body]`, where `len` counts kind + body.
+//!
+//! * kind 0: a [`Control`] message, bincode (standard config) with a decode limit equal to the
+//!   frame limit, so a hostile length or collection size can never allocate more than that;
+//! * kind 1: stream data, `[stream: u32 BE][payload]`; payload bytes are copied once, never
+//!   walked by serde.
+
+use crate::message::{Control, StreamId};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest frame (kind + body) either side sends or accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest payload of one data frame; bigger writes are split.
+pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+
+const KIND_CONTROL: u8 = 0;
+const KIND_DATA: u8 = 1;
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Control(Control),
+    Data { stream: StreamId, bytes: Vec<u8> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("truncated data frame")]
+    Truncated,
+    #[error("malformed control message: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("cannot encode control message: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("tunnel i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Appends the encoding of `frame` to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    match frame {
+        Frame::Control(msg) => {
+            out.push(KIND_CONTROL);
+            bincode::serde::encode_into_std_write(msg, out, config())?;
+        }
+        Frame::Data { stream, bytes } => {
+            out.push(KIND_DATA);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+    }
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME {
+        out.truncate(start);
+        return Err(CodecError::TooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Decodes one frame body (everything after the length prefix).
+pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
+    if body.len() > MAX_FRAME {
+        return Err(CodecError::TooLarge(body.len()));
+    }
+    let (&kind, rest) = body.split_first().ok_or(CodecError::Empty)?;
+    match kind {
+        KIND_CONTROL => {
+            let (msg, used) = bincode::serde::decode_from_slice(rest, config())?;
+            if used != rest.len() {
+                return Err(CodecError::Decode(bincode::error::DecodeError::OtherString(format!(
+                    "{} trailing bytes",
+                    rest.len() - used
+                ))));
+            }
+            Ok(Frame::Control(msg))
+        }
+        KIND_DATA => {
+            if rest.len() < 4 {
+                return Err(CodecError::Truncated);
+            }
+            let (id, payload) = rest.split_at(4);
+            let stream = u32::from_be_bytes(id.try_into().expect("4 bytes"));
+            Ok(Frame::Data { stream, bytes: payload.to_vec() })
+        }
+        other => Err(CodecError::UnknownKind(other)),
+    }
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames. `buf` is reused across
+/// calls and never grows beyond [`MAX_FRAME`].
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Frame>, CodecError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(CodecError::TooLarge(len));
+    }
+    buf.resize(len, 0);
+    reader.read_exact(buf).await?;
+    decode(buf).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::*;
+
+    fn round_trip(frame: Frame) {
+        let mut out = Vec::new();
+        encode(&frame, &mut out).unwrap();
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, out.len() - 4);
+        assert_eq!(decode(&out[4..]).unwrap(), frame);
+    }
+
+    #[test]
+    fn control_and_data_round_trip() {
+        round_trip(Frame::Control(Control::Hello(Hello {
+            min_version: 1,
+            max_version: 3,
+            token: b"tok".to_vec(),
+            capabilities: vec!["outgoing".into()],
+        })));
+        round_trip(Frame::Control(Control::Request {
+            id: u64::MAX,
+            body: Request::ReadFile { path: b"/etc/\xffhosts".to_vec(), offset: 7, len: 9 },
+        }));
+        round_trip(Frame::Control(Control::Response {
+            id: 3,
+            body: Response::Stat(FileStat { size: -1, mode: 0o100644, ..Default::default() }),
+        }));
+        round_trip(Frame::Control(Control::Opened { stream: 5, result: Err(Errno(111)) }));
+        round_trip(Frame::Control(Control::Open {
+            stream: 7,
+            target: OpenTarget::Udp("[::ffff:10.0.0.1]:53".parse().unwrap()),
+        }));
+        round_trip(Frame::Data { stream: 9, bytes: vec![0, 1, 2, 255] });
+        round_trip(Frame::Data { stream: 1, bytes: Vec::new() });
+    }
+
+    #[test]
+    fn oversize_frames_are_rejected_both_ways() {
+        let mut out = Vec::new();
+        let err = encode(&Frame::Data { stream: 1, bytes: vec![0; MAX_FRAME] }, &mut out);
+        assert!(matches!(err, Err(CodecError::TooLarge(_))));
+        assert!(out.is_empty(), "a rejected frame leaves nothing behind");
+        assert!(matches!(decode(&vec![1u8; MAX_FRAME + 1]), Err(CodecError::TooLarge(_))));
+    }
+
+    #[test]
+    fn malformed_frames_are_clean_errors() {
+        assert!(matches!(decode(&[]), Err(CodecError::Empty)));
+        assert!(matches!(decode(&[7, 0]), Err(CodecError::UnknownKind(7))));
+        assert!(matches!(decode(&[1, 0, 0]), Err(CodecError::Truncated)));
+        // A control frame whose collection claims a huge length must fail without allocating it.
+        let mut bogus = vec![0u8, 2]; // kind control, variant Request
+        bogus.extend_from_slice(&[0]); // id 0
+        bogus.extend_from_slice(&[1]); // Request::Stat
+        bogus.extend_from_slice(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(matches!(decode(&bogus), Err(CodecError::Decode(_))));
+        // Trailing garbage after a valid message is refused.
+        let mut out = Vec::new();
+        encode(&Frame::Control(Control::Shutdown { stream: 1 }), &mut out).unwrap();
+        out.push(0);
+        assert!(decode(&out[4..]).is_err());
+    }
+
+    #[tokio::test]
+    async fn reader_handles_eof_truncation_and_limit() {
+        let mut out = Vec::new();
+        encode(&Frame::Control(Control::Reset { stream: 3 }), &mut out).unwrap();
+        let mut buf = Vec::new();
+        let mut src = &out[..];
+        assert_eq!(
+            read_frame(&mut src, &mut buf).await.unwrap(),
+            Some(Frame::Control(Control::Reset { stream: 3 }))
+        );
+        assert_eq!(read_frame(&mut src, &mut buf).await.unwrap(), None);
+
+        let mut cut = &out[..out.len() - 1];
+        assert!(matches!(read_frame(&mut cut, &mut buf).await, Err(CodecError::Io(_))));
+
+        let huge = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let mut src = &huge[..];
+        assert!(matches!(read_frame(&mut src, &mut buf).await, Err(CodecError::TooLarge(_))));
+        assert!(buf.capacity() <= MAX_FRAME);
+    }
+}

@@ -1,0 +1,53 @@
+//! Wire protocol between the kmirror supervisor and its agent.
+//!
+//! * [`message`]: the serde types that travel the tunnel (handshake, requests, stream control).
+//! * [`codec`]: length-delimited frames with a hard size limit; control frames are bincode,
+//!   data frames carry raw bytes behind a fixed header so the hot path never goes through serde.
+//! * [`tunnel`]: one connection multiplexed into request/response exchanges and byte streams,
+//!   each stream with its own credit-based flow control.
+
+pub mod codec;
+pub mod message;
+pub mod tunnel;
+
+pub use message::*;
+
+/// The protocol version this build speaks natively.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Negotiates the version both sides use: the highest one both support.
+pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {
+    let version = PROTOCOL_VERSION.min(peer_max);
+    (version >= MIN_PROTOCOL_VERSION && version >= peer_min).then_some(version)
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_negotiation_picks_highest_common() {
+        assert_eq!(negotiate_version(1, 1), Some(1));
+        assert_eq!(negotiate_version(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
+        assert_eq!(negotiate_version(0, 0), None);
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret1"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -1,0 +1,155 @@
+//! Messages exchanged over the tunnel.
+//!
+//! Paths, names and environment entries are raw bytes: Linux paths need not be UTF-8 and the
+//! supervisor hands them to the kernel unchanged. Errors from the pod side travel as raw Linux
+//! errno values ([`Errno`]) so the app sees exactly what a local call would have returned.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Identifies one multiplexed byte stream. The supervisor allocates odd ids, the agent even ones,
+/// so both sides can open streams without coordinating.
+pub type StreamId = u32;
+
+/// A Linux errno value produced on the far side of the tunnel.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+/// First frame of a session, sent by the side that opened the tunnel (the supervisor).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Session secret the agent was started with; compared in constant time.
+    pub token: Vec<u8>,
+    pub capabilities: Vec<String>,
+}
+
+/// The agent's answer to [`Hello`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum HelloReply {
+    Accepted {
+        version: u16,
+        capabilities: Vec<String>,
+        /// The target process as the agent sees it, for messages to the user.
+        target: String,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+/// Control-plane request from the supervisor; each gets exactly one [`Response`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The target process's environment.
+    Environ,
+    /// Metadata of a path inside the target's root. `follow` selects stat (true) or lstat.
+    Stat { path: Vec<u8>, follow: bool },
+    /// Up to `len` bytes of a regular file inside the target's root, from `offset`.
+    ReadFile { path: Vec<u8>, offset: u64, len: u32 },
+    /// access(2)-style check of `mode` (R_OK/W_OK/X_OK/F_OK bits) inside the target's root.
+    Access { path: Vec<u8>, mode: u32 },
+    /// Target of a symbolic link inside the target's root.
+    ReadLink { path: Vec<u8> },
+    /// Entries of a directory inside the target's root.
+    ListDir { path: Vec<u8> },
+    /// One DNS message, answered by the pod's first nameserver (TCP when `tcp` is set).
+    Dns { query: Vec<u8>, tcp: bool },
+}
+
+/// Answer to a [`Request`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Environ(Vec<(Vec<u8>, Vec<u8>)>),
+    Stat(FileStat),
+    FileChunk { bytes: Vec<u8>, eof: bool },
+    Access,
+    ReadLink(Vec<u8>),
+    ListDir(Vec<DirEntry>),
+    Dns(Vec<u8>),
+    Error(Errno),
+}
+
+/// What `stat(2)` reports, in the kernel's own units.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub nlink: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: i64,
+    pub blksize: i64,
+    pub blocks: i64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// One directory entry; `kind` is the `d_type` value of getdents64.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub kind: u8,
+    pub ino: u64,
+}
+
+/// Where a new stream leads.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenTarget {
+    /// A TCP connection made from the pod's network namespace.
+    Tcp(SocketAddr),
+    /// A connected UDP socket in the pod's network namespace; each data frame is one datagram.
+    Udp(SocketAddr),
+}
+
+/// Control frames. Stream payload bytes do not appear here: they travel in data frames
+/// (see [`crate::codec`]).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Hello(Hello),
+    HelloReply(HelloReply),
+    Request {
+        id: u64,
+        body: Request,
+    },
+    Response {
+        id: u64,
+        body: Response,
+    },
+    /// Asks the peer to open a stream; answered by `Opened`.
+    Open {
+        stream: StreamId,
+        target: OpenTarget,
+    },
+    Opened {
+        stream: StreamId,
+        result: Result<(), Errno>,
+    },
+    /// The receiver may send `bytes` more payload bytes on the stream.
+    Credit {
+        stream: StreamId,
+        bytes: u32,
+    },
+    /// The sender will write no more on the stream (half close).
+    Shutdown {
+        stream: StreamId,
+    },
+    /// The stream is aborted in both directions.
+    Reset {
+        stream: StreamId,
+    },
+    /// The agent's session is over (target exited, shutdown); `reason` is for the user.
+    Goodbye {
+        reason: String,
+    },
+}

@@ -1,0 +1,688 @@
+//! One tunnel connection multiplexed into request/response exchanges and byte streams.
+//!
+//! A writer task owns the write half and batches queued frames into large writes; a reader task
+//! owns the read half and routes each frame. Every stream has credit-based flow control: a side
+//! may have at most [`STREAM_WINDOW`] unacknowledged payload bytes in flight per stream, and the
+//! receiver returns credit only after the bytes left its buffer (written to the local socket). So
+//! one slow consumer stalls only its own stream, and memory per stream is bounded.
+
+use crate::codec::{self, CodecError, Frame, MAX_DATA_CHUNK};
+use crate::message::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+/// Payload bytes a sender may have unacknowledged on one stream.
+pub const STREAM_WINDOW: usize = 256 * 1024;
+/// Frames are coalesced into writes of up to this many bytes.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Which end of the tunnel this is; decides the parity of stream ids it allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Supervisor,
+    Agent,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TunnelError {
+    #[error("the tunnel to the agent is closed ({0})")]
+    Closed(String),
+    #[error("no answer from the agent within {0:?}")]
+    Timeout(Duration),
+    #[error("the pod side refused: errno {}", .0.0)]
+    Refused(Errno),
+}
+
+/// What the peer asked of this side.
+#[derive(Debug)]
+pub enum Incoming {
+    Request { id: u64, body: Request },
+    Open { stream: Stream, target: OpenTarget },
+    Goodbye { reason: String },
+}
+
+/// An event on the receive side of a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    Data(Vec<u8>),
+    /// The peer will send no more (FIN).
+    Shutdown,
+    /// The peer aborted the stream, or the tunnel died.
+    Reset,
+}
+
+struct Slot {
+    inbound: mpsc::UnboundedSender<Inbound>,
+    credit: Arc<Semaphore>,
+    /// Payload bytes received but not yet granted back; a peer exceeding the window is cut off.
+    unacked: Arc<AtomicUsize>,
+}
+
+struct Shared {
+    out: mpsc::UnboundedSender<Frame>,
+    streams: Mutex<HashMap<StreamId, Slot>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
+    opening: Mutex<HashMap<StreamId, oneshot::Sender<Result<(), Errno>>>>,
+    next_request: AtomicU64,
+    next_stream: AtomicU32,
+    closed: watch::Sender<Option<String>>,
+}
+
+/// Handle to a running tunnel; cheap to clone.
+#[derive(Clone)]
+pub struct Tunnel {
+    shared: Arc<Shared>,
+}
+
+impl Tunnel {
+    /// Starts the reader and writer tasks on the current tokio runtime. Call after the
+    /// handshake. Requests and stream opens from the peer arrive on the returned receiver.
+    pub fn start<R, W>(reader: R, writer: W, side: Side) -> (Tunnel, mpsc::UnboundedReceiver<Incoming>)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            out,
+            streams: Mutex::default(),
+            pending: Mutex::default(),
+            opening: Mutex::default(),
+            next_request: AtomicU64::new(1),
+            next_stream: AtomicU32::new(match side {
+                Side::Supervisor => 1,
+                Side::Agent => 2,
+            }),
+            closed: watch::channel(None).0,
+        });
+        let tunnel = Tunnel { shared };
+        tokio::spawn(write_loop(writer, out_rx, tunnel.clone()));
+        tokio::spawn(read_loop(reader, incoming_tx, tunnel.clone()));
+        (tunnel, incoming_rx)
+    }
+
+    /// Sends a request and waits for its answer, at most `timeout`.
+    pub async fn request(&self, body: Request, timeout: Duration) -> Result<Response, TunnelError> {
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(id, tx);
+        // `shut_down` marks the tunnel closed before it clears the waiters, so checking after
+        // registering cannot miss a close.
+        if self.is_closed() {
+            lock(&self.shared.pending).remove(&id);
+            return Err(self.closed_error());
+        }
+        self.send(Control::Request { id, body });
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => {
+                lock(&self.shared.pending).remove(&id);
+                Err(TunnelError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Answers a request received as [`Incoming::Request`].
+    pub fn respond(&self, id: u64, body: Response) {
+        self.send(Control::Response { id, body });
+    }
+
+    /// Asks the peer to open a stream to `target` and waits for its verdict, at most `timeout`.
+    pub async fn open(&self, target: OpenTarget, timeout: Duration) -> Result<Stream, TunnelError> {
+        let id = self.shared.next_stream.fetch_add(2, Ordering::Relaxed);
+        let stream = self.register(id);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.opening).insert(id, tx);
+        if self.is_closed() {
+            lock(&self.shared.opening).remove(&id);
+            return Err(self.closed_error());
+        }
+        self.send(Control::Open { stream: id, target });
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(stream),
+            Ok(Ok(Err(errno))) => Err(TunnelError::Refused(errno)),
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => {
+                lock(&self.shared.opening).remove(&id);
+                stream.reset();
+                Err(TunnelError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Tells the peer the session is over.
+    pub fn goodbye(&self, reason: String) {
+        self.send(Control::Goodbye { reason });
+    }
+
+    /// Resolves with the reason once the tunnel has stopped working.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.shared.closed.subscribe();
+        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
+        reason.ok().flatten().unwrap_or_else(|| "tunnel dropped".into())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.borrow().is_some()
+    }
+
+    fn closed_error(&self) -> TunnelError {
+        let reason = self.shared.closed.borrow().clone();
+        TunnelError::Closed(reason.unwrap_or_else(|| "tunnel dropped".into()))
+    }
+
+    fn send(&self, msg: Control) {
+        // A send after the writer stopped is harmless: the tunnel is closed and every waiter
+        // learns that through `closed`.
+        let _ = self.shared.out.send(Frame::Control(msg));
+    }
+
+    fn register(&self, id: StreamId) -> Stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(Semaphore::new(STREAM_WINDOW));
+        let unacked = Arc::new(AtomicUsize::new(0));
+        let slot = Slot { inbound: tx, credit: credit.clone(), unacked: unacked.clone() };
+        if self.is_closed() {
+            credit.close();
+        } else {
+            lock(&self.shared.streams).insert(id, slot);
+        }
+        Stream { id, tunnel: self.clone(), inbound: rx, credit, unacked }
+    }
+
+    fn shut_down(&self, reason: String) {
+        self.shared.closed.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+        for (_, slot) in lock(&self.shared.streams).drain() {
+            slot.credit.close();
+            let _ = slot.inbound.send(Inbound::Reset);
+        }
+        lock(&self.shared.pending).clear();
+        lock(&self.shared.opening).clear();
+    }
+
+    fn route(&self, frame: Frame, incoming: &mpsc::UnboundedSender<Incoming>) -> Result<(), String> {
+        let control = match frame {
+            Frame::Data { stream, bytes } => {
+                let streams = lock(&self.shared.streams);
+                if let Some(slot) = streams.get(&stream) {
+                    let unacked = slot.unacked.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
+                    if unacked > STREAM_WINDOW {
+                        drop(streams);
+                        tracing::warn!(stream, unacked, "peer overran the stream window; resetting");
+                        self.reset_stream(stream);
+                    } else {
+                        let _ = slot.inbound.send(Inbound::Data(bytes));
+                    }
+                }
+                return Ok(());
+            }
+            Frame::Control(control) => control,
+        };
+        match control {
+            Control::Request { id, body } => {
+                let _ = incoming.send(Incoming::Request { id, body });
+            }
+            Control::Response { id, body } => {
+                if let Some(waiter) = lock(&self.shared.pending).remove(&id) {
+                    let _ = waiter.send(body);
+                }
+            }
+            Control::Open { stream, target } => {
+                let stream = self.register(stream);
+                let _ = incoming.send(Incoming::Open { stream, target });
+            }
+            Control::Opened { stream, result } => {
+                if let Some(waiter) = lock(&self.shared.opening).remove(&stream) {
+                    let _ = waiter.send(result);
+                }
+            }
+            Control::Credit { stream, bytes } => {
+                if let Some(slot) = lock(&self.shared.streams).get(&stream) {
+                    slot.credit.add_permits(bytes as usize);
+                }
+            }
+            Control::Shutdown { stream } => {
+                if let Some(slot) = lock(&self.shared.streams).get(&stream) {
+                    let _ = slot.inbound.send(Inbound::Shutdown);
+                }
+            }
+            Control::Reset { stream } => {
+                if let Some(slot) = lock(&self.shared.streams).remove(&stream) {
+                    slot.credit.close();
+                    let _ = slot.inbound.send(Inbound::Reset);
+                }
+            }
+            Control::Goodbye { reason } => {
+                let _ = incoming.send(Incoming::Goodbye { reason });
+            }
+            Control::Hello(_) | Control::HelloReply(_) => {
+                return Err("handshake message after the handshake".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_stream(&self, id: StreamId) {
+        if let Some(slot) = lock(&self.shared.streams).remove(&id) {
+            slot.credit.close();
+            let _ = slot.inbound.send(Inbound::Reset);
+        }
+        self.send(Control::Reset { stream: id });
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+    tunnel: Tunnel,
+) {
+    let mut buf = Vec::with_capacity(WRITE_BATCH);
+    while let Some(frame) = frames.recv().await {
+        buf.clear();
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            if let Err(e) = codec::encode(&frame, &mut buf) {
+                tracing::error!("dropping unencodable frame: {e}");
+            }
+            if buf.len() < WRITE_BATCH {
+                next = frames.try_recv().ok();
+            }
+        }
+        if let Err(e) = writer.write_all(&buf).await.and(writer.flush().await) {
+            tunnel.shut_down(format!("write failed: {e}"));
+            return;
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
+    incoming: mpsc::UnboundedSender<Incoming>,
+    tunnel: Tunnel,
+) {
+    let mut buf = Vec::new();
+    let reason = loop {
+        match codec::read_frame(&mut reader, &mut buf).await {
+            Ok(Some(frame)) => {
+                if let Err(reason) = tunnel.route(frame, &incoming) {
+                    break format!("protocol violation: {reason}");
+                }
+            }
+            Ok(None) => break "the peer closed the tunnel".to_string(),
+            Err(e) => break format!("{e}"),
+        }
+    };
+    tunnel.shut_down(reason);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One multiplexed byte stream (or datagram flow). Dropping it forgets the stream locally.
+#[derive(Debug)]
+pub struct Stream {
+    id: StreamId,
+    tunnel: Tunnel,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    credit: Arc<Semaphore>,
+    unacked: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel").field("closed", &self.is_closed()).finish()
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions finished with an orderly close.
+    Closed,
+    /// One side aborted; the other was reset too.
+    Reset,
+}
+
+impl Stream {
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Answers an [`Incoming::Open`]: the stream is usable when `result` is Ok.
+    pub fn opened(&self, result: Result<(), Errno>) {
+        self.tunnel.send(Control::Opened { stream: self.id, result });
+    }
+
+    /// Sends bytes, waiting for credit; splits large writes. Fails once the stream is reset.
+    pub async fn send(&self, bytes: &[u8]) -> Result<(), TunnelError> {
+        send_data(&self.tunnel, &self.credit, self.id, bytes).await
+    }
+
+    /// Next event from the peer. Data must be acknowledged with [`Stream::grant`] once consumed.
+    pub async fn recv(&mut self) -> Inbound {
+        self.inbound.recv().await.unwrap_or(Inbound::Reset)
+    }
+
+    /// Returns `n` consumed bytes of credit to the peer.
+    pub fn grant(&self, n: usize) {
+        if n > 0 {
+            self.unacked.fetch_sub(n, Ordering::AcqRel);
+            self.tunnel.send(Control::Credit { stream: self.id, bytes: n as u32 });
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.tunnel.send(Control::Shutdown { stream: self.id });
+    }
+
+    pub fn reset(&self) {
+        self.tunnel.reset_stream(self.id);
+    }
+
+    /// Relays between a TCP connection and this stream until both directions are closed or
+    /// either side aborts. An abort is passed on as a reset (RST on the TCP side).
+    pub async fn relay_tcp(mut self, mut socket: TcpStream) -> RelayEnd {
+        let (mut rd, mut wr) = socket.split();
+        let outcome = {
+            let Stream { id, tunnel, inbound, credit, unacked } = &mut self;
+            let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
+            let upstream = async move {
+                let mut buf = vec![0u8; MAX_DATA_CHUNK];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) => {
+                            tunnel.send(Control::Shutdown { stream: id });
+                            return RelayEnd::Closed;
+                        }
+                        Ok(n) => {
+                            if send_data(tunnel, credit, id, &buf[..n]).await.is_err() {
+                                return RelayEnd::Reset;
+                            }
+                        }
+                        Err(_) => return RelayEnd::Reset,
+                    }
+                }
+            };
+            let downstream = async move {
+                loop {
+                    match inbound.recv().await.unwrap_or(Inbound::Reset) {
+                        Inbound::Data(bytes) => {
+                            if wr.write_all(&bytes).await.is_err() {
+                                return RelayEnd::Reset;
+                            }
+                            unacked.fetch_sub(bytes.len(), Ordering::AcqRel);
+                            tunnel.send(Control::Credit { stream: id, bytes: bytes.len() as u32 });
+                        }
+                        Inbound::Shutdown => {
+                            let _ = wr.shutdown().await;
+                            return RelayEnd::Closed;
+                        }
+                        Inbound::Reset => return RelayEnd::Reset,
+                    }
+                }
+            };
+            both_or_reset(upstream, downstream).await
+        };
+        if outcome == RelayEnd::Reset {
+            // SO_LINGER 0 turns the close into a RST, which is how the far side's abort is
+            // passed on; on a non-blocking socket it never blocks the thread.
+            #[allow(deprecated)]
+            let _ = socket.set_linger(Some(Duration::ZERO));
+            self.reset();
+        }
+        outcome
+    }
+
+    /// Relays datagrams between a connected UDP socket and this stream until either side
+    /// resets or the socket fails. `idle` ends a flow that carried nothing for that long.
+    pub async fn relay_udp(mut self, socket: UdpSocket, idle: Duration) -> RelayEnd {
+        let mut buf = vec![0u8; MAX_DATA_CHUNK];
+        loop {
+            tokio::select! {
+                received = socket.recv(&mut buf) => match received {
+                    Ok(n) => { if self.send(&buf[..n]).await.is_err() { return RelayEnd::Reset; } }
+                    Err(e) if is_transient_udp_error(&e) => continue,
+                    Err(_) => break,
+                },
+                event = self.inbound.recv() => match event.unwrap_or(Inbound::Reset) {
+                    Inbound::Data(datagram) => {
+                        let _ = socket.send(&datagram).await;
+                        self.grant(datagram.len());
+                    }
+                    Inbound::Shutdown => {}
+                    Inbound::Reset => return RelayEnd::Reset,
+                },
+                _ = tokio::time::sleep(idle) => break,
+            }
+        }
+        self.reset();
+        RelayEnd::Closed
+    }
+}
+
+async fn send_data(
+    tunnel: &Tunnel,
+    credit: &Semaphore,
+    id: StreamId,
+    mut bytes: &[u8],
+) -> Result<(), TunnelError> {
+    while !bytes.is_empty() {
+        let n = bytes.len().min(MAX_DATA_CHUNK);
+        credit.acquire_many(n as u32).await.map_err(|_| TunnelError::Closed("stream reset".into()))?.forget();
+        let _ = tunnel.shared.out.send(Frame::Data { stream: id, bytes: bytes[..n].to_vec() });
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// ICMP errors reported on a connected UDP socket must not end the flow.
+fn is_transient_udp_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::ECONNREFUSED | libc_errno::EHOSTUNREACH | libc_errno::ENETUNREACH)
+    )
+}
+
+mod libc_errno {
+    pub const ECONNREFUSED: i32 = 111;
+    pub const EHOSTUNREACH: i32 = 113;
+    pub const ENETUNREACH: i32 = 101;
+}
+
+/// Runs both halves of a relay; finishes when both close, or at once when either resets.
+async fn both_or_reset(
+    a: impl std::future::Future<Output = RelayEnd>,
+    b: impl std::future::Future<Output = RelayEnd>,
+) -> RelayEnd {
+    tokio::pin!(a, b);
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        let end = tokio::select! {
+            end = &mut a, if !a_done => { a_done = true; end }
+            end = &mut b, if !b_done => { b_done = true; end }
+        };
+        if end == RelayEnd::Reset {
+            return RelayEnd::Reset;
+        }
+    }
+    RelayEnd::Closed
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        lock(&self.tunnel.shared.streams).remove(&self.id);
+    }
+}
+
+/// Writes one control frame directly (used for the handshake, before [`Tunnel::start`]).
+pub async fn write_control<W: AsyncWrite + Unpin>(writer: &mut W, msg: Control) -> Result<(), CodecError> {
+    let mut buf = Vec::new();
+    codec::encode(&Frame::Control(msg), &mut buf)?;
+    writer.write_all(&buf).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Reads one control frame directly (used for the handshake, before [`Tunnel::start`]).
+pub async fn read_control<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Control, CodecError> {
+    let mut buf = Vec::new();
+    match codec::read_frame(reader, &mut buf).await? {
+        Some(Frame::Control(msg)) => Ok(msg),
+        Some(Frame::Data { .. }) => Err(CodecError::UnknownKind(1)),
+        None => Err(CodecError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn pair() -> ((Tunnel, mpsc::UnboundedReceiver<Incoming>), (Tunnel, mpsc::UnboundedReceiver<Incoming>)) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        (Tunnel::start(ar, aw, Side::Supervisor), Tunnel::start(br, bw, Side::Agent))
+    }
+
+    #[tokio::test]
+    async fn requests_are_matched_to_responses() {
+        let ((sup, _), (agent, mut agent_in)) = pair();
+        tokio::spawn(async move {
+            while let Some(Incoming::Request { id, body }) = agent_in.recv().await {
+                let answer = match body {
+                    Request::ReadLink { path } => Response::ReadLink(path),
+                    _ => Response::Error(Errno(38)),
+                };
+                agent.respond(id, answer);
+            }
+        });
+        let t = Duration::from_secs(5);
+        let (a, b) = tokio::join!(
+            sup.request(Request::ReadLink { path: b"x".to_vec() }, t),
+            sup.request(Request::Environ, t)
+        );
+        assert_eq!(a.unwrap(), Response::ReadLink(b"x".to_vec()));
+        assert_eq!(b.unwrap(), Response::Error(Errno(38)));
+    }
+
+    #[tokio::test]
+    async fn closed_tunnel_fails_requests_and_streams() {
+        let (a, b) = tokio::io::duplex(1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (sup, _incoming) = Tunnel::start(ar, aw, Side::Supervisor);
+        drop(b); // the agent's end of the connection goes away
+        let err = sup.request(Request::Environ, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, TunnelError::Closed(_)), "{err:?}");
+        assert!(!sup.closed().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn request_timeout_is_reported() {
+        let ((sup, _), _agent) = pair();
+        let err = sup.request(Request::Environ, Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(err, TunnelError::Timeout(Duration::from_millis(50)));
+    }
+
+    /// A TCP echo through two tunnel ends: bytes arrive intact and in order, both half-closes
+    /// propagate, and the sender is throttled by credit rather than buffering without bound.
+    #[tokio::test]
+    async fn tcp_relay_round_trip_with_flow_control() {
+        let ((sup, _), (agent, mut agent_in)) = pair();
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let (mut r, mut w) = s.split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        tokio::spawn(async move {
+            while let Some(Incoming::Open { stream, target: OpenTarget::Tcp(addr) }) = agent_in.recv().await {
+                let sock = TcpStream::connect(addr).await.unwrap();
+                stream.opened(Ok(()));
+                tokio::spawn(stream.relay_tcp(sock));
+            }
+        });
+        let stream = sup.open(OpenTarget::Tcp(echo_addr), Duration::from_secs(5)).await.unwrap();
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = local.local_addr().unwrap();
+        let relay = tokio::spawn(async move {
+            let (s, _) = local.accept().await.unwrap();
+            stream.relay_tcp(s).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = client.split();
+        let send = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let recv = r.read_to_end(&mut got);
+        let (_, n) = tokio::join!(send, recv);
+        assert_eq!(n.unwrap(), payload.len());
+        assert!(got == payload, "echoed bytes differ");
+        assert_eq!(relay.await.unwrap(), RelayEnd::Closed);
+    }
+
+    #[tokio::test]
+    async fn refused_open_reports_errno() {
+        let ((sup, _), (_agent, mut agent_in)) = pair();
+        tokio::spawn(async move {
+            while let Some(Incoming::Open { stream, .. }) = agent_in.recv().await {
+                stream.opened(Err(Errno(111)));
+            }
+        });
+        let err = sup
+            .open(OpenTarget::Tcp("10.0.0.1:1".parse().unwrap()), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err, TunnelError::Refused(Errno(111)));
+    }
+
+    #[tokio::test]
+    async fn window_overrun_resets_the_stream() {
+        let ((sup, _), (_agent, mut agent_in)) = pair();
+        let opener = tokio::spawn(async move {
+            sup.open(OpenTarget::Tcp("10.0.0.1:1".parse().unwrap()), Duration::from_secs(5)).await
+        });
+        let Some(Incoming::Open { mut stream, .. }) = agent_in.recv().await else {
+            panic!("expected an open")
+        };
+        stream.opened(Ok(()));
+        let sup_stream = opener.await.unwrap().unwrap();
+        // The agent side never grants credit: a well-behaved sender stops at the window.
+        sup_stream.send(&vec![1u8; STREAM_WINDOW]).await.unwrap();
+        let blocked = tokio::time::timeout(Duration::from_millis(100), sup_stream.send(&[1])).await;
+        assert!(blocked.is_err(), "sender must wait for credit");
+        // A peer that ignores credit gets its stream reset instead of growing the buffer.
+        let rogue = Frame::Data { stream: sup_stream.id(), bytes: vec![0; 8] };
+        sup_stream.tunnel.shared.out.send(rogue).unwrap();
+        let mut events = Vec::new();
+        loop {
+            let event = stream.recv().await;
+            let done = event == Inbound::Reset;
+            events.push(event);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(events.len(), STREAM_WINDOW / MAX_DATA_CHUNK + 1);
+    }
+}
