@@ -1,0 +1,71 @@
+//! `kmirror-agent`: serves one kmirror session from inside a target's namespaces.
+//!
+//! For local targets the supervisor spawns it as a child with the tunnel on an inherited socket
+//! (`--tunnel-fd`) and the session token in `KMIRROR_SESSION_TOKEN`. The agent never moves
+//! itself into the target: sockets are created by a thread that entered the target's network
+//! namespace, and files are read through the target's root directory with `openat2`.
+
+mod dns;
+mod env;
+mod files;
+mod netns;
+mod outgoing;
+mod session;
+mod target;
+
+use anyhow::{Context, Result, bail};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+const USAGE: &str = "usage: kmirror-agent --tunnel-fd <fd> --target-pid <pid>";
+
+struct Args {
+    tunnel_fd: i32,
+    target_pid: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut tunnel_fd = None;
+    let mut target_pid = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().with_context(|| format!("{flag} needs a value; {USAGE}"))?;
+        match flag.as_str() {
+            "--tunnel-fd" => tunnel_fd = Some(value.parse().context("--tunnel-fd")?),
+            "--target-pid" => target_pid = Some(value.parse().context("--target-pid")?),
+            _ => bail!("unknown argument {flag}; {USAGE}"),
+        }
+    }
+    Ok(Args { tunnel_fd: tunnel_fd.context(USAGE)?, target_pid: target_pid.context(USAGE)? })
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KMIRROR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("kmirror-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    let token = std::env::var("KMIRROR_SESSION_TOKEN")
+        .context("KMIRROR_SESSION_TOKEN is not set; the agent is started by `kmirror run`")?;
+    // SAFETY: removing our own variable before any thread exists.
+    unsafe { std::env::remove_var("KMIRROR_SESSION_TOKEN") };
+    let target = target::Target::open(args.target_pid)?;
+    // SAFETY: the supervisor passed this descriptor to us and nothing else owns it.
+    let tunnel_fd = unsafe { OwnedFd::from_raw_fd(args.tunnel_fd) };
+    let netns = netns::NetnsWorker::start(&target)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(session::serve(tunnel_fd, token.into_bytes(), target, netns))
+}

@@ -1,0 +1,62 @@
+//! Outgoing connections made on the app's behalf from the pod's network namespace.
+
+use crate::netns::NetnsWorker;
+use kmirror_protocol::tunnel::Stream;
+use kmirror_protocol::{Errno, OpenTarget};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Longest a pod-side connect may take; the supervisor applies the app's own, shorter budget.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(75);
+/// A UDP flow with no traffic in either direction for this long is closed.
+const UDP_IDLE: Duration = Duration::from_secs(120);
+
+fn domain(addr: &SocketAddr) -> i32 {
+    if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 }
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+pub async fn open(netns: NetnsWorker, stream: Stream, target: OpenTarget) {
+    match target {
+        OpenTarget::Tcp(addr) => {
+            let connected = async {
+                let fd = netns.socket(domain(&addr), libc::SOCK_STREAM).await?;
+                let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+                match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                }
+            };
+            match connected.await {
+                Ok(socket) => {
+                    let _ = socket.set_nodelay(true);
+                    stream.opened(Ok(()));
+                    let end = stream.relay_tcp(socket).await;
+                    tracing::debug!(%addr, ?end, "outgoing tcp relay finished");
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, "pod-side connect failed: {e}");
+                    stream.opened(Err(errno_of(&e)));
+                }
+            }
+        }
+        OpenTarget::Udp(addr) => {
+            let connected = async {
+                let fd = netns.socket(domain(&addr), libc::SOCK_DGRAM).await?;
+                let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
+                socket.connect(addr).await?;
+                Ok::<_, std::io::Error>(socket)
+            };
+            match connected.await {
+                Ok(socket) => {
+                    stream.opened(Ok(()));
+                    stream.relay_udp(socket, UDP_IDLE).await;
+                }
+                Err(e) => stream.opened(Err(errno_of(&e))),
+            }
+        }
+    }
+}
