@@ -1,0 +1,89 @@
+//! Starting the agent for a local target and opening the tunnel to it.
+
+use anyhow::{Context as _, Result, bail};
+use kmirror_protocol::tunnel::{self, Incoming, Side, Tunnel};
+use kmirror_protocol::{Control, Hello, HelloReply, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub struct Agent {
+    pub tunnel: Tunnel,
+    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+    pub child: tokio::process::Child,
+}
+
+/// The agent binary: `KMIRROR_AGENT` if set, else `kmirror-agent` beside this executable.
+fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KMIRROR_AGENT") {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe().context("cannot locate the kmirror executable")?;
+    let path = me.with_file_name("kmirror-agent");
+    if !path.exists() {
+        bail!(
+            "the agent binary {} is missing: install kmirror-agent next to kmirror, or set \
+             KMIRROR_AGENT to its path",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Spawns the agent for process `pid` and completes the handshake.
+pub async fn start_local(pid: u32) -> Result<Agent> {
+    let binary = agent_binary()?;
+    let token = crate::random::token();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair for the agent")?;
+    let their_fd = theirs.as_raw_fd();
+    let mut command = tokio::process::Command::new(&binary);
+    command
+        .arg("--tunnel-fd")
+        .arg(their_fd.to_string())
+        .arg("--target-pid")
+        .arg(pid.to_string())
+        .env("KMIRROR_SESSION_TOKEN", &token)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe calls: clear close-on-exec on the tunnel end the agent
+    // inherits, and tie the agent's life to ours.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) != 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().with_context(|| format!("cannot start the agent {}", binary.display()))?;
+    drop(theirs);
+
+    ours.set_nonblocking(true)?;
+    let socket = tokio::net::UnixStream::from_std(ours)?;
+    let (mut reader, mut writer) = socket.into_split();
+    let hello = Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        token: token.into_bytes(),
+        capabilities: vec!["outgoing".into(), "dns".into(), "files".into(), "env".into()],
+    };
+    tunnel::write_control(&mut writer, Control::Hello(hello)).await.context("cannot reach the agent")?;
+    let reply = tokio::time::timeout(Duration::from_secs(30), tunnel::read_control(&mut reader))
+        .await
+        .context("the agent did not answer the handshake within 30 s")?
+        .context("the agent ended the session during the handshake (see its message above)")?;
+    match reply {
+        Control::HelloReply(HelloReply::Accepted { version, capabilities, target }) => {
+            tracing::debug!(version, ?capabilities, target, "agent ready");
+        }
+        Control::HelloReply(HelloReply::Rejected { reason }) => {
+            bail!("the agent refused the session: {reason}")
+        }
+        other => bail!("unexpected first message from the agent: {other:?}"),
+    }
+    let (tunnel, incoming) = Tunnel::start(reader, writer, Side::Supervisor);
+    Ok(Agent { tunnel, incoming, child })
+}

@@ -1,0 +1,61 @@
+//! Command-line interface.
+
+use crate::policy::files::FsMode;
+use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kmirror",
+    version,
+    about = "Run a local process as if it were inside a running pod",
+    long_about = "Run a local process as if it were inside a running pod: its outgoing \
+                  connections, DNS lookups, chosen files and environment come from the pod. \
+                  Interception happens at the syscall boundary (seccomp user-notify), so static \
+                  binaries work like any other."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command in the context of a target.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// What to mirror: pid/<PID> (a process on this machine, e.g. a pod's container process).
+    #[arg(long, short = 't', value_name = "TARGET")]
+    pub target: String,
+
+    /// Which files come from the pod.
+    #[arg(long, value_enum, default_value = "localwithoverrides")]
+    pub fs_mode: FsMode,
+
+    /// Resolve names locally instead of with the pod's resolver.
+    #[arg(long)]
+    pub no_remote_dns: bool,
+
+    /// Do not take the pod's environment.
+    #[arg(long)]
+    pub no_env: bool,
+
+    /// Take only pod variables matching this pattern (`*` and `?` wildcards; repeatable).
+    #[arg(long = "env-include", value_name = "PATTERN")]
+    pub env_include: Vec<String>,
+
+    /// Ignore pod variables matching this pattern (repeatable).
+    #[arg(long = "env-exclude", value_name = "PATTERN")]
+    pub env_exclude: Vec<String>,
+
+    /// Send connections to loopback addresses to the pod's loopback too.
+    #[arg(long)]
+    pub remote_loopback: bool,
+
+    /// The command to run, and its arguments.
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}

@@ -1,0 +1,351 @@
+//! The file family: `open`/`openat`/`openat2`, the `stat` family, `access`/`faccessat(2)`,
+//! `readlink(at)`.
+//!
+//! Remote regular files are fetched once per open and handed to the app as a sealed, read-only
+//! memfd; remote directories are mirrored as a local directory of placeholder entries (same
+//! names and types) so `getdents` works, and lookups relative to such a directory map back to
+//! the pod. Metadata calls are answered with the pod's own `stat` data.
+
+use super::{Context, tunnel_errno};
+use crate::policy::files::{self, FileRoute, VirtualFile};
+use crate::seccomp::Notification;
+use crate::{abi, tracee};
+use kmirror_protocol::{DirEntry, FileStat, Request, Response};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+/// Remote files larger than this are refused (EFBIG) rather than copied into memory.
+const MAX_REMOTE_FILE: u64 = 256 << 20;
+const READ_CHUNK: u32 = 512 * 1024;
+const PATH_MAX: usize = libc::PATH_MAX as usize;
+
+/// Turns the path argument of a call into the absolute pod-side path it names, or `None` when
+/// the call is not about a path kmirror can judge (empty path, relative to a local directory).
+fn resolve_path(ctx: &Context, tid: u32, dirfd: i32, path_ptr: u64) -> Option<Vec<u8>> {
+    let raw = tracee::read_cstring(tid, path_ptr, PATH_MAX).ok()?;
+    if raw.first() == Some(&b'/') {
+        let path = files::normalize(&raw);
+        return Some(ctx.files.pod_path_of_materialized(&path).unwrap_or(path));
+    }
+    if raw.is_empty() || dirfd == libc::AT_FDCWD {
+        return None;
+    }
+    let dir = tracee::proc_link(tid, &format!("fd/{dirfd}")).ok()?;
+    let pod_dir = ctx.files.pod_path_of_materialized(&dir)?;
+    Some(files::join(&pod_dir, &raw))
+}
+
+enum Plan {
+    Local,
+    Virtual(VirtualFile),
+    Remote(Vec<u8>),
+}
+
+fn plan(ctx: &Context, n: &Notification, dirfd: i32, path_ptr: u64, write: bool) -> Plan {
+    let Some(path) = resolve_path(ctx, n.tid, dirfd, path_ptr) else { return Plan::Local };
+    match ctx.files.route(&path, write) {
+        FileRoute::Local => Plan::Local,
+        FileRoute::Virtual(v) => Plan::Virtual(v),
+        FileRoute::Remote => Plan::Remote(path),
+    }
+}
+
+fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
+    if !ctx.listener.is_valid(n.id) {
+        return;
+    }
+    match result {
+        Ok(value) => ctx.listener.return_value(n.id, value),
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}
+
+async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
+    match ctx.tunnel.request(request, ctx.remote_timeout).await {
+        Ok(Response::Error(errno)) => Err(errno.0),
+        Ok(response) => Ok(response),
+        Err(e) => Err(tunnel_errno(&e)),
+    }
+}
+
+async fn remote_stat(ctx: &Context, path: &[u8], follow: bool) -> Result<FileStat, i32> {
+    match remote(ctx, Request::Stat { path: path.to_vec(), follow }).await? {
+        Response::Stat(st) => Ok(st),
+        _ => Err(libc::EIO),
+    }
+}
+
+fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = ctx.virtual_files[&v].metadata().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    let ts = |sec: i64, nsec: i64| kmirror_protocol::Timestamp { sec, nsec: nsec as u32 };
+    Ok(FileStat {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        mode: libc::S_IFREG | 0o644,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: meta.size() as i64,
+        blksize: 4096,
+        blocks: meta.size().div_ceil(512) as i64,
+        atime: ts(meta.atime(), meta.atime_nsec()),
+        mtime: ts(meta.mtime(), meta.mtime_nsec()),
+        ctime: ts(meta.ctime(), meta.ctime_nsec()),
+    })
+}
+
+// ---- open ----
+
+pub fn on_open(ctx: &Arc<Context>, n: Notification) {
+    let (dirfd, path_ptr, flags) = match n.nr {
+        libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32),
+        libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32),
+        _ => match tracee::read_bytes(n.tid, n.args[2], 8) {
+            // openat2: the flags are the first field of `struct open_how`.
+            Ok(how) => {
+                (n.args[0] as i32, n.args[1], u64::from_ne_bytes(how.try_into().expect("8 bytes")) as i32)
+            }
+            Err(_) => return ctx.listener.continue_call(n.id),
+        },
+    };
+    let write = flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
+        || flags & libc::O_TMPFILE == libc::O_TMPFILE;
+    match plan(ctx, &n, dirfd, path_ptr, write) {
+        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Virtual(v) => {
+            let result = if flags & libc::O_DIRECTORY != 0 {
+                Err(libc::ENOTDIR)
+            } else {
+                reopen_read_only(ctx.virtual_files[&v].as_raw_fd()).map_err(errno_of)
+            };
+            deliver_fd(ctx, &n, result, flags);
+        }
+        Plan::Remote(path) => {
+            let ctx = ctx.clone();
+            ctx.runtime.clone().spawn(async move {
+                let result = open_remote(&ctx, &path, flags).await;
+                deliver_fd(&ctx, &n, result, flags);
+            });
+        }
+    }
+}
+
+fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
+    match result {
+        Ok(fd) => {
+            if ctx.listener.is_valid(n.id) {
+                if let Err(e) = ctx.listener.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0)
+                {
+                    tracing::debug!("could not hand a descriptor to the app: {e}");
+                }
+            }
+        }
+        Err(errno) => answer(ctx, n, Err(errno)),
+    }
+}
+
+fn errno_of(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// A new, read-only open file description of an existing file (each app open gets its own
+/// file offset).
+fn reopen_read_only(fd: i32) -> std::io::Result<OwnedFd> {
+    Ok(std::fs::File::open(format!("/proc/self/fd/{fd}"))?.into())
+}
+
+async fn open_remote(ctx: &Context, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
+    let st = remote_stat(ctx, path, flags & libc::O_NOFOLLOW == 0).await?;
+    match st.mode & libc::S_IFMT {
+        libc::S_IFDIR => {
+            let local = materialize_dir(ctx, path).await?;
+            Ok(std::fs::File::open(local).map_err(errno_of)?.into())
+        }
+        _ if flags & libc::O_DIRECTORY != 0 => Err(libc::ENOTDIR),
+        libc::S_IFREG => fetch_file(ctx, path, st.size.max(0) as u64).await,
+        libc::S_IFLNK => Err(libc::ELOOP),
+        _ => Err(libc::ENXIO),
+    }
+}
+
+async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64) -> Result<OwnedFd, i32> {
+    if size_hint > MAX_REMOTE_FILE {
+        return Err(libc::EFBIG);
+    }
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(b"file");
+    let memfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create(format!("kmirror:{}", String::from_utf8_lossy(name)))
+        .map_err(|_| libc::ENOMEM)?;
+    let mut file = memfd.as_file();
+    let mut offset = 0u64;
+    loop {
+        let chunk = remote(ctx, Request::ReadFile { path: path.to_vec(), offset, len: READ_CHUNK }).await?;
+        let Response::FileChunk { bytes, eof } = chunk else { return Err(libc::EIO) };
+        file.write_all(&bytes).map_err(errno_of)?;
+        offset += bytes.len() as u64;
+        if offset > MAX_REMOTE_FILE {
+            return Err(libc::EFBIG);
+        }
+        if eof || bytes.is_empty() {
+            break;
+        }
+    }
+    memfd
+        .add_seals(&[
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealWrite,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(|_| libc::EIO)?;
+    reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)
+}
+
+/// Mirrors a pod directory's entries (names and types, empty content) under the session's
+/// materialisation root and returns the local directory.
+async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBuf, i32> {
+    let Response::ListDir(entries) = remote(ctx, Request::ListDir { path: path.to_vec() }).await? else {
+        return Err(libc::EIO);
+    };
+    let local = ctx.materialized.join(std::ffi::OsStr::from_bytes(path.strip_prefix(b"/").unwrap_or(path)));
+    let dir = local.clone();
+    tokio::task::spawn_blocking(move || mirror_entries(&dir, &entries))
+        .await
+        .map_err(|_| libc::EIO)?
+        .map_err(errno_of)?;
+    Ok(local)
+}
+
+fn mirror_entries(dir: &std::path::Path, entries: &[DirEntry]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let wanted: std::collections::HashMap<&[u8], u8> =
+        entries.iter().map(|e| (e.name.as_slice(), e.kind)).collect();
+    for existing in std::fs::read_dir(dir)? {
+        let existing = existing?;
+        let kind = existing.file_type().map(kind_of).unwrap_or(libc::DT_UNKNOWN);
+        if wanted.get(existing.file_name().as_bytes()) != Some(&kind) {
+            let p = existing.path();
+            let _ = if kind == libc::DT_DIR { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+    for entry in entries {
+        let p = dir.join(std::ffi::OsStr::from_bytes(&entry.name));
+        if p.symlink_metadata().is_ok() {
+            continue;
+        }
+        // Races with a concurrent listing of the same directory only cause EEXIST: ignored.
+        let _ = match entry.kind {
+            libc::DT_DIR => std::fs::create_dir(&p),
+            libc::DT_LNK => std::os::unix::fs::symlink("kmirror-pod-symlink", &p),
+            _ => std::fs::File::create(&p).map(drop),
+        };
+    }
+    Ok(())
+}
+
+fn kind_of(ft: std::fs::FileType) -> u8 {
+    if ft.is_dir() {
+        libc::DT_DIR
+    } else if ft.is_symlink() {
+        libc::DT_LNK
+    } else {
+        libc::DT_REG
+    }
+}
+
+// ---- stat family ----
+
+pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
+    let (dirfd, path_ptr, buf, flags, statx) = match n.nr {
+        libc::SYS_stat => (libc::AT_FDCWD, n.args[0], n.args[1], 0, false),
+        libc::SYS_lstat => (libc::AT_FDCWD, n.args[0], n.args[1], libc::AT_SYMLINK_NOFOLLOW, false),
+        libc::SYS_newfstatat => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i32, false),
+        _ => (n.args[0] as i32, n.args[1], n.args[4], n.args[2] as i32, true),
+    };
+    let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    let encode = move |st: &FileStat| if statx { abi::encode_statx(st) } else { abi::encode_stat(st) };
+    match plan(ctx, &n, dirfd, path_ptr, false) {
+        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Virtual(v) => {
+            let result = virtual_stat(ctx, v).and_then(|st| write_out(ctx, &n, buf, &encode(&st)));
+            answer(ctx, &n, result.map(|()| 0));
+        }
+        Plan::Remote(path) => {
+            let ctx = ctx.clone();
+            ctx.runtime.clone().spawn(async move {
+                let result = match remote_stat(&ctx, &path, follow).await {
+                    Ok(st) => write_out(&ctx, &n, buf, &encode(&st)),
+                    Err(errno) => Err(errno),
+                };
+                answer(&ctx, &n, result.map(|()| 0));
+            });
+        }
+    }
+}
+
+/// Writes an output buffer of an emulated call, after checking the caller is still waiting.
+fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result<(), i32> {
+    if !ctx.listener.is_valid(n.id) {
+        return Err(libc::EINTR);
+    }
+    tracee::write_bytes(n.tid, addr, bytes).map_err(|_| libc::EFAULT)
+}
+
+// ---- access ----
+
+pub fn on_access(ctx: &Arc<Context>, n: Notification) {
+    let (dirfd, path_ptr, mode) = match n.nr {
+        libc::SYS_access => (libc::AT_FDCWD, n.args[0], n.args[1] as u32),
+        _ => (n.args[0] as i32, n.args[1], n.args[2] as u32),
+    };
+    match plan(ctx, &n, dirfd, path_ptr, false) {
+        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Virtual(_) => {
+            let denied = mode & (libc::W_OK | libc::X_OK) as u32 != 0;
+            answer(ctx, &n, if denied { Err(libc::EACCES) } else { Ok(0) });
+        }
+        Plan::Remote(path) => {
+            let ctx = ctx.clone();
+            ctx.runtime.clone().spawn(async move {
+                let result = remote(&ctx, Request::Access { path, mode }).await.map(|_| 0);
+                answer(&ctx, &n, result);
+            });
+        }
+    }
+}
+
+// ---- readlink ----
+
+pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
+    let (dirfd, path_ptr, buf, size) = match n.nr {
+        libc::SYS_readlink => (libc::AT_FDCWD, n.args[0], n.args[1], n.args[2] as i64),
+        _ => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i64),
+    };
+    match plan(ctx, &n, dirfd, path_ptr, false) {
+        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
+        Plan::Remote(path) => {
+            let ctx = ctx.clone();
+            ctx.runtime.clone().spawn(async move {
+                let result = async {
+                    if size <= 0 {
+                        return Err(libc::EINVAL);
+                    }
+                    let Response::ReadLink(target) = remote(&ctx, Request::ReadLink { path }).await? else {
+                        return Err(libc::EIO);
+                    };
+                    let copy = target.len().min(size as usize);
+                    write_out(&ctx, &n, buf, &target[..copy])?;
+                    Ok(copy as i64)
+                }
+                .await;
+                answer(&ctx, &n, result);
+            });
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Handling trapped system calls: decode the call, ask the policy, act through the mechanism
+//! modules, answer the kernel.
+//!
+//! [`dispatch`] runs on the notify thread. Calls that can be decided from local state (the
+//! large majority: local paths, local destinations, unknown sockets) are answered right there,
+//! in microseconds — important because Go makes `getpeername` as a raw syscall that holds up
+//! its garbage collector. Calls that need the pod are handed to tokio and run concurrently.
+
+mod files;
+mod net;
+
+use crate::outgoing::Proxy;
+use crate::policy::files::{FilePolicy, VirtualFile};
+use crate::policy::net::OutgoingPolicy;
+use crate::seccomp::{Listener, Notification};
+use kmirror_protocol::tunnel::Tunnel;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Calls the filter sends to the supervisor.
+pub const TRAPPED: &[&str] = &[
+    "connect",
+    "getpeername",
+    "open",
+    "openat",
+    "openat2",
+    "stat",
+    "lstat",
+    "newfstatat",
+    "statx",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "readlink",
+    "readlinkat",
+];
+
+/// Calls failed with ENOSYS inside the filter: io_uring would bypass every trap, and runtimes
+/// (libuv, tokio-uring, liburing users) fall back to plain system calls when it is missing.
+pub const DISABLED: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
+
+/// Everything handlers share for one session.
+pub struct Context {
+    pub listener: Arc<Listener>,
+    pub tunnel: Tunnel,
+    pub runtime: tokio::runtime::Handle,
+    pub outgoing: OutgoingPolicy,
+    pub files: FilePolicy,
+    pub proxy: Arc<Proxy>,
+    /// Content of the synthesised files, kept in sealed memfds.
+    pub virtual_files: HashMap<VirtualFile, std::fs::File>,
+    /// Where listings of pod directories are mirrored so the app can read them as directories.
+    pub materialized: PathBuf,
+    /// Upper bound of any single request to the agent.
+    pub remote_timeout: Duration,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Routes one notification to its handler.
+pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
+    match n.nr {
+        libc::SYS_connect => net::on_connect(ctx, n),
+        libc::SYS_getpeername => net::on_getpeername(ctx, n),
+        libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
+        libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
+        libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),
+        libc::SYS_readlink | libc::SYS_readlinkat => files::on_readlink(ctx, n),
+        _ => ctx.listener.continue_call(n.id),
+    }
+}
+
+/// Maps a tunnel failure to the errno an app would get for an unreachable network resource.
+pub fn tunnel_errno(e: &kmirror_protocol::tunnel::TunnelError) -> i32 {
+    use kmirror_protocol::tunnel::TunnelError;
+    match e {
+        TunnelError::Refused(errno) => errno.0,
+        TunnelError::Timeout(_) => libc::ETIMEDOUT,
+        TunnelError::Closed(_) => libc::ENETUNREACH,
+    }
+}

@@ -1,0 +1,201 @@
+//! `connect` and `getpeername`.
+
+use super::{Context, tunnel_errno};
+use crate::outgoing::{Proxy, Upstream};
+use crate::policy::net::{self, Destination, Route};
+use crate::seccomp::Notification;
+use crate::{sockets, tracee};
+use kmirror_protocol::OpenTarget;
+use kmirror_protocol::tunnel::TunnelError;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a non-blocking connect waits for the pod side before answering EINPROGRESS. Within
+/// it, refusals and unreachable destinations come back as the kernel would report them.
+const NONBLOCKING_BUDGET: Duration = Duration::from_millis(100);
+/// Upper bound for a blocking connect without SO_SNDTIMEO (about Linux's own SYN retry time).
+const BLOCKING_CONNECT_LIMIT: Duration = Duration::from_secs(75);
+
+pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
+    let (fd, addr, len) = (n.args[0] as i32, n.args[1], n.args[2] as usize);
+    if !(2..=128).contains(&len) {
+        return ctx.listener.continue_call(n.id);
+    }
+    let Ok(raw) = tracee::read_bytes(n.tid, addr, len) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let dest = match net::parse_sockaddr(&raw) {
+        Some(Destination::Inet(dest)) => dest,
+        Some(Destination::Unix(path)) if ctx.files.remote_dns && net::is_nscd_socket(&path) => {
+            if ctx.listener.is_valid(n.id) {
+                ctx.listener.return_errno(n.id, libc::ENOENT);
+            }
+            return;
+        }
+        _ => return ctx.listener.continue_call(n.id),
+    };
+    let Route::Remote(dest) = ctx.outgoing.route(dest) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Ok(socket) = tracee::take_fd(n.tid, fd) else {
+        // Not an open descriptor (any more): the kernel reports it.
+        return ctx.listener.continue_call(n.id);
+    };
+    if !ctx.listener.is_valid(n.id) {
+        return;
+    }
+    let family = net::family_of(&raw);
+    match (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())) {
+        (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) => {
+            let ctx = ctx.clone();
+            ctx.runtime.clone().spawn(async move { connect_tcp(&ctx, n, socket, dest, family).await });
+        }
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) => {
+            let ctx = ctx.clone();
+            ctx.runtime.clone().spawn(async move { connect_udp(&ctx, n, socket, dest, family).await });
+        }
+        // Raw sockets, SCTP, MPTCP...: not tunnelled; the kernel handles them locally.
+        _ => ctx.listener.continue_call(n.id),
+    }
+}
+
+/// Connects the app's socket (through our duplicate) to the local proxy and answers with that
+/// connect's own result, so blocking, non-blocking and repeated connects behave natively.
+fn connect_to_proxy(ctx: &Context, n: Notification, socket: &OwnedFd, proxy: SocketAddr, family: i32) {
+    let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy, family));
+    if !ctx.listener.is_valid(n.id) {
+        return;
+    }
+    match result {
+        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}
+
+async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
+    let proxy_addr = ctx.proxy.tcp_addr();
+    // A connect on a socket that is already connecting or connected is forwarded as is: the
+    // kernel answers EALREADY / EISCONN for the same socket the first connect used.
+    if !sockets::tcp_is_fresh(socket.as_fd()) {
+        return connect_to_proxy(ctx, n, &socket, proxy_addr, family);
+    }
+    let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let opening = {
+        let tunnel = ctx.tunnel.clone();
+        let limit = sockets::send_timeout(socket.as_fd()).unwrap_or(BLOCKING_CONNECT_LIMIT);
+        tokio::spawn(async move { tunnel.open(OpenTarget::Tcp(dest), limit).await })
+    };
+    let mut opening = opening;
+    let upstream = if sockets::is_nonblocking(socket.as_fd()) {
+        match tokio::time::timeout(NONBLOCKING_BUDGET, &mut opening).await {
+            Ok(opened) => Upstream::Ready(opened.unwrap_or_else(|e| Err(closed(e)))),
+            Err(_) => Upstream::Pending(opening),
+        }
+    } else {
+        Upstream::Ready(opening.await.unwrap_or_else(|e| Err(closed(e))))
+    };
+    if let Upstream::Ready(Err(e)) = &upstream {
+        let errno = match e {
+            // SO_SNDTIMEO expiring on a blocking connect reports EINPROGRESS on Linux.
+            TunnelError::Timeout(_) if sockets::send_timeout(socket.as_fd()).is_some() => libc::EINPROGRESS,
+            e => tunnel_errno(e),
+        };
+        tracing::debug!(%dest, errno, "pod-side connect failed");
+        if ctx.listener.is_valid(n.id) {
+            ctx.listener.return_errno(n.id, errno);
+        }
+        return;
+    }
+    let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy_addr, family));
+    let port = match result {
+        Ok(()) | Err(libc::EINPROGRESS) => sockets::local_port(socket.as_fd()).ok(),
+        Err(_) => None,
+    };
+    match port {
+        Some(port) => ctx.proxy.register(port, upstream, inode, dest),
+        None => Proxy::discard(upstream),
+    }
+    if !ctx.listener.is_valid(n.id) {
+        return;
+    }
+    match result {
+        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}
+
+fn closed(e: tokio::task::JoinError) -> TunnelError {
+    TunnelError::Closed(format!("connect task failed: {e}"))
+}
+
+async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
+    let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let flow = match ctx.proxy.udp_flow(dest).await {
+        Ok(flow) => flow,
+        Err(errno) => {
+            if ctx.listener.is_valid(n.id) {
+                ctx.listener.return_errno(n.id, errno);
+            }
+            return;
+        }
+    };
+    let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(flow.relay_addr(), family));
+    if result.is_ok() {
+        if let Ok(port) = sockets::local_port(socket.as_fd()) {
+            ctx.proxy.start_udp(flow, port, inode, dest);
+        }
+    }
+    if !ctx.listener.is_valid(n.id) {
+        return;
+    }
+    match result {
+        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}
+
+/// Shows the destination the app asked for instead of the local proxy, in the socket's own
+/// family, with the kernel's value-result rules for `*addrlen`.
+pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
+    let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
+    let Ok(socket) = tracee::take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(dest) = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode))
+    else {
+        return ctx.listener.continue_call(n.id);
+    };
+    // Only a connected socket has a peer: Go polls getpeername to learn whether a connect
+    // finished, so an unfinished one must still say ENOTCONN.
+    if let Err(errno) = sockets::peer_check(socket.as_fd()) {
+        return ctx.listener.return_errno(n.id, errno);
+    }
+    let Ok(local_form) = sockets::socket_domain(socket.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let encoded = net::encode_sockaddr(dest, local_form);
+    let answer = (|| {
+        let len_bytes = tracee::read_bytes(n.tid, len_ptr, 4).map_err(|_| libc::EFAULT)?;
+        let len = i32::from_ne_bytes(len_bytes.try_into().expect("4 bytes"));
+        if len < 0 {
+            return Err(libc::EINVAL);
+        }
+        if !ctx.listener.is_valid(n.id) {
+            return Err(0);
+        }
+        let copy = (len as usize).min(encoded.len());
+        tracee::write_bytes(n.tid, addr_ptr, &encoded[..copy]).map_err(|_| libc::EFAULT)?;
+        tracee::write_bytes(n.tid, len_ptr, &(encoded.len() as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
+    })();
+    match answer {
+        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Err(0) => {}
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}

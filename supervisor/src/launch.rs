@@ -1,0 +1,239 @@
+//! Starting the app under the seccomp filter and taking its listener.
+//!
+//! Sequence: a long-lived "launcher" thread forks the app (std's `Command` with a `pre_exec`
+//! hook). In the child, before exec: `PR_SET_PDEATHSIG(SIGKILL)` (if kmirror dies, trapped
+//! calls would fail with ENOSYS, so the app must die too — and the signal follows the *thread*
+//! that forked, hence the dedicated thread that lives until the app exits), then `seccomp(2)`
+//! with `NEW_LISTENER | WAIT_KILLABLE_RECV` (without the latter Go's SIGURG preemption restarts
+//! trapped calls forever), then the listener descriptor goes to the parent over a socketpair
+//! and the child waits for an acknowledgement before it execs. Only raw system calls run
+//! between fork and exec.
+
+use crate::seccomp::filter::Program;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub struct App {
+    pub pid: u32,
+    pub listener: OwnedFd,
+    /// Delivers the app's exit status once it has exited.
+    pub exited: tokio::sync::oneshot::Receiver<ExitStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start {program}: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("the app did not hand over its seccomp listener: {0}")]
+    Handoff(std::io::Error),
+    #[error("cannot set up the launcher: {0}")]
+    Setup(std::io::Error),
+}
+
+/// Starts `program` with exactly `env`, its stdio inherited from kmirror.
+pub fn launch(
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: BTreeMap<Vec<u8>, Vec<u8>>,
+    filter: Program,
+    on_listener: impl FnOnce(&OwnedFd) + Send + 'static,
+) -> Result<App, LaunchError> {
+    let (parent_end, child_end) = UnixStream::pair().map_err(LaunchError::Setup)?;
+    let (started_tx, started_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    // SAFETY: getpid has no preconditions.
+    let supervisor_pid = unsafe { libc::getpid() };
+    let shown = program.display().to_string();
+
+    std::thread::Builder::new()
+        .name("kmirror-launcher".into())
+        .spawn(move || {
+            let mut command = Command::new(&program);
+            command.args(&args).env_clear();
+            for (name, value) in &env {
+                command.env(OsStr::from_bytes(name), OsStr::from_bytes(value));
+            }
+            let child_fd = child_end.as_raw_fd();
+            let instructions = filter.instructions;
+            // SAFETY: the hook only makes raw, async-signal-safe system calls on memory that
+            // was allocated before fork.
+            unsafe {
+                command.pre_exec(move || install_filter(&instructions, child_fd, supervisor_pid));
+            }
+            match command.spawn() {
+                Ok(mut child) => {
+                    drop(child_end);
+                    let _ = started_tx.send(Ok(child.id()));
+                    let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
+                    let _ = exit_tx.send(status);
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(LaunchError::Setup)?;
+
+    // The child blocks before exec until we acknowledge, so the spawn above cannot succeed
+    // before the listener arrived here; it can only fail (exec of a bad program, ...).
+    let listener = match receive_fd(&parent_end, &started_rx) {
+        Ok(Handoff::Listener(fd)) => fd,
+        Ok(Handoff::SpawnFailed(source)) => return Err(LaunchError::Spawn { program: shown, source }),
+        Err(e) => return Err(LaunchError::Handoff(e)),
+    };
+    on_listener(&listener);
+    send_ack(&parent_end).map_err(LaunchError::Handoff)?;
+    let pid = match started_rx.recv() {
+        Ok(Ok(pid)) => pid,
+        Ok(Err(source)) => return Err(LaunchError::Spawn { program: shown, source }),
+        Err(_) => return Err(LaunchError::Handoff(std::io::Error::other("launcher thread died"))),
+    };
+    Ok(App { pid, listener, exited: exit_rx })
+}
+
+fn send_ack(mut sock: &UnixStream) -> std::io::Result<()> {
+    use std::io::Write;
+    sock.write_all(&[1])
+}
+
+enum Handoff {
+    Listener(OwnedFd),
+    SpawnFailed(std::io::Error),
+}
+
+/// Waits for the listener descriptor, or for the news that the spawn failed.
+fn receive_fd(
+    sock: &UnixStream,
+    started: &mpsc::Receiver<Result<u32, std::io::Error>>,
+) -> std::io::Result<Handoff> {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match recv_fd(sock.as_raw_fd()) {
+            Ok(fd) => return Ok(Handoff::Listener(fd)),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                match started.try_recv() {
+                    Ok(Err(spawn_error)) => return Ok(Handoff::SpawnFailed(spawn_error)),
+                    Ok(Ok(_)) => return Err(std::io::Error::other("the app started without a filter")),
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        return Err(std::io::Error::other("launcher thread died"));
+                    }
+                    Err(mpsc::TryRecvError::Empty) => {}
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // The child closed its end without sending: the spawn failed; its error follows.
+                return match started.recv() {
+                    Ok(Err(spawn_error)) => Ok(Handoff::SpawnFailed(spawn_error)),
+                    _ => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut control = [0u64; 8];
+    // SAFETY: zeroed msghdr is valid; pointers below reference live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg describes valid buffers.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+    }
+    // SAFETY: CMSG_FIRSTHDR/CMSG_DATA walk the control buffer the kernel filled.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() || (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(std::io::Error::other("no descriptor in the hand-off message"));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Runs in the forked child: only raw system calls, no allocation.
+fn install_filter(
+    instructions: &[libc::sock_filter],
+    sock: RawFd,
+    supervisor_pid: libc::pid_t,
+) -> std::io::Result<()> {
+    let fail = || Err(std::io::Error::last_os_error());
+    // SAFETY (whole block): raw system calls on valid arguments and on memory allocated before
+    // fork; nothing here allocates or takes locks.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return fail();
+        }
+        // The supervisor may have died between fork and prctl: then nobody would answer.
+        if libc::getppid() != supervisor_pid {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        let prog =
+            libc::sock_fprog { len: instructions.len() as u16, filter: instructions.as_ptr() as *mut _ };
+        let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+        let mut listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
+        if listener < 0 && *libc::__errno_location() == libc::EACCES {
+            // Without CAP_SYS_ADMIN a filter needs no_new_privs.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return fail();
+            }
+            listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
+        }
+        if listener < 0 {
+            return fail();
+        }
+        let listener = listener as RawFd;
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        let mut control = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), listener);
+        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) != 1 {
+            return fail();
+        }
+        // Wait until the supervisor owns the listener: the first trapped call (the dynamic
+        // loader's opens) would otherwise wait for an answer nobody gives.
+        loop {
+            let n = libc::read(sock, byte.as_mut_ptr().cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n == 0 || *libc::__errno_location() != libc::EINTR {
+                return fail();
+            }
+        }
+        libc::close(listener);
+        libc::close(sock);
+    }
+    Ok(())
+}

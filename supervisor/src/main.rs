@@ -1,0 +1,41 @@
+//! `kmirror`: run a local process as if it were inside a running pod.
+
+mod abi;
+mod agent;
+mod cli;
+mod command;
+mod dns_server;
+mod handlers;
+mod launch;
+mod outgoing;
+mod policy;
+mod random;
+mod seccomp;
+mod session;
+mod signals;
+mod sockets;
+mod target;
+mod tracee;
+
+use clap::Parser;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KMIRROR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = cli::Cli::parse();
+    match cli.command {
+        cli::Command::Run(args) => match session::run(args) {
+            Ok(status) => signals::exit_like(status),
+            Err(e) => {
+                eprintln!("kmirror: {e:#}");
+                let code = e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code);
+                std::process::exit(code);
+            }
+        },
+    }
+}

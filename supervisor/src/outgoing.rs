@@ -1,0 +1,196 @@
+//! The local end of redirected connections.
+//!
+//! A redirected TCP socket of the app is connected (by the supervisor, through a duplicate of
+//! its descriptor) to one loopback listener. The listener learns which pod stream belongs to
+//! an accepted connection from the app socket's local port, registered by the connect handler
+//! — which may happen just after the accept, since the loopback handshake completes inside the
+//! handler's own connect — and relays bytes between the two. UDP sockets get a relay socket
+//! per flow. The table of redirected sockets (by inode) lives here too: it answers
+//! `getpeername` while the connection is alive and a little after.
+
+use crate::handlers::lock;
+use kmirror_protocol::OpenTarget;
+use kmirror_protocol::tunnel::{Stream, Tunnel, TunnelError};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// How long an accepted connection waits for its registration.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
+/// How long a finished connection's original destination stays known to `getpeername`.
+const PEER_GRACE: Duration = Duration::from_secs(30);
+/// A UDP flow idle this long in both directions is closed.
+const UDP_IDLE: Duration = Duration::from_secs(300);
+const UDP_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pod side of a redirected TCP connection, possibly still being established.
+pub enum Upstream {
+    Ready(Result<Stream, TunnelError>),
+    Pending(JoinHandle<Result<Stream, TunnelError>>),
+}
+
+impl Upstream {
+    async fn resolve(self) -> Result<Stream, TunnelError> {
+        match self {
+            Upstream::Ready(result) => result,
+            Upstream::Pending(handle) => {
+                handle.await.unwrap_or_else(|e| Err(TunnelError::Closed(format!("connect task: {e}"))))
+            }
+        }
+    }
+}
+
+struct Registration {
+    upstream: Upstream,
+    inode: u64,
+}
+
+pub struct Proxy {
+    tunnel: Tunnel,
+    tcp_addr: SocketAddr,
+    waiting: Mutex<HashMap<u16, Registration>>,
+    registered: Notify,
+    redirected: Mutex<HashMap<u64, SocketAddr>>,
+}
+
+/// A UDP relay socket with its pod-side flow, before the app's socket is connected to it.
+pub struct UdpFlow {
+    relay: UdpSocket,
+    stream: Stream,
+    relay_addr: SocketAddr,
+}
+
+impl UdpFlow {
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.relay_addr
+    }
+}
+
+impl Proxy {
+    pub async fn start(tunnel: Tunnel) -> std::io::Result<Arc<Proxy>> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let proxy = Arc::new(Proxy {
+            tunnel,
+            tcp_addr: listener.local_addr()?,
+            waiting: Mutex::default(),
+            registered: Notify::new(),
+            redirected: Mutex::default(),
+        });
+        tokio::spawn(proxy.clone().accept_loop(listener));
+        Ok(proxy)
+    }
+
+    /// Where redirected TCP sockets are connected.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// The destination the app asked for on a redirected socket.
+    pub fn redirect_of(&self, inode: u64) -> Option<SocketAddr> {
+        lock(&self.redirected).get(&inode).copied()
+    }
+
+    /// Announces the app connection coming from local `port`.
+    pub fn register(&self, port: u16, upstream: Upstream, inode: u64, dest: SocketAddr) {
+        lock(&self.redirected).insert(inode, dest);
+        lock(&self.waiting).insert(port, Registration { upstream, inode });
+        self.registered.notify_waiters();
+    }
+
+    /// Drops a pod connection that will never be used, closing it on the pod side too.
+    pub fn discard(upstream: Upstream) {
+        tokio::spawn(async move {
+            if let Ok(stream) = upstream.resolve().await {
+                stream.reset();
+            }
+        });
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => {
+                    tokio::spawn(self.clone().serve(conn, peer.port()));
+                }
+                Err(e) => {
+                    tracing::warn!("outgoing proxy accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn registration(&self, port: u16) -> Option<Registration> {
+        let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+        loop {
+            // Created before the check, so a registration between check and wait is not missed.
+            let notified = self.registered.notified();
+            if let Some(found) = lock(&self.waiting).remove(&port) {
+                return Some(found);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, conn: TcpStream, port: u16) {
+        let Some(Registration { upstream, inode }) = self.registration(port).await else {
+            tracing::warn!(port, "connection to the outgoing proxy from an unknown socket; closing it");
+            return abort(conn);
+        };
+        match upstream.resolve().await {
+            Ok(stream) => {
+                let _ = conn.set_nodelay(true);
+                let end = stream.relay_tcp(conn).await;
+                tracing::debug!(port, ?end, "outgoing relay finished");
+            }
+            Err(e) => {
+                // The app was told EINPROGRESS before the pod side answered; the connection
+                // fails now, as a late failure of a real connect would.
+                tracing::debug!(port, "late pod-side connect failure: {e}");
+                abort(conn);
+            }
+        }
+        tokio::time::sleep(PEER_GRACE).await;
+        lock(&self.redirected).remove(&inode);
+    }
+
+    /// Opens the pod side of a UDP flow and a local relay socket for it.
+    pub async fn udp_flow(&self, dest: SocketAddr) -> Result<UdpFlow, i32> {
+        let relay = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let relay_addr = relay.local_addr().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let stream = self
+            .tunnel
+            .open(OpenTarget::Udp(dest), UDP_OPEN_TIMEOUT)
+            .await
+            .map_err(|e| crate::handlers::tunnel_errno(&e))?;
+        Ok(UdpFlow { relay, stream, relay_addr })
+    }
+
+    /// Starts relaying once the app's socket (local `port`) is connected to the flow's relay.
+    pub fn start_udp(self: &Arc<Self>, flow: UdpFlow, port: u16, inode: u64, dest: SocketAddr) {
+        lock(&self.redirected).insert(inode, dest);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if flow.relay.connect((Ipv4Addr::LOCALHOST, port)).await.is_ok() {
+                flow.stream.relay_udp(flow.relay, UDP_IDLE).await;
+            }
+            tokio::time::sleep(PEER_GRACE).await;
+            lock(&this.redirected).remove(&inode);
+        });
+    }
+}
+
+/// Closes with RST, as a refused or reset connection would.
+fn abort(conn: TcpStream) {
+    // SO_LINGER 0 makes the close abortive; on a non-blocking socket it never blocks.
+    #[allow(deprecated)]
+    let _ = conn.set_linger(Some(Duration::ZERO));
+}

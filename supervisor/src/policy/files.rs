@@ -1,0 +1,231 @@
+//! File access: which paths the app sees from the pod.
+//!
+//! Modes follow mirrord's: `local` (nothing remote), `localwithoverrides` (default: only the
+//! pod-specific paths below come from the pod), `read` (everything comes from the pod except
+//! local-only paths: the kernel's pseudo file systems, temp dirs, the developer's home and the
+//! local runtime's own installation). Writes always stay local. Relative paths stay local
+//! unless they are relative to a pod directory the app opened.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsMode {
+    Local,
+    #[value(name = "localwithoverrides")]
+    LocalWithOverrides,
+    Read,
+}
+
+/// Files kmirror synthesises instead of reading them anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VirtualFile {
+    /// The pod's resolv.conf pointed at kmirror's DNS forwarder.
+    ResolvConf,
+    /// The local nsswitch.conf with `hosts: files dns`, so glibc asks neither nscd, nor
+    /// systemd-resolved, nor mDNS on the developer's machine.
+    NsSwitch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRoute {
+    Local,
+    Remote,
+    Virtual(VirtualFile),
+}
+
+/// Paths that come from the pod even in `localwithoverrides` mode.
+const POD_SPECIFIC: &[&str] =
+    &["/etc/hostname", "/var/run/secrets/kubernetes.io", "/run/secrets/kubernetes.io"];
+
+/// Paths that stay local even in `read` mode.
+const LOCAL_ONLY: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/tmp",
+    "/var/tmp",
+    "/run/user",
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/bin",
+    "/sbin",
+    "/opt",
+    "/nix",
+    "/snap",
+    "/home",
+    "/root",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.preload",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/java-17-openjdk",
+    "/etc/java-21-openjdk",
+    "/etc/ssl/openssl.cnf",
+];
+
+#[derive(Debug, Clone)]
+pub struct FilePolicy {
+    pub mode: FsMode,
+    /// Resolver configuration comes from the pod (DNS feature on).
+    pub remote_dns: bool,
+    /// Extra local-only prefixes found at start: the app's own directory, the working
+    /// directory, runtime homes (JAVA_HOME, GOROOT).
+    pub extra_local: Vec<Vec<u8>>,
+    /// Directories whose listing kmirror materialised; paths below it map back to the pod.
+    pub materialized_root: Vec<u8>,
+}
+
+/// True when `path` is `prefix` or lies below it.
+fn under(path: &[u8], prefix: &[u8]) -> bool {
+    path.starts_with(prefix)
+        && (path.len() == prefix.len() || path[prefix.len()] == b'/' || prefix.ends_with(b"/"))
+}
+
+impl FilePolicy {
+    /// Decides for an absolute, normalised path. `write` is set for opens that may modify.
+    pub fn route(&self, path: &[u8], write: bool) -> FileRoute {
+        if self.remote_dns {
+            match path {
+                b"/etc/resolv.conf" if !write => return FileRoute::Virtual(VirtualFile::ResolvConf),
+                b"/etc/nsswitch.conf" if !write => return FileRoute::Virtual(VirtualFile::NsSwitch),
+                b"/etc/hosts" if !write => return FileRoute::Remote,
+                _ => {}
+            }
+        }
+        if write {
+            return FileRoute::Local;
+        }
+        match self.mode {
+            FsMode::Local => FileRoute::Local,
+            FsMode::LocalWithOverrides => {
+                if POD_SPECIFIC.iter().any(|p| under(path, p.as_bytes())) {
+                    FileRoute::Remote
+                } else {
+                    FileRoute::Local
+                }
+            }
+            FsMode::Read => {
+                let local = path == b"/"
+                    || LOCAL_ONLY.iter().any(|p| under(path, p.as_bytes()))
+                    || self.extra_local.iter().any(|p| under(path, p));
+                if local && !POD_SPECIFIC.iter().any(|p| under(path, p.as_bytes())) {
+                    FileRoute::Local
+                } else {
+                    FileRoute::Remote
+                }
+            }
+        }
+    }
+
+    /// Maps a path inside the local directory tree that mirrors pod directories back to the pod
+    /// path, e.g. `<root>/etc/x` → `/etc/x`.
+    pub fn pod_path_of_materialized(&self, local: &[u8]) -> Option<Vec<u8>> {
+        if self.materialized_root.is_empty() || !under(local, &self.materialized_root) {
+            return None;
+        }
+        let rest = &local[self.materialized_root.len()..];
+        Some(if rest.is_empty() { b"/".to_vec() } else { rest.to_vec() })
+    }
+}
+
+/// Lexically normalises an absolute path: collapses `//`, removes `.`, resolves `..` (never
+/// above `/`). Symlinks are left to whoever opens the path.
+pub fn normalize(path: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for part in &parts {
+        out.push(b'/');
+        out.extend_from_slice(part);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
+/// Joins a relative path onto a directory path and normalises the result.
+pub fn join(dir: &[u8], rel: &[u8]) -> Vec<u8> {
+    let mut joined = dir.to_vec();
+    joined.push(b'/');
+    joined.extend_from_slice(rel);
+    normalize(&joined)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(mode: FsMode) -> FilePolicy {
+        FilePolicy {
+            mode,
+            remote_dns: true,
+            extra_local: vec![b"/work/app".to_vec()],
+            materialized_root: b"/tmp/kmirror-1/pod".to_vec(),
+        }
+    }
+
+    #[test]
+    fn overrides_mode_reads_only_pod_specific_paths_remotely() {
+        let p = policy(FsMode::LocalWithOverrides);
+        assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Virtual(VirtualFile::ResolvConf));
+        assert_eq!(p.route(b"/etc/nsswitch.conf", false), FileRoute::Virtual(VirtualFile::NsSwitch));
+        assert_eq!(p.route(b"/etc/hosts", false), FileRoute::Remote);
+        assert_eq!(p.route(b"/etc/hostname", false), FileRoute::Remote);
+        assert_eq!(p.route(b"/var/run/secrets/kubernetes.io/serviceaccount/token", false), FileRoute::Remote);
+        assert_eq!(p.route(b"/var/run/secrets/kubernetes.iox", false), FileRoute::Local);
+        assert_eq!(p.route(b"/etc/passwd", false), FileRoute::Local);
+        assert_eq!(p.route(b"/etc/hosts", true), FileRoute::Local, "writes stay local");
+    }
+
+    #[test]
+    fn read_mode_keeps_local_only_paths_local() {
+        let p = policy(FsMode::Read);
+        assert_eq!(p.route(b"/etc/passwd", false), FileRoute::Remote);
+        assert_eq!(p.route(b"/data/pod-only.txt", false), FileRoute::Remote);
+        for local in [
+            &b"/proc/self/maps"[..],
+            b"/usr/lib/x.so",
+            b"/lib64/ld-linux-x86-64.so.2",
+            b"/tmp/x",
+            b"/dev/null",
+            b"/work/app/main",
+            b"/",
+            b"/etc/ld.so.cache",
+        ] {
+            assert_eq!(p.route(local, false), FileRoute::Local, "{}", String::from_utf8_lossy(local));
+        }
+        assert_eq!(p.route(b"/work/application", false), FileRoute::Remote, "prefix match is per component");
+        assert_eq!(p.route(b"/data/x", true), FileRoute::Local);
+    }
+
+    #[test]
+    fn local_mode_and_dns_off() {
+        let mut p = policy(FsMode::Local);
+        assert_eq!(p.route(b"/etc/hostname", false), FileRoute::Local);
+        assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Virtual(VirtualFile::ResolvConf));
+        p.remote_dns = false;
+        assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Local);
+    }
+
+    #[test]
+    fn normalisation_and_materialized_mapping() {
+        assert_eq!(normalize(b"//etc/./x/../hosts"), b"/etc/hosts");
+        assert_eq!(normalize(b"/../.."), b"/");
+        assert_eq!(join(b"/etc", b"../data/./a"), b"/data/a");
+        let p = policy(FsMode::Read);
+        assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod/etc/x"), Some(b"/etc/x".to_vec()));
+        assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod"), Some(b"/".to_vec()));
+        assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/podx"), None);
+    }
+}

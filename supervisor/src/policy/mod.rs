@@ -1,0 +1,7 @@
+//! Decisions, free of system calls: what goes to the pod and what stays local. Each module is
+//! pure and unit-tested; the handlers apply these decisions through the mechanism modules.
+
+pub mod dns;
+pub mod env;
+pub mod files;
+pub mod net;

@@ -1,0 +1,187 @@
+//! Outgoing traffic: which destinations go through the pod, and sockaddr encoding.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// What a `connect` (or `sendto`) names, decoded from the app's sockaddr bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Inet(SocketAddr),
+    Unix(Vec<u8>),
+    /// AF_UNSPEC (disconnect) or a family we do not handle.
+    Other,
+}
+
+/// Decodes raw sockaddr bytes as the kernel would; `None` if too short for its family.
+pub fn parse_sockaddr(raw: &[u8]) -> Option<Destination> {
+    let family = u16::from_ne_bytes(raw.get(..2)?.try_into().ok()?) as i32;
+    match family {
+        libc::AF_INET => {
+            let raw = raw.get(..16)?;
+            let port = u16::from_be_bytes([raw[2], raw[3]]);
+            let ip = Ipv4Addr::new(raw[4], raw[5], raw[6], raw[7]);
+            Some(Destination::Inet(SocketAddr::V4(SocketAddrV4::new(ip, port))))
+        }
+        libc::AF_INET6 => {
+            let raw = raw.get(..24)?;
+            let port = u16::from_be_bytes([raw[2], raw[3]]);
+            let flowinfo = u32::from_be_bytes(raw[4..8].try_into().ok()?);
+            let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&raw[8..24]).ok()?);
+            let scope = raw.get(24..28).map_or(0, |s| u32::from_ne_bytes(s.try_into().expect("4 bytes")));
+            Some(Destination::Inet(SocketAddr::V6(SocketAddrV6::new(ip, port, flowinfo, scope))))
+        }
+        libc::AF_UNIX => {
+            let path = &raw[2..];
+            let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+            // Abstract sockets start with NUL and keep their full length.
+            Some(Destination::Unix(if path.first() == Some(&0) {
+                path.to_vec()
+            } else {
+                path[..end].to_vec()
+            }))
+        }
+        _ => Some(Destination::Other),
+    }
+}
+
+/// The IPv4 address behind a v4-mapped IPv6 address, so one rule covers dual-stack sockets.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Encodes `addr` as a sockaddr of the socket's own family: a v4 destination on an AF_INET6
+/// socket (Java's dual-stack sockets) becomes `::ffff:a.b.c.d`. Flow info and scope are 0, as
+/// the kernel reports them for v4-mapped peers.
+pub fn encode_sockaddr(addr: SocketAddr, family: i32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(28);
+    match (family, canonical(addr)) {
+        (libc::AF_INET, SocketAddr::V4(v4)) => {
+            out.extend_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            out.extend_from_slice(&v4.port().to_be_bytes());
+            out.extend_from_slice(&v4.ip().octets());
+            out.extend_from_slice(&[0; 8]);
+        }
+        (_, canonical_addr) => {
+            let (ip, flow, scope) = match (canonical_addr, addr) {
+                (SocketAddr::V4(v4), _) => (v4.ip().to_ipv6_mapped(), 0, 0),
+                (SocketAddr::V6(v6), _) => (*v6.ip(), v6.flowinfo(), v6.scope_id()),
+            };
+            out.extend_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+            out.extend_from_slice(&addr.port().to_be_bytes());
+            out.extend_from_slice(&flow.to_be_bytes());
+            out.extend_from_slice(&ip.octets());
+            out.extend_from_slice(&scope.to_ne_bytes());
+        }
+    }
+    out
+}
+
+/// The sockaddr family a socket reports (from the first bytes of its sockaddr).
+pub fn family_of(raw: &[u8]) -> i32 {
+    raw.get(..2).map_or(libc::AF_UNSPEC, |b| u16::from_ne_bytes([b[0], b[1]]) as i32)
+}
+
+/// Where an outgoing connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Let the kernel handle it on this machine.
+    Local,
+    /// Connect from the pod to this (canonical) address.
+    Remote(SocketAddr),
+}
+
+/// The outgoing-traffic filter.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingPolicy {
+    /// Send loopback destinations to the pod's loopback too (off by default: the developer's
+    /// local databases and tools stay reachable).
+    pub remote_loopback: bool,
+}
+
+impl OutgoingPolicy {
+    pub fn route(&self, dest: SocketAddr) -> Route {
+        let dest = canonical(dest);
+        let ip = dest.ip();
+        if dest.port() == 0 || ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
+            return Route::Local;
+        }
+        if ip.is_loopback() && !self.remote_loopback {
+            return Route::Local;
+        }
+        Route::Remote(dest)
+    }
+}
+
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// glibc asks the local nscd before its own lookups; a local nscd would answer with the
+/// *developer's* view of names, so the app is told it does not exist.
+pub fn is_nscd_socket(path: &[u8]) -> bool {
+    matches!(path, b"/var/run/nscd/socket" | b"/run/nscd/socket")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sockaddr_round_trips_in_both_families() {
+        for (addr, family, len) in [
+            ("10.1.2.3:80", libc::AF_INET, 16),
+            ("10.1.2.3:80", libc::AF_INET6, 28),
+            ("[fd00::1]:443", libc::AF_INET6, 28),
+        ] {
+            let raw = encode_sockaddr(sa(addr), family);
+            assert_eq!(raw.len(), len);
+            assert_eq!(family_of(&raw), family);
+            let Some(Destination::Inet(back)) = parse_sockaddr(&raw) else { panic!("{addr}") };
+            assert_eq!(canonical(back), sa(addr));
+        }
+        let mapped = encode_sockaddr(sa("10.1.2.3:80"), libc::AF_INET6);
+        assert_eq!(
+            &mapped[8..24],
+            &sa("[::ffff:10.1.2.3]:0").ip().to_string().parse::<Ipv6Addr>().unwrap().octets()
+        );
+    }
+
+    #[test]
+    fn short_or_odd_sockaddrs() {
+        assert_eq!(parse_sockaddr(&[2, 0, 0]), None);
+        assert_eq!(parse_sockaddr(&[]), None);
+        assert_eq!(parse_sockaddr(&(libc::AF_UNSPEC as u16).to_ne_bytes()), Some(Destination::Other));
+        let mut unix = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        unix.extend_from_slice(b"/run/nscd/socket\0\0\0");
+        assert_eq!(parse_sockaddr(&unix), Some(Destination::Unix(b"/run/nscd/socket".to_vec())));
+        assert!(is_nscd_socket(b"/run/nscd/socket"));
+        // A v6 sockaddr without scope id (24 bytes) is still accepted, as the kernel does.
+        let v6 = encode_sockaddr(sa("[fd00::1]:1"), libc::AF_INET6);
+        assert!(matches!(parse_sockaddr(&v6[..24]), Some(Destination::Inet(_))));
+    }
+
+    #[test]
+    fn routing_keeps_loopback_local_and_sends_the_rest_to_the_pod() {
+        let policy = OutgoingPolicy::default();
+        assert_eq!(policy.route(sa("127.0.0.1:5432")), Route::Local);
+        assert_eq!(policy.route(sa("[::1]:5432")), Route::Local);
+        assert_eq!(policy.route(sa("[::ffff:127.0.0.1]:5432")), Route::Local);
+        assert_eq!(policy.route(sa("0.0.0.0:80")), Route::Local);
+        assert_eq!(policy.route(sa("10.96.0.1:0")), Route::Local);
+        assert_eq!(policy.route(sa("224.0.0.1:5353")), Route::Local);
+        assert_eq!(policy.route(sa("10.96.0.1:443")), Route::Remote(sa("10.96.0.1:443")));
+        assert_eq!(policy.route(sa("[::ffff:10.96.0.1]:443")), Route::Remote(sa("10.96.0.1:443")));
+        assert_eq!(policy.route(sa("[fd00::10]:443")), Route::Remote(sa("[fd00::10]:443")));
+        let all = OutgoingPolicy { remote_loopback: true };
+        assert_eq!(all.route(sa("127.0.0.1:8080")), Route::Remote(sa("127.0.0.1:8080")));
+    }
+}

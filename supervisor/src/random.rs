@@ -1,0 +1,20 @@
+//! Unpredictable bytes from the kernel (session tokens, per-session addresses).
+
+/// `N` random bytes from getrandom(2).
+pub fn bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: the destination range lies within `out`.
+        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+    out
+}
+
+/// A hex session token.
+pub fn token() -> String {
+    bytes::<32>().iter().map(|b| format!("{b:02x}")).collect()
+}

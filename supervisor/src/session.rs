@@ -1,0 +1,226 @@
+//! One `kmirror run`: set up the agent, the local services and the app, then wait for the app.
+
+use crate::cli::RunArgs;
+use crate::handlers::{self, Context};
+use crate::policy::env::EnvPolicy;
+use crate::policy::files::{FilePolicy, VirtualFile};
+use crate::policy::net::OutgoingPolicy;
+use crate::seccomp::{Listener, filter};
+use crate::{agent, command, dns_server, launch, outgoing::Proxy, policy, signals, target};
+use anyhow::{Context as _, Result};
+use kmirror_protocol::{Request, Response};
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failure that ends kmirror with a specific exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub message: String,
+    pub code: i32,
+}
+
+pub fn run(args: RunArgs) -> Result<ExitStatus> {
+    let target = target::parse(&args.target).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    target::check_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
+    let program = command::resolve(&args.command[0], std::env::var_os("PATH").as_deref())
+        .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kmirror-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let signal_pipe = signals::install().context("cannot install signal handlers")?;
+    runtime.block_on(session(args, target, program, signal_pipe))
+}
+
+async fn session(
+    args: RunArgs,
+    target: target::Target,
+    program: PathBuf,
+    signal_pipe: i32,
+) -> Result<ExitStatus> {
+    let target::Target::Pid(pid) = target;
+    let agent =
+        agent::start_local(pid).await.with_context(|| format!("cannot start a session with {target}"))?;
+    let tunnel = agent.tunnel.clone();
+
+    let local_env = std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec()));
+    let pod_env = if args.no_env {
+        Vec::new()
+    } else {
+        match tunnel.request(Request::Environ, REMOTE_TIMEOUT).await? {
+            Response::Environ(vars) => vars,
+            other => anyhow::bail!("cannot read the environment of {target}: {other:?}"),
+        }
+    };
+    let env = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
+        .merge(local_env, pod_env);
+
+    let mut virtual_files = HashMap::new();
+    if !args.no_remote_dns {
+        let forwarder = dns_server::start(tunnel.clone()).await?;
+        let pod_resolv = read_pod_file(&tunnel, b"/etc/resolv.conf").await.unwrap_or_default();
+        let resolv =
+            policy::dns::resolv_conf_for_app(&String::from_utf8_lossy(&pod_resolv), forwarder.addr, false);
+        virtual_files.insert(VirtualFile::ResolvConf, sealed_file("resolv.conf", resolv.as_bytes())?);
+        let local_nss = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+        virtual_files.insert(
+            VirtualFile::NsSwitch,
+            sealed_file("nsswitch.conf", policy::dns::nsswitch_for_app(&local_nss).as_bytes())?,
+        );
+        tracing::debug!(addr = %forwarder.addr, "DNS forwarder ready");
+    }
+
+    let scratch = std::env::temp_dir().join(format!(
+        "kmirror-{}-{}",
+        std::process::id(),
+        crate::random::token()[..8].to_owned()
+    ));
+    let materialized = scratch.join("pod");
+    std::fs::create_dir_all(&materialized)
+        .with_context(|| format!("cannot create {}", materialized.display()))?;
+    let files = FilePolicy {
+        mode: args.fs_mode,
+        remote_dns: !args.no_remote_dns,
+        extra_local: local_only_paths(&program, &env),
+        materialized_root: materialized.as_os_str().as_bytes().to_vec(),
+    };
+
+    let proxy = Proxy::start(tunnel.clone()).await.context("cannot start the outgoing proxy")?;
+    let filter =
+        filter::build(handlers::TRAPPED, handlers::DISABLED).context("cannot build the seccomp filter")?;
+    let app_args: Vec<OsString> = args.command[1..].to_vec();
+    let app = tokio::task::block_in_place(|| {
+        launch::launch(program, app_args, env, filter, |listener| {
+            if let Err(e) = Listener::set_sync_wake_up_fd(listener) {
+                tracing::debug!("SYNC_WAKE_UP unavailable ({e}); notifications will be slower");
+            }
+        })
+    })
+    .map_err(|e| {
+        let code = match &e {
+            launch::LaunchError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
+            launch::LaunchError::Spawn { .. } => 126,
+            _ => 1,
+        };
+        Exit { message: e.to_string(), code }
+    })?;
+    signals::forward_to(signal_pipe, app.pid);
+
+    let ctx = Arc::new(Context {
+        listener: Arc::new(Listener::new(app.listener)),
+        tunnel: tunnel.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        outgoing: OutgoingPolicy { remote_loopback: args.remote_loopback },
+        files,
+        proxy,
+        virtual_files,
+        materialized,
+        remote_timeout: REMOTE_TIMEOUT,
+    });
+    start_notify_thread(ctx.clone());
+
+    let mut exited = app.exited;
+    let mut agent_child = agent.child;
+    let mut incoming = agent.incoming;
+    let status = loop {
+        tokio::select! {
+            status = &mut exited => break status.context("lost track of the app")?,
+            Some(message) = incoming.recv() => {
+                if let kmirror_protocol::tunnel::Incoming::Goodbye { reason } = message {
+                    eprintln!("kmirror: the agent ended the session: {reason}");
+                }
+            }
+            reason = tunnel.closed(), if !tunnel.is_closed() => {
+                eprintln!("kmirror: lost the connection to the pod agent ({reason}); pod connections, files and DNS now fail");
+            }
+            _ = agent_child.wait(), if !tunnel.is_closed() => {}
+        }
+    };
+    tunnel.goodbye("the app exited".into());
+    let _ = std::fs::remove_dir_all(&scratch);
+    // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.
+    let _ = tokio::time::timeout(Duration::from_millis(500), agent_child.wait()).await;
+    Ok(status)
+}
+
+fn start_notify_thread(ctx: Arc<Context>) {
+    std::thread::Builder::new()
+        .name("kmirror-notify".into())
+        .spawn(move || {
+            loop {
+                match ctx.listener.wait() {
+                    Ok(true) => match ctx.listener.receive() {
+                        Ok(Some(n)) => handlers::dispatch(&ctx, n),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!("seccomp listener failed: {e}");
+                            return;
+                        }
+                    },
+                    // Every filtered process has exited.
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::error!("seccomp listener failed: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("cannot start the notify thread");
+}
+
+async fn read_pod_file(tunnel: &kmirror_protocol::tunnel::Tunnel, path: &[u8]) -> Option<Vec<u8>> {
+    let request = Request::ReadFile { path: path.to_vec(), offset: 0, len: 1 << 19 };
+    match tunnel.request(request, REMOTE_TIMEOUT).await {
+        Ok(Response::FileChunk { bytes, .. }) => Some(bytes),
+        _ => None,
+    }
+}
+
+fn sealed_file(name: &str, content: &[u8]) -> Result<std::fs::File> {
+    let memfd = memfd::MemfdOptions::default().allow_sealing(true).create(format!("kmirror:{name}"))?;
+    memfd.as_file().write_all(content)?;
+    memfd.add_seals(&[
+        memfd::FileSeal::SealShrink,
+        memfd::FileSeal::SealGrow,
+        memfd::FileSeal::SealWrite,
+        memfd::FileSeal::SealSeal,
+    ])?;
+    Ok(memfd.into_file())
+}
+
+/// Directories that stay local in `read` mode besides the built-in list: the app's own
+/// directory, the working directory and runtime homes.
+fn local_only_paths(
+    program: &std::path::Path,
+    env: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    if let Some(dir) = program.canonicalize().ok().and_then(|p| p.parent().map(|d| d.to_path_buf())) {
+        out.push(dir.as_os_str().as_bytes().to_vec());
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        out.push(cwd.as_os_str().as_bytes().to_vec());
+    }
+    for var in [&b"JAVA_HOME"[..], b"GOROOT"] {
+        if let Some(v) = env.get(var).filter(|v| v.starts_with(b"/")) {
+            out.push(v.clone());
+        }
+    }
+    out.retain(|p| p.as_slice() != b"/");
+    out
+}

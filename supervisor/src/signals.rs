@@ -1,0 +1,94 @@
+//! Passing termination signals on to the app.
+//!
+//! A signal sent to kmirror with kill(2) (systemd stopping a unit, `kill <pid>`, a CI runner's
+//! timeout) is forwarded to the app. A signal the terminal generated (Ctrl-C, hang-up) already
+//! reached the app, which shares kmirror's process group, so forwarding it would deliver it
+//! twice; such signals are recognised by `si_code == SI_KERNEL` and not forwarded.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+pub const FORWARDED: &[i32] =
+    &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+const SI_KERNEL: i32 = 0x80;
+
+static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers; write(2) is
+    // async-signal-safe and errno is restored.
+    unsafe {
+        let saved = *libc::__errno_location();
+        let from_terminal = !info.is_null() && (*info).si_code == SI_KERNEL;
+        let msg = [sig as u8, from_terminal as u8];
+        libc::write(PIPE_WRITE.load(Ordering::Relaxed), msg.as_ptr().cast(), 2);
+        *libc::__errno_location() = saved;
+    }
+}
+
+/// Installs the handlers; from now on [`FORWARDED`] signals no longer kill kmirror itself.
+/// Returns the read end of the pipe the handler reports to.
+pub fn install() -> std::io::Result<RawFd> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    PIPE_WRITE.store(fds[1], Ordering::Relaxed);
+    for &sig in FORWARDED {
+        // SAFETY: a zeroed sigaction with our handler and flags is valid.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(fds[0])
+}
+
+/// Forwards reported signals to `pid` until the pipe closes (runs on its own thread).
+pub fn forward_to(read_fd: RawFd, pid: u32) {
+    std::thread::Builder::new()
+        .name("kmirror-signals".into())
+        .spawn(move || {
+            let mut msg = [0u8; 2];
+            loop {
+                // SAFETY: reads into a local buffer.
+                let n = unsafe { libc::read(read_fd, msg.as_mut_ptr().cast(), 2) };
+                if n == 2 {
+                    if msg[1] == 0 {
+                        // SAFETY: kill with a pid and signal number.
+                        unsafe { libc::kill(pid as libc::pid_t, msg[0] as i32) };
+                    }
+                } else if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    return;
+                }
+            }
+        })
+        .expect("cannot start the signal thread");
+}
+
+/// Ends kmirror the way the app ended: the same exit code, or death by the same signal.
+pub fn exit_like(status: std::process::ExitStatus) -> ! {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        std::process::exit(code);
+    }
+    let sig = status.signal().unwrap_or(libc::SIGKILL);
+    // SAFETY: restoring the default action and raising the signal on ourselves.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    // Signals whose default action is not fatal end up here.
+    std::process::exit(128 + sig);
+}

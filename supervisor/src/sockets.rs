@@ -1,0 +1,125 @@
+//! Socket operations on descriptors duplicated out of the app (see [`crate::tracee::take_fd`]).
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+fn last() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Inode number of a socket, the key of per-socket state (fd numbers get reused, inodes don't
+/// while the socket lives). `None` when `fd` is not a socket.
+pub fn socket_inode(fd: BorrowedFd<'_>) -> Option<u64> {
+    // SAFETY: zeroed `stat` is valid; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is writable and `fd` is open.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
+}
+
+fn int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> Result<i32, i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for an int-sized option.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut len)
+    };
+    if rc == 0 { Ok(value) } else { Err(last()) }
+}
+
+/// `SO_TYPE` (SOCK_STREAM, SOCK_DGRAM, ...).
+pub fn socket_type(fd: BorrowedFd<'_>) -> Result<i32, i32> {
+    int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+}
+
+/// `SO_DOMAIN`: whether the app sees IPv4 or (dual-stack) IPv6 addresses on this socket.
+pub fn socket_domain(fd: BorrowedFd<'_>) -> Result<i32, i32> {
+    int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
+}
+
+/// `SO_PROTOCOL` (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_MPTCP, ...).
+pub fn socket_protocol(fd: BorrowedFd<'_>) -> Result<i32, i32> {
+    int_option(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+}
+
+/// Whether the open file description is non-blocking (shared with the app's descriptor).
+pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GETFL has no pointer arguments.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// True when a TCP socket has never been connected (state CLOSE), i.e. a first connect.
+pub fn tcp_is_fresh(fd: BorrowedFd<'_>) -> bool {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`; the first byte is tcpi_state.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    const TCP_CLOSE: u8 = 7;
+    rc == 0 && info[0] == TCP_CLOSE
+}
+
+/// The send timeout the app set (SO_SNDTIMEO), which also bounds a blocking connect.
+pub fn send_timeout(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: SO_SNDTIMEO writes one timeval.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && (tv.tv_sec > 0 || tv.tv_usec > 0))
+        .then(|| std::time::Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000))
+}
+
+/// connect(2) with raw sockaddr bytes; returns the errno on failure (EINPROGRESS included).
+pub fn connect(fd: BorrowedFd<'_>, sockaddr: &[u8]) -> Result<(), i32> {
+    // SAFETY: `sockaddr` is a readable buffer of the given length.
+    let rc =
+        unsafe { libc::connect(fd.as_raw_fd(), sockaddr.as_ptr().cast(), sockaddr.len() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(last()) }
+}
+
+/// Whether the socket is connected, as getpeername(2) would answer (Err(ENOTCONN) if not).
+pub fn peer_check(fd: BorrowedFd<'_>) -> Result<(), i32> {
+    // SAFETY: zeroed storage is valid; getpeername writes at most `len` bytes.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::getpeername(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len)
+    };
+    if rc == 0 { Ok(()) } else { Err(last()) }
+}
+
+/// The local port of a socket (after connect or bind).
+pub fn local_port(fd: BorrowedFd<'_>) -> Result<u16, i32> {
+    // SAFETY: zeroed storage is valid; getsockname writes at most `len` bytes.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::getsockname(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(last());
+    }
+    // sin_port and sin6_port sit at the same offset, in network order.
+    // SAFETY: both families start with family + port; storage is large enough.
+    let port = unsafe { (*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port };
+    Ok(u16::from_be(port))
+}

@@ -1,0 +1,122 @@
+//! Reaching into a trapped thread: its memory and its file descriptors.
+//!
+//! Reads use `process_vm_readv`, resolved against the thread's current address space at each
+//! call (a cached `/proc/<pid>/mem` would go stale across exec). Writes are used only for
+//! *output* buffers of emulated calls, never to rewrite a call's inputs.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+const PAGE: u64 = 4096;
+/// `PIDFD_THREAD` (= O_EXCL): a pidfd for a thread that is not its group's leader (6.9+).
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// Reads exactly `len` bytes at `addr` in thread `tid`.
+pub fn read_bytes(tid: u32, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = read_into(tid, addr, &mut buf)?;
+    if n != len {
+        return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+    }
+    Ok(buf)
+}
+
+fn read_into(tid: u32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: `local` describes memory we own; the kernel validates the remote range.
+    let n = unsafe { libc::process_vm_readv(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 { Err(errno()) } else { Ok(n as usize) }
+}
+
+/// Reads a NUL-terminated string of at most `max` bytes, page by page so that a string ending
+/// just before an unmapped page still reads. Fails with ENAMETOOLONG past `max`.
+pub fn read_cstring(tid: u32, addr: u64, max: usize) -> std::io::Result<Vec<u8>> {
+    if addr == 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+    }
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() <= max {
+        let chunk = (PAGE - at % PAGE) as usize;
+        let mut buf = vec![0u8; chunk];
+        let n = read_into(tid, at, &mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        if let Some(end) = buf[..n].iter().position(|&b| b == 0) {
+            out.extend_from_slice(&buf[..end]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+        at += n as u64;
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG))
+}
+
+/// Writes `bytes` at `addr` in thread `tid` (an output buffer of an emulated call).
+pub fn write_bytes(tid: u32, addr: u64, bytes: &[u8]) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let local = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: bytes.len() };
+    // SAFETY: `local` describes memory we own; the kernel validates the remote range.
+    let n = unsafe { libc::process_vm_writev(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        Err(errno())
+    } else if n as usize != bytes.len() {
+        Err(std::io::Error::from_raw_os_error(libc::EFAULT))
+    } else {
+        Ok(())
+    }
+}
+
+/// Duplicates descriptor `fd` of thread `tid` into this process. The copy shares the open file
+/// description: connecting or binding it acts on the app's own socket.
+pub fn take_fd(tid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a tid and flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, PIDFD_THREAD) };
+    if pidfd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh descriptor from the kernel.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: pidfd_getfd(pidfd, targetfd, flags=0); the result is checked.
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
+    if dup < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh descriptor from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup as RawFd) })
+}
+
+/// Reads the target of a `/proc` symlink (cwd, fd/N) of thread `tid`.
+pub fn proc_link(tid: u32, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStringExt;
+    Ok(std::fs::read_link(format!("/proc/{tid}/{what}"))?.into_os_string().into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_writes_own_memory() {
+        let me = std::process::id();
+        let text = b"hello\0world";
+        assert_eq!(read_cstring(me, text.as_ptr() as u64, 64).unwrap(), b"hello");
+        assert_eq!(read_bytes(me, text.as_ptr() as u64 + 6, 5).unwrap(), b"world");
+        assert!(read_cstring(me, text.as_ptr() as u64, 3).is_err());
+        assert!(read_cstring(me, 0, 10).is_err());
+        let mut target = [0u8; 4];
+        write_bytes(me, target.as_mut_ptr() as u64, b"abcd").unwrap();
+        assert_eq!(std::hint::black_box(target), *b"abcd");
+    }
+}
