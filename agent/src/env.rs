@@ -1,15 +1,15 @@
 //! The target's environment, as the kernel recorded it at exec (`/proc/<pid>/environ`).
 
-use kmirror_protocol::Errno;
+use kmirror_protocol::{EnvVars, Errno};
 
-pub fn read_environ(pid: u32) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Errno> {
+pub fn read_environ(pid: u32) -> Result<EnvVars, Errno> {
     let raw = std::fs::read(format!("/proc/{pid}/environ"))
         .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
     Ok(parse_environ(&raw))
 }
 
 /// Splits NUL-separated `NAME=value` entries; entries without `=` are skipped.
-pub fn parse_environ(raw: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub fn parse_environ(raw: &[u8]) -> EnvVars {
     raw.split(|&b| b == 0)
         .filter_map(|entry| {
             let eq = entry.iter().position(|&b| b == b'=')?;

@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 /// so both sides can open streams without coordinating.
 pub type StreamId = u32;
 
+/// Environment entries as `(name, value)` byte strings.
+pub type EnvVars = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A Linux errno value produced on the far side of the tunnel.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Errno(pub i32);
@@ -61,7 +64,7 @@ pub enum Request {
 /// Answer to a [`Request`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    Environ(Vec<(Vec<u8>, Vec<u8>)>),
+    Environ(EnvVars),
     Stat(FileStat),
     FileChunk { bytes: Vec<u8>, eof: bool },
     Access,

@@ -603,7 +603,7 @@ mod tests {
     /// propagate, and the sender is throttled by credit rather than buffering without bound.
     #[tokio::test]
     async fn tcp_relay_round_trip_with_flow_control() {
-        let ((sup, _), (agent, mut agent_in)) = pair();
+        let ((sup, _), (_agent, mut agent_in)) = pair();
         let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let echo_addr = echo.local_addr().unwrap();
         tokio::spawn(async move {

@@ -75,7 +75,13 @@ mod tests {
         assert!(resolve(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).is_ok());
         let missing = resolve(OsStr::new("no-such-cmd-kmirror"), Some(OsStr::new("/bin"))).unwrap_err();
         assert_eq!(missing.exit_code(), 127);
-        assert_eq!(resolve(OsStr::new("/etc/hostname"), None).unwrap_err().exit_code(), 126);
+        let dir = std::env::temp_dir().join(format!("kmirror-noexec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"data").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(resolve(plain.as_os_str(), None).unwrap_err().exit_code(), 126);
+        std::fs::remove_dir_all(dir).unwrap();
         assert_eq!(resolve(OsStr::new("./does/not/exist"), None).unwrap_err().exit_code(), 127);
     }
 

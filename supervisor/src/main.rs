@@ -7,6 +7,7 @@ mod command;
 mod dns_server;
 mod handlers;
 mod launch;
+mod localfs;
 mod outgoing;
 mod policy;
 mod random;
@@ -14,6 +15,7 @@ mod seccomp;
 mod session;
 mod signals;
 mod sockets;
+mod stats;
 mod target;
 mod tracee;
 

@@ -150,6 +150,7 @@ async fn session(
             _ = agent_child.wait(), if !tunnel.is_closed() => {}
         }
     };
+    crate::stats::write_if_requested(handlers::TRAPPED);
     tunnel.goodbye("the app exited".into());
     let _ = std::fs::remove_dir_all(&scratch);
     // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.

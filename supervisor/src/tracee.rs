@@ -43,8 +43,9 @@ pub fn read_cstring(tid: u32, addr: u64, max: usize) -> std::io::Result<Vec<u8>>
     }
     let mut out = Vec::new();
     let mut at = addr;
+    // A string of `max` bytes plus its NUL fits; one byte more cannot.
     while out.len() <= max {
-        let chunk = (PAGE - at % PAGE) as usize;
+        let chunk = ((PAGE - at % PAGE) as usize).min(max + 1 - out.len());
         let mut buf = vec![0u8; chunk];
         let n = read_into(tid, at, &mut buf)?;
         if n == 0 {
@@ -113,7 +114,9 @@ mod tests {
         let text = b"hello\0world";
         assert_eq!(read_cstring(me, text.as_ptr() as u64, 64).unwrap(), b"hello");
         assert_eq!(read_bytes(me, text.as_ptr() as u64 + 6, 5).unwrap(), b"world");
-        assert!(read_cstring(me, text.as_ptr() as u64, 3).is_err());
+        assert_eq!(read_cstring(me, text.as_ptr() as u64, 5).unwrap(), b"hello");
+        let too_long = read_cstring(me, text.as_ptr() as u64, 4).unwrap_err();
+        assert_eq!(too_long.raw_os_error(), Some(libc::ENAMETOOLONG));
         assert!(read_cstring(me, 0, 10).is_err());
         let mut target = [0u8; 4];
         write_bytes(me, target.as_mut_ptr() as u64, b"abcd").unwrap();

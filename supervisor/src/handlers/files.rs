@@ -9,7 +9,7 @@
 use super::{Context, tunnel_errno};
 use crate::policy::files::{self, FileRoute, VirtualFile};
 use crate::seccomp::Notification;
-use crate::{abi, tracee};
+use crate::{abi, localfs, tracee};
 use kmirror_protocol::{DirEntry, FileStat, Request, Response};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -21,31 +21,50 @@ const MAX_REMOTE_FILE: u64 = 256 << 20;
 const READ_CHUNK: u32 = 512 * 1024;
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 
-/// Turns the path argument of a call into the absolute pod-side path it names, or `None` when
-/// the call is not about a path kmirror can judge (empty path, relative to a local directory).
-fn resolve_path(ctx: &Context, tid: u32, dirfd: i32, path_ptr: u64) -> Option<Vec<u8>> {
+/// A path argument turned into the absolute path it names on the pod side, plus whether the
+/// local kernel would resolve the raw argument differently (it climbs out of a pod directory,
+/// or goes through a mirrored pod directory): then even a local decision must be carried out
+/// by kmirror on the resolved path rather than left to the kernel.
+struct Resolved {
+    path: Vec<u8>,
+    kernel_would_differ: bool,
+}
+
+/// `None` when the call is not about a path kmirror can judge (empty path, relative to the
+/// working directory or to a local directory): those stay with the kernel.
+fn resolve_path(ctx: &Context, tid: u32, dirfd: i32, path_ptr: u64) -> Option<Resolved> {
     let raw = tracee::read_cstring(tid, path_ptr, PATH_MAX).ok()?;
     if raw.first() == Some(&b'/') {
         let path = files::normalize(&raw);
-        return Some(ctx.files.pod_path_of_materialized(&path).unwrap_or(path));
+        if let Some(pod_path) = ctx.files.pod_path_of_materialized(&path) {
+            return Some(Resolved { path: pod_path, kernel_would_differ: true });
+        }
+        let kernel_would_differ = ctx.files.climbs_out_of_pod_dir(&raw);
+        return Some(Resolved { path, kernel_would_differ });
     }
     if raw.is_empty() || dirfd == libc::AT_FDCWD {
         return None;
     }
     let dir = tracee::proc_link(tid, &format!("fd/{dirfd}")).ok()?;
     let pod_dir = ctx.files.pod_path_of_materialized(&dir)?;
-    Some(files::join(&pod_dir, &raw))
+    Some(Resolved { path: files::join(&pod_dir, &raw), kernel_would_differ: true })
 }
 
 enum Plan {
+    /// The kernel handles the call as made.
     Local,
+    /// kmirror performs the call locally on this resolved path.
+    LocalAt(Vec<u8>),
     Virtual(VirtualFile),
     Remote(Vec<u8>),
 }
 
 fn plan(ctx: &Context, n: &Notification, dirfd: i32, path_ptr: u64, write: bool) -> Plan {
-    let Some(path) = resolve_path(ctx, n.tid, dirfd, path_ptr) else { return Plan::Local };
+    let Some(Resolved { path, kernel_would_differ }) = resolve_path(ctx, n.tid, dirfd, path_ptr) else {
+        return Plan::Local;
+    };
     match ctx.files.route(&path, write) {
+        FileRoute::Local if kernel_would_differ => Plan::LocalAt(path),
         FileRoute::Local => Plan::Local,
         FileRoute::Virtual(v) => Plan::Virtual(v),
         FileRoute::Remote => Plan::Remote(path),
@@ -116,6 +135,11 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
         || flags & libc::O_TMPFILE == libc::O_TMPFILE;
     match plan(ctx, &n, dirfd, path_ptr, write) {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::LocalAt(path) => {
+            let mode = if n.nr == libc::SYS_open { n.args[2] } else { n.args[3] } as u32;
+            let mode = if n.nr == libc::SYS_openat2 { 0o666 } else { mode };
+            deliver_fd(ctx, &n, localfs::open(&path, flags, mode), flags);
+        }
         Plan::Virtual(v) => {
             let result = if flags & libc::O_DIRECTORY != 0 {
                 Err(libc::ENOTDIR)
@@ -137,11 +161,10 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
 fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
         Ok(fd) => {
-            if ctx.listener.is_valid(n.id) {
-                if let Err(e) = ctx.listener.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0)
-                {
-                    tracing::debug!("could not hand a descriptor to the app: {e}");
-                }
+            if ctx.listener.is_valid(n.id)
+                && let Err(e) = ctx.listener.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0)
+            {
+                tracing::debug!("could not hand a descriptor to the app: {e}");
             }
         }
         Err(errno) => answer(ctx, n, Err(errno)),
@@ -271,6 +294,10 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
     let encode = move |st: &FileStat| if statx { abi::encode_statx(st) } else { abi::encode_stat(st) };
     match plan(ctx, &n, dirfd, path_ptr, false) {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::LocalAt(path) => {
+            let result = localfs::stat(&path, follow).and_then(|st| write_out(ctx, &n, buf, &encode(&st)));
+            answer(ctx, &n, result.map(|()| 0));
+        }
         Plan::Virtual(v) => {
             let result = virtual_stat(ctx, v).and_then(|st| write_out(ctx, &n, buf, &encode(&st)));
             answer(ctx, &n, result.map(|()| 0));
@@ -305,6 +332,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
     };
     match plan(ctx, &n, dirfd, path_ptr, false) {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::LocalAt(path) => answer(ctx, &n, localfs::access(&path, mode).map(|()| 0)),
         Plan::Virtual(_) => {
             let denied = mode & (libc::W_OK | libc::X_OK) as u32 != 0;
             answer(ctx, &n, if denied { Err(libc::EACCES) } else { Ok(0) });
@@ -328,6 +356,13 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
     };
     match plan(ctx, &n, dirfd, path_ptr, false) {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::LocalAt(path) => {
+            let result = localfs::read_link(&path).and_then(|target| {
+                let copy = target.len().min(size.max(0) as usize);
+                write_out(ctx, &n, buf, &target[..copy]).map(|()| copy as i64)
+            });
+            answer(ctx, &n, if size <= 0 { Err(libc::EINVAL) } else { result });
+        }
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
         Plan::Remote(path) => {
             let ctx = ctx.clone();
@@ -346,6 +381,20 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
                 .await;
                 answer(&ctx, &n, result);
             });
+        }
+    }
+}
+
+// ---- extended attributes ----
+
+/// `getxattr`/`lgetxattr`/`listxattr`/`llistxattr`: pod files carry no extended attributes in
+/// kmirror's view (ls and cp probe ACLs and SELinux labels on every file they touch).
+pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
+    match plan(ctx, &n, libc::AT_FDCWD, n.args[0], false) {
+        Plan::Local => ctx.listener.continue_call(n.id),
+        _ => {
+            let list = matches!(n.nr, libc::SYS_listxattr | libc::SYS_llistxattr);
+            answer(ctx, &n, if list { Ok(0) } else { Err(libc::ENODATA) });
         }
     }
 }

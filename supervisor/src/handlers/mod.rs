@@ -35,6 +35,10 @@ pub const TRAPPED: &[&str] = &[
     "faccessat2",
     "readlink",
     "readlinkat",
+    "getxattr",
+    "lgetxattr",
+    "listxattr",
+    "llistxattr",
 ];
 
 /// Calls failed with ENOSYS inside the filter: io_uring would bypass every trap, and runtimes
@@ -63,6 +67,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Routes one notification to its handler.
 pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
+    crate::stats::count(n.nr);
     match n.nr {
         libc::SYS_connect => net::on_connect(ctx, n),
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
@@ -70,6 +75,9 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
         libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),
         libc::SYS_readlink | libc::SYS_readlinkat => files::on_readlink(ctx, n),
+        libc::SYS_getxattr | libc::SYS_lgetxattr | libc::SYS_listxattr | libc::SYS_llistxattr => {
+            files::on_xattr(ctx, n)
+        }
         _ => ctx.listener.continue_call(n.id),
     }
 }

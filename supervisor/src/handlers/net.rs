@@ -146,10 +146,10 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
         }
     };
     let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(flow.relay_addr(), family));
-    if result.is_ok() {
-        if let Ok(port) = sockets::local_port(socket.as_fd()) {
-            ctx.proxy.start_udp(flow, port, inode, dest);
-        }
+    if result.is_ok()
+        && let Ok(port) = sockets::local_port(socket.as_fd())
+    {
+        ctx.proxy.start_udp(flow, port, inode, dest);
     }
     if !ctx.listener.is_valid(n.id) {
         return;

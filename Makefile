@@ -1,0 +1,28 @@
+# The two entry points: `make demo` and `make test`. Both do all set-up first.
+.PHONY: setup build fixtures demo test lint clean
+
+CARGO ?= cargo
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --all-targets
+
+fixtures: setup
+	@scripts/build-fixtures.sh
+
+# Creates a local pod on this machine and runs the static Go fixture in it with kmirror.
+demo: build fixtures
+	$(CARGO) run -q --example demo
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Unit tests of every crate, then the end-to-end suite against local pods (needs root).
+test: build fixtures lint
+	$(CARGO) test --workspace
+
+clean:
+	$(CARGO) clean

