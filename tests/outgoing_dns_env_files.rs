@@ -119,3 +119,67 @@ fn local_mode_turns_file_access_off() {
     let out = ok(&run_go(&pod, go.to_str().unwrap(), &["--fs-mode", "local"], &["cat", "/etc/hostname"]));
     assert_eq!(out, std::fs::read_to_string("/etc/hostname").unwrap());
 }
+
+/// A dual-stack AF_INET6 socket (as Java and Python use them) connecting to a v4-mapped pod
+/// address sees the mapped original destination in getpeername, with the kernel's
+/// value-result semantics for a short buffer.
+#[test]
+fn dual_stack_socket_sees_the_original_peer() {
+    let pod = LocalPod::start(17);
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         s.connect(('::ffff:{ip}', 7777))\n\
+         print('peer=%s:%d' % s.getpeername()[:2])\n\
+         s.sendall(b'v6\\n')\n\
+         print('echo=' + s.makefile().readline().strip())\n\
+         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         u.connect(('::ffff:{ip}', 7778))\n\
+         u.send(b'd')\n\
+         print('udp=' + u.recv(100).decode())\n\
+         print('udppeer=%s:%d' % u.getpeername()[:2])\n",
+        ip = pod.service_ip
+    );
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    assert_eq!(field(&out, "peer"), Some(format!("::ffff:{}:7777", pod.service_ip).as_str()), "{out}");
+    assert_eq!(field(&out, "echo"), Some(format!("pod-echo {}: v6", pod.index).as_str()));
+    assert_eq!(field(&out, "udp"), Some(format!("pod-udp {}: d", pod.index).as_str()));
+    assert_eq!(field(&out, "udppeer"), Some(format!("::ffff:{}:7778", pod.service_ip).as_str()));
+}
+
+/// Errors are the pod's: an address the pod cannot route gives EHOSTUNREACH (the host, which
+/// prohibits that range, would have said EACCES), and access(2) answers for the pod's file.
+#[test]
+fn errors_and_access_checks_come_from_the_pod() {
+    let pod = LocalPod::start(18);
+    let range = format!("10.212.{}.0/24", pod.index);
+    let ip = |args: &[&str]| {
+        let status = std::process::Command::new("ip").args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&["route", "add", "prohibit", &range]);
+    struct DropRoute(String);
+    impl Drop for DropRoute {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["route", "del", "prohibit", &self.0]).status();
+        }
+    }
+    let _guard = DropRoute(range.clone());
+    ip(&["-n", &pod.netns, "route", "add", "unreachable", &range]);
+    let target = format!("10.212.{}.5:80", pod.index);
+    let go = &go_fixtures()[0];
+    let bare = std::process::Command::new(go).args(["connect", &target]).output().unwrap();
+    let bare_out = String::from_utf8_lossy(&bare.stdout).into_owned();
+    let out = run_go(&pod, go.to_str().unwrap(), &[], &["connect", &target]);
+    let stdout = expect_status(&out, 1);
+    assert_eq!(field(&stdout, "errno"), Some("EHOSTUNREACH"), "{stdout}");
+    assert_eq!(field(&bare_out, "errno"), Some("OTHER"), "locally the range is prohibited: {bare_out}");
+
+    let check = "import os,sys\nfor p in sys.argv[1:]: print(p, os.access(p, os.R_OK), os.path.exists(p))";
+    let out = ok(&kmirror(
+        pod.target_pid,
+        &["--fs-mode", "read"],
+        &["python3", "-c", check, "/data/pod-only.txt", "/data/missing", "/data/dir"],
+    ));
+    assert_eq!(out, "/data/pod-only.txt True True\n/data/missing False False\n/data/dir True True\n");
+}
