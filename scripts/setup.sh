@@ -3,10 +3,11 @@
 # Idempotent and quiet when nothing is missing; needs root (apt-get).
 set -euo pipefail
 
-# Debian packages: libseccomp for the filter, Go for the fixtures (plus a current Go below),
+# Debian packages: libseccomp for the filter, clang + libelf + zlib for the eBPF programs
+# (libbpf is vendored), Go for the fixtures (plus a current Go below),
 # a JDK for the Java fixture, and the tools the tests drive (curl, getent, ip, nsenter, setpriv).
 packages=(
-  build-essential pkg-config libseccomp-dev
+  build-essential pkg-config libseccomp-dev clang libelf-dev zlib1g-dev linux-libc-dev
   golang-go openjdk-17-jdk-headless python3 python3-venv
   curl iproute2 util-linux libc-bin
 )

@@ -8,6 +8,7 @@
 mod dns;
 mod env;
 mod files;
+mod incoming;
 mod netns;
 mod outgoing;
 mod session;

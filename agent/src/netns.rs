@@ -59,6 +59,16 @@ impl NetnsWorker {
     }
 }
 
+/// Moves the calling thread into the network namespace `netns`.
+pub fn enter(netns: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: setns on the calling thread only; `netns` is an open namespace descriptor.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) with plain integer arguments; the result is checked before use.
     let fd = unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };

@@ -43,6 +43,10 @@ pub async fn open(netns: NetnsWorker, stream: Stream, target: OpenTarget) {
                 }
             }
         }
+        OpenTarget::Incoming { .. } => {
+            // Only the agent opens incoming streams.
+            stream.opened(Err(Errno(libc::EINVAL)));
+        }
         OpenTarget::Udp(addr) => {
             let connected = async {
                 let fd = netns.socket(domain(&addr), libc::SOCK_DGRAM).await?;

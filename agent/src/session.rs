@@ -1,6 +1,7 @@
 //! One session: handshake, then serve requests and stream opens until the supervisor leaves or
 //! the target exits.
 
+use crate::incoming::IncomingService;
 use crate::{dns, env, files, netns::NetnsWorker, outgoing, target::Target};
 use anyhow::{Context, Result, bail};
 use kmirror_protocol::tunnel::{self, Incoming, Side, Tunnel};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Capabilities this agent offers; the supervisor only uses what is listed.
-const CAPABILITIES: &[&str] = &["env", "files", "dns", "outgoing-tcp", "outgoing-udp"];
+const CAPABILITIES: &[&str] = &["env", "files", "dns", "outgoing-tcp", "outgoing-udp", "incoming"];
 
 pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: NetnsWorker) -> Result<()> {
     let socket = std::os::unix::net::UnixStream::from(tunnel_fd);
@@ -62,10 +63,21 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
     let target = Arc::new(target);
     let nameservers = Arc::new(pod_nameservers(&target));
     let exited = target.exit_watch()?;
+    let incoming_service = IncomingService::new(tunnel.clone(), netns.clone(), target.netns.try_clone()?);
 
     loop {
         tokio::select! {
             message = incoming.recv() => match message {
+                Some(Incoming::Request { id, body: Request::Subscribe { port, mode, filter } }) => {
+                    let (tunnel, service) = (tunnel.clone(), incoming_service.clone());
+                    tokio::spawn(async move {
+                        let answer = match service.subscribe(port, mode, filter).await {
+                            Ok(()) => Response::Subscribed,
+                            Err(errno) => Response::Error(errno),
+                        };
+                        tunnel.respond(id, answer);
+                    });
+                }
                 Some(Incoming::Request { id, body }) => {
                     let (tunnel, target, netns, nameservers) =
                         (tunnel.clone(), target.clone(), netns.clone(), nameservers.clone());
@@ -134,7 +146,7 @@ fn file_or_env(request: Request, target: &Target) -> Response {
         Request::Access { path, mode } => files::access(&target.root, &path, mode).map(|()| Response::Access),
         Request::ReadLink { path } => files::read_link(&target.root, &path).map(Response::ReadLink),
         Request::ListDir { path } => files::list_dir(&target.root, &path).map(Response::ListDir),
-        Request::Dns { .. } => Err(Errno(libc::EINVAL)),
+        Request::Dns { .. } | Request::Subscribe { .. } => Err(Errno(libc::EINVAL)),
     };
     result.unwrap_or_else(Response::Error)
 }

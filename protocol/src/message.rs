@@ -59,6 +59,26 @@ pub enum Request {
     ListDir { path: Vec<u8> },
     /// One DNS message, answered by the pod's first nameserver (TCP when `tcp` is set).
     Dns { query: Vec<u8>, tcp: bool },
+    /// Start delivering the pod's incoming connections to `port` (see [`IncomingMode`]).
+    Subscribe { port: u16, mode: IncomingMode, filter: Option<HttpFilter> },
+}
+
+/// How the pod's incoming connections reach the local app.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// A copy of each new connection's client bytes; the pod's app still answers.
+    Mirror,
+    /// New connections are answered by the local app instead of the pod's.
+    Steal,
+}
+
+/// Steals only HTTP requests that match; the others go to the pod's own app.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpFilter {
+    /// Regular expression matched against each header line (`Name: value`).
+    pub header: Option<String>,
+    /// Regular expression matched against the request path.
+    pub path: Option<String>,
 }
 
 /// Answer to a [`Request`].
@@ -71,6 +91,7 @@ pub enum Response {
     ReadLink(Vec<u8>),
     ListDir(Vec<DirEntry>),
     Dns(Vec<u8>),
+    Subscribed,
     Error(Errno),
 }
 
@@ -113,6 +134,8 @@ pub enum OpenTarget {
     Tcp(SocketAddr),
     /// A connected UDP socket in the pod's network namespace; each data frame is one datagram.
     Udp(SocketAddr),
+    /// (agent → supervisor) A connection a pod client opened to `port`, for the local app.
+    Incoming { port: u16, client: SocketAddr, mode: IncomingMode },
 }
 
 /// Control frames. Stream payload bytes do not appear here: they travel in data frames

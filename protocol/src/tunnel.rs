@@ -397,47 +397,8 @@ impl Stream {
     /// Relays between a TCP connection and this stream until both directions are closed or
     /// either side aborts. An abort is passed on as a reset (RST on the TCP side).
     pub async fn relay_tcp(mut self, mut socket: TcpStream) -> RelayEnd {
-        let (mut rd, mut wr) = socket.split();
-        let outcome = {
-            let Stream { id, tunnel, inbound, credit, unacked } = &mut self;
-            let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
-            let upstream = async move {
-                let mut buf = vec![0u8; MAX_DATA_CHUNK];
-                loop {
-                    match rd.read(&mut buf).await {
-                        Ok(0) => {
-                            tunnel.send(Control::Shutdown { stream: id });
-                            return RelayEnd::Closed;
-                        }
-                        Ok(n) => {
-                            if send_data(tunnel, credit, id, &buf[..n]).await.is_err() {
-                                return RelayEnd::Reset;
-                            }
-                        }
-                        Err(_) => return RelayEnd::Reset,
-                    }
-                }
-            };
-            let downstream = async move {
-                loop {
-                    match inbound.recv().await.unwrap_or(Inbound::Reset) {
-                        Inbound::Data(bytes) => {
-                            if wr.write_all(&bytes).await.is_err() {
-                                return RelayEnd::Reset;
-                            }
-                            unacked.fetch_sub(bytes.len(), Ordering::AcqRel);
-                            tunnel.send(Control::Credit { stream: id, bytes: bytes.len() as u32 });
-                        }
-                        Inbound::Shutdown => {
-                            let _ = wr.shutdown().await;
-                            return RelayEnd::Closed;
-                        }
-                        Inbound::Reset => return RelayEnd::Reset,
-                    }
-                }
-            };
-            both_or_reset(upstream, downstream).await
-        };
+        let (rd, wr) = socket.split();
+        let outcome = self.pump(rd, wr).await;
         if outcome == RelayEnd::Reset {
             // SO_LINGER 0 turns the close into a RST, which is how the far side's abort is
             // passed on; on a non-blocking socket it never blocks the thread.
@@ -446,6 +407,58 @@ impl Stream {
             self.reset();
         }
         outcome
+    }
+
+    /// Like [`Stream::relay_tcp`] for any byte stream (an in-process pipe, say).
+    pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(mut self, io: S) -> RelayEnd {
+        let (rd, wr) = tokio::io::split(io);
+        let outcome = self.pump(rd, wr).await;
+        if outcome == RelayEnd::Reset {
+            self.reset();
+        }
+        outcome
+    }
+
+    /// Copies `rd` into the stream and the stream into `wr`, returning credit as bytes leave.
+    async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(&mut self, mut rd: R, mut wr: W) -> RelayEnd {
+        let Stream { id, tunnel, inbound, credit, unacked } = self;
+        let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
+        let upstream = async move {
+            let mut buf = vec![0u8; MAX_DATA_CHUNK];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) => {
+                        tunnel.send(Control::Shutdown { stream: id });
+                        return RelayEnd::Closed;
+                    }
+                    Ok(n) => {
+                        if send_data(tunnel, credit, id, &buf[..n]).await.is_err() {
+                            return RelayEnd::Reset;
+                        }
+                    }
+                    Err(_) => return RelayEnd::Reset,
+                }
+            }
+        };
+        let downstream = async move {
+            loop {
+                match inbound.recv().await.unwrap_or(Inbound::Reset) {
+                    Inbound::Data(bytes) => {
+                        if wr.write_all(&bytes).await.is_err() {
+                            return RelayEnd::Reset;
+                        }
+                        unacked.fetch_sub(bytes.len(), Ordering::AcqRel);
+                        tunnel.send(Control::Credit { stream: id, bytes: bytes.len() as u32 });
+                    }
+                    Inbound::Shutdown => {
+                        let _ = wr.shutdown().await;
+                        return RelayEnd::Closed;
+                    }
+                    Inbound::Reset => return RelayEnd::Reset,
+                }
+            }
+        };
+        both_or_reset(upstream, downstream).await
     }
 
     /// Relays datagrams between a connected UDP socket and this stream until either side

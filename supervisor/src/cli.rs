@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 use crate::policy::files::FsMode;
+use crate::policy::incoming::IncomingSetting;
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 
@@ -50,6 +51,23 @@ pub struct RunArgs {
     /// Ignore pod variables matching this pattern (repeatable).
     #[arg(long = "env-exclude", value_name = "PATTERN")]
     pub env_exclude: Vec<String>,
+
+    /// What happens to the pod's incoming connections on the ports the app listens on.
+    #[arg(long, value_enum, default_value = "mirror")]
+    pub incoming: IncomingSetting,
+
+    /// Serve pod port POD with the local listener on LOCAL (repeatable), e.g. 9090:8080.
+    #[arg(long = "port-map", value_name = "LOCAL:POD", value_parser = crate::policy::incoming::parse_port_map)]
+    pub port_map: Vec<(u16, u16)>,
+
+    /// With --incoming steal: steal only HTTP requests with a header line matching this regex
+    /// (e.g. '^X-Dev: alice$'); other requests go to the pod's app.
+    #[arg(long, value_name = "REGEX")]
+    pub steal_header: Option<String>,
+
+    /// With --incoming steal: steal only HTTP requests whose path matches this regex.
+    #[arg(long, value_name = "REGEX")]
+    pub steal_path: Option<String>,
 
     /// Send connections to loopback addresses to the pod's loopback too.
     #[arg(long)]

@@ -6,6 +6,7 @@ mod cli;
 mod command;
 mod dns_server;
 mod handlers;
+mod incoming;
 mod launch;
 mod localfs;
 mod outgoing;

@@ -4,6 +4,7 @@ use crate::cli::RunArgs;
 use crate::handlers::{self, Context};
 use crate::policy::env::EnvPolicy;
 use crate::policy::files::{FilePolicy, VirtualFile};
+use crate::policy::incoming::IncomingPolicy;
 use crate::policy::net::OutgoingPolicy;
 use crate::seccomp::{Listener, filter};
 use crate::{agent, command, dns_server, launch, outgoing::Proxy, policy, signals, target};
@@ -99,6 +100,13 @@ async fn session(
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
     };
 
+    let incoming = Arc::new(IncomingPolicy {
+        setting: args.incoming,
+        port_map: args.port_map.iter().copied().collect(),
+    });
+    let incoming_filter = (args.steal_header.is_some() || args.steal_path.is_some()).then(|| {
+        kmirror_protocol::HttpFilter { header: args.steal_header.clone(), path: args.steal_path.clone() }
+    });
     let proxy = Proxy::start(tunnel.clone()).await.context("cannot start the outgoing proxy")?;
     let filter =
         filter::build(handlers::TRAPPED, handlers::DISABLED).context("cannot build the seccomp filter")?;
@@ -129,21 +137,36 @@ async fn session(
         proxy,
         virtual_files,
         materialized,
+        incoming: incoming.clone(),
+        incoming_filter,
+        subscribed: Default::default(),
         remote_timeout: REMOTE_TIMEOUT,
     });
     start_notify_thread(ctx.clone());
 
     let mut exited = app.exited;
     let mut agent_child = agent.child;
-    let mut incoming = agent.incoming;
+    let mut from_agent = agent.incoming;
     let status = loop {
         tokio::select! {
             status = &mut exited => break status.context("lost track of the app")?,
-            Some(message) = incoming.recv() => {
-                if let kmirror_protocol::tunnel::Incoming::Goodbye { reason } = message {
+            Some(message) = from_agent.recv() => match message {
+                kmirror_protocol::tunnel::Incoming::Goodbye { reason } => {
                     eprintln!("kmirror: the agent ended the session: {reason}");
                 }
-            }
+                kmirror_protocol::tunnel::Incoming::Open {
+                    stream,
+                    target: kmirror_protocol::OpenTarget::Incoming { port, client, mode },
+                } => {
+                    tokio::spawn(crate::incoming::serve(incoming.clone(), stream, port, client, mode));
+                }
+                kmirror_protocol::tunnel::Incoming::Open { stream, .. } => {
+                    stream.opened(Err(kmirror_protocol::Errno(libc::EINVAL)));
+                }
+                kmirror_protocol::tunnel::Incoming::Request { id, .. } => {
+                    tunnel.respond(id, Response::Error(kmirror_protocol::Errno(libc::ENOSYS)));
+                }
+            },
             reason = tunnel.closed(), if !tunnel.is_closed() => {
                 eprintln!("kmirror: lost the connection to the pod agent ({reason}); pod connections, files and DNS now fail");
             }

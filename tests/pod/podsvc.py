@@ -7,7 +7,8 @@ answered" apart from "the host answered":
 
 * DNS on --dns-ip:53 (UDP and TCP) for a tiny cluster.local zone, logging
   every query so tests can prove a lookup really reached the pod's server;
-* HTTP/1.1 on --service-ip:8080, echoing the path and the pod index;
+* HTTP/1.1 on port 8080 of every pod address, echoing the path and the pod index (GET,
+  HEAD, POST and PUT; request bodies are read and ignored);
 * a TCP line echo on --service-ip:7777 and a UDP echo on --service-ip:7778.
 
 Port 1 on the service IP is deliberately left closed (connection refused).
@@ -281,6 +282,18 @@ def make_http_handler(index, dns_log):
         def do_GET(self):
             self._respond(True)
 
+        def do_POST(self):
+            # Read the body so keep-alive framing stays right; the answer names the path only.
+            remaining = int(self.headers.get("Content-Length") or 0)
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 65536))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self._respond(True)
+
+        do_PUT = do_POST
+
         def do_HEAD(self):
             self._respond(False)
 
@@ -299,6 +312,8 @@ def make_http_handler(index, dns_log):
 class HttpServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Load tests open hundreds of connections at once; the default backlog of 5 would drop SYNs.
+    request_queue_size = 1024
 
     def server_bind(self):
         # HTTPServer.server_bind would call socket.getfqdn(), i.e. a reverse
@@ -377,7 +392,9 @@ def main():
     dns_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     dns_tcp.bind((args.dns_ip, 53))
     dns_tcp.listen(64)
-    http_server = HttpServer((args.service_ip, 8080), make_http_handler(args.index, dns_log))
+    # On every address: the pod's clients reach it on the pod IP (the veth), which is where
+    # kmirror's incoming-traffic classifier sits; the service IP on lo stays pod-only.
+    http_server = HttpServer(("0.0.0.0", 8080), make_http_handler(args.index, dns_log))
     echo_server = LineEchoServer((args.service_ip, 7777), make_line_echo_handler(args.index))
     udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_echo.bind((args.service_ip, 7778))

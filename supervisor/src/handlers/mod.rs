@@ -11,6 +11,7 @@ mod net;
 
 use crate::outgoing::Proxy;
 use crate::policy::files::{FilePolicy, VirtualFile};
+use crate::policy::incoming::IncomingPolicy;
 use crate::policy::net::OutgoingPolicy;
 use crate::seccomp::{Listener, Notification};
 use kmirror_protocol::tunnel::Tunnel;
@@ -22,6 +23,7 @@ use std::time::Duration;
 /// Calls the filter sends to the supervisor.
 pub const TRAPPED: &[&str] = &[
     "connect",
+    "listen",
     "getpeername",
     "open",
     "openat",
@@ -57,6 +59,10 @@ pub struct Context {
     pub virtual_files: HashMap<VirtualFile, std::fs::File>,
     /// Where listings of pod directories are mirrored so the app can read them as directories.
     pub materialized: PathBuf,
+    pub incoming: Arc<IncomingPolicy>,
+    pub incoming_filter: Option<kmirror_protocol::HttpFilter>,
+    /// Pod ports already subscribed (a listener may be re-created).
+    pub subscribed: Mutex<std::collections::HashSet<u16>>,
     /// Upper bound of any single request to the agent.
     pub remote_timeout: Duration,
 }
@@ -71,6 +77,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
     match n.nr {
         libc::SYS_connect => net::on_connect(ctx, n),
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
+        libc::SYS_listen => net::on_listen(ctx, n),
         libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
         libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),

@@ -199,3 +199,49 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
         Err(errno) => ctx.listener.return_errno(n.id, errno),
     }
 }
+
+/// Learns the ports the app serves: once its listen succeeds, the matching pod port is
+/// subscribed (mirror or steal). The listen itself is the kernel's.
+pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
+    let fd = n.args[0] as i32;
+    let socket = tracee::take_fd(n.tid, fd).ok();
+    ctx.listener.continue_call(n.id);
+    let Some(socket) = socket else { return };
+    if !matches!(sockets::socket_type(socket.as_fd()), Ok(libc::SOCK_STREAM)) {
+        return;
+    }
+    let Ok(local_port) = sockets::local_port(socket.as_fd()) else { return };
+    // An unbound socket gets its port from listen itself; ask again once that happened.
+    let ctx = ctx.clone();
+    ctx.runtime.clone().spawn(async move {
+        let local_port = if local_port == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            match sockets::local_port(socket.as_fd()) {
+                Ok(p) if p != 0 => p,
+                _ => return,
+            }
+        } else {
+            local_port
+        };
+        let Some((pod_port, mode)) = ctx.incoming.subscription(local_port) else { return };
+        if !super::lock(&ctx.subscribed).insert(pod_port) {
+            return;
+        }
+        let filter = if mode == kmirror_protocol::IncomingMode::Steal { ctx.incoming_filter.clone() } else { None };
+        let request = kmirror_protocol::Request::Subscribe { port: pod_port, mode, filter };
+        match ctx.tunnel.request(request, ctx.remote_timeout).await {
+            Ok(kmirror_protocol::Response::Subscribed) => {
+                tracing::info!(local_port, pod_port, ?mode, "incoming traffic subscribed");
+            }
+            outcome => {
+                super::lock(&ctx.subscribed).remove(&pod_port);
+                let why = match outcome {
+                    Ok(kmirror_protocol::Response::Error(errno)) => std::io::Error::from_raw_os_error(errno.0).to_string(),
+                    Ok(other) => format!("unexpected answer {other:?}"),
+                    Err(e) => e.to_string(),
+                };
+                eprintln!("kmirror: cannot {mode:?} pod port {pod_port} to local port {local_port}: {why} (see the agent's message above)");
+            }
+        }
+    });
+}

@@ -4,4 +4,5 @@
 pub mod dns;
 pub mod env;
 pub mod files;
+pub mod incoming;
 pub mod net;

@@ -1,0 +1,68 @@
+//! Incoming traffic: which local listening ports receive which pod ports.
+
+use kmirror_protocol::IncomingMode;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IncomingSetting {
+    /// A copy of the pod's incoming connections; the pod's app keeps answering.
+    Mirror,
+    /// The local app answers the pod's new incoming connections.
+    Steal,
+    /// No incoming traffic.
+    Off,
+}
+
+/// Parses `LOCAL:POD` (e.g. `9090:8080`: the app listens on 9090 for the pod's port 8080).
+pub fn parse_port_map(spec: &str) -> Result<(u16, u16), String> {
+    let (local, pod) =
+        spec.split_once(':').ok_or_else(|| format!("`{spec}`: expected LOCAL:POD, e.g. 9090:8080"))?;
+    let port = |s: &str| {
+        s.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("`{s}` is not a port number"))
+    };
+    Ok((port(local)?, port(pod)?))
+}
+
+#[derive(Debug, Clone)]
+pub struct IncomingPolicy {
+    pub setting: IncomingSetting,
+    /// local port → pod port; unmapped ports are the same on both sides.
+    pub port_map: BTreeMap<u16, u16>,
+}
+
+impl IncomingPolicy {
+    /// The pod port a local listener on `local_port` subscribes to, with the mode.
+    pub fn subscription(&self, local_port: u16) -> Option<(u16, IncomingMode)> {
+        let mode = match self.setting {
+            IncomingSetting::Mirror => IncomingMode::Mirror,
+            IncomingSetting::Steal => IncomingMode::Steal,
+            IncomingSetting::Off => return None,
+        };
+        Some((self.port_map.get(&local_port).copied().unwrap_or(local_port), mode))
+    }
+
+    /// The local port that serves connections to `pod_port`.
+    pub fn local_port(&self, pod_port: u16) -> u16 {
+        self.port_map.iter().find(|&(_, &p)| p == pod_port).map_or(pod_port, |(&local, _)| local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_mapping_both_ways() {
+        let policy = IncomingPolicy { setting: IncomingSetting::Steal, port_map: [(9090, 8080)].into() };
+        assert_eq!(policy.subscription(9090), Some((8080, IncomingMode::Steal)));
+        assert_eq!(policy.subscription(7000), Some((7000, IncomingMode::Steal)));
+        assert_eq!(policy.local_port(8080), 9090);
+        assert_eq!(policy.local_port(7000), 7000);
+        let off = IncomingPolicy { setting: IncomingSetting::Off, port_map: BTreeMap::new() };
+        assert_eq!(off.subscription(80), None);
+        assert_eq!(parse_port_map("9090:8080"), Ok((9090, 8080)));
+        assert!(parse_port_map("9090").is_err());
+        assert!(parse_port_map("0:80").is_err());
+        assert!(parse_port_map("a:80").is_err());
+    }
+}
