@@ -91,15 +91,18 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
                 }
                 Some(Incoming::Goodbye { reason }) => {
                     tracing::info!("supervisor ended the session: {reason}");
+                    incoming_service.shutdown().await;
                     return Ok(());
                 }
                 None => {
                     tracing::info!("tunnel closed: {}", tunnel.closed().await);
+                    incoming_service.shutdown().await;
                     return Ok(());
                 }
             },
             _ = exited.readable() => {
                 let reason = format!("target process {} exited", target.pid);
+                incoming_service.shutdown().await;
                 tunnel.goodbye(reason.clone());
                 // Let the writer flush the goodbye before the process ends.
                 tokio::time::sleep(Duration::from_millis(100)).await;

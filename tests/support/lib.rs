@@ -3,5 +3,6 @@
 //! Each module wraps one piece of test infrastructure so the integration
 //! tests under `tests/` stay short and declarative.
 
+pub mod app;
 pub mod pod;
 pub mod run;

@@ -105,21 +105,26 @@ impl Datapath {
 
     fn attach(&self, ifindex: u32) -> Result<Attachment, String> {
         let prog = &self.skel.progs.incoming;
-        // SAFETY: the program pointer is valid while the skeleton lives; libbpf returns an
-        // owned link (or NULL with errno set), which `Link` destroys on drop.
-        let link = unsafe {
-            use libbpf_rs::AsRawLibbpf;
-            libbpf_sys::bpf_program__attach_tcx(
-                prog.as_libbpf_object().as_ptr(),
-                ifindex as i32,
-                std::ptr::null(),
-            )
+        // KMIRROR_AGENT_ATTACH=clsact exercises the pre-6.6 path on a kernel that has tcx.
+        let tcx_error = if std::env::var_os("KMIRROR_AGENT_ATTACH").is_some_and(|v| v == "clsact") {
+            std::io::Error::other("tcx disabled by KMIRROR_AGENT_ATTACH=clsact")
+        } else {
+            // SAFETY: the program pointer is valid while the skeleton lives; libbpf returns an
+            // owned link (or NULL with errno set), which `Link` destroys on drop.
+            let link = unsafe {
+                use libbpf_rs::AsRawLibbpf;
+                libbpf_sys::bpf_program__attach_tcx(
+                    prog.as_libbpf_object().as_ptr(),
+                    ifindex as i32,
+                    std::ptr::null(),
+                )
+            };
+            if let Some(link) = NonNull::new(link) {
+                // SAFETY: a link just created by libbpf, owned by nobody else.
+                return Ok(Attachment::Tcx(unsafe { Link::from_ptr(link) }));
+            }
+            std::io::Error::last_os_error()
         };
-        if let Some(link) = NonNull::new(link) {
-            // SAFETY: a link just created by libbpf, owned by nobody else.
-            return Ok(Attachment::Tcx(unsafe { Link::from_ptr(link) }));
-        }
-        let tcx_error = std::io::Error::last_os_error();
         tracing::info!("tcx unavailable ({tcx_error}); falling back to a clsact filter");
         let mut builder = TcHookBuilder::new(prog.as_fd());
         builder.ifindex(ifindex as i32).replace(true).handle(TC_HANDLE).priority(TC_PRIORITY);

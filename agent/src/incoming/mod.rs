@@ -48,6 +48,8 @@ pub struct IncomingService {
 #[derive(Default)]
 struct State {
     datapath: Option<std::sync::mpsc::Sender<Command>>,
+    /// Joined at shutdown, so attachments are removed before the agent exits.
+    datapath_thread: Option<std::thread::JoinHandle<()>>,
     listening: bool,
 }
 
@@ -82,10 +84,12 @@ impl IncomingService {
         };
         let mut state = self.state.lock().await;
         if state.datapath.is_none() {
-            state.datapath = Some(self.start_datapath().await.map_err(|e| {
+            let (commands, thread) = self.start_datapath().await.map_err(|e| {
                 tracing::error!("incoming traffic unavailable: {e}");
                 Errno(libc::EOPNOTSUPP)
-            })?);
+            })?;
+            state.datapath = Some(commands);
+            state.datapath_thread = Some(thread);
         }
         let commands = state.datapath.clone().expect("started above");
         if mode == IncomingMode::Steal && !state.listening {
@@ -105,18 +109,29 @@ impl IncomingService {
         Ok(())
     }
 
-    async fn start_datapath(self: &Arc<Self>) -> Result<std::sync::mpsc::Sender<Command>, String> {
+    /// Detaches the classifier (a classic tc filter would otherwise outlive the agent).
+    pub async fn shutdown(&self) {
+        let mut state = self.state.lock().await;
+        state.datapath = None;
+        if let Some(thread) = state.datapath_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    async fn start_datapath(
+        self: &Arc<Self>,
+    ) -> Result<(std::sync::mpsc::Sender<Command>, std::thread::JoinHandle<()>), String> {
         let netns = self.target_netns.try_clone().map_err(|e| e.to_string())?;
         let (commands, command_rx) = std::sync::mpsc::channel();
         let (chunks, chunk_rx) = mpsc::channel(8192);
         let (ready_tx, ready_rx) = oneshot::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("kmirror-bpf".into())
             .spawn(move || datapath_thread(netns, command_rx, chunks, ready_tx))
             .map_err(|e| e.to_string())?;
         ready_rx.await.map_err(|_| "the datapath thread died".to_string())??;
         tokio::spawn(self.clone().mirror_loop(chunk_rx));
-        Ok(commands)
+        Ok((commands, thread))
     }
 
     async fn steal_listener(&self) -> std::io::Result<TcpListener> {

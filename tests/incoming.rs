@@ -1,0 +1,234 @@
+//! Incoming traffic: the pod's connections mirrored to, or stolen by, the local app, with real
+//! clients on the host connecting to the pod's address (the veth, where the classifier sits).
+
+use kmirror_suite::app::{BackgroundApp, HttpConn};
+use kmirror_suite::pod::LocalPod;
+use kmirror_suite::run::{fixture, go_fixtures};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn pod_addr(pod: &LocalPod) -> SocketAddr {
+    SocketAddr::from((pod.pod_ip, 8080))
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut conn = HttpConn::connect(addr).expect("connect to the pod");
+    conn.request("GET", path, &[], b"").expect("request").text()
+}
+
+/// Retries for a short while: detaching is immediate, but a test should not depend on the
+/// scheduler's timing to the millisecond.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The local port each test's app listens on: tests run in parallel on one host, so each maps
+/// its own local port to the pod's 8080.
+fn local_port(pod: &LocalPod) -> String {
+    (18000 + pod.index as u16).to_string()
+}
+
+fn java_serve(pod: &LocalPod) -> Vec<String> {
+    let classes = fixture("java-app");
+    let port = local_port(pod);
+    ["java", "-cp", classes.to_str().unwrap(), "App", "serve", port.as_str()].map(String::from).to_vec()
+}
+
+fn go_serve(pod: &LocalPod, i: usize) -> Vec<String> {
+    vec![go_fixtures()[i].to_str().unwrap().to_string(), "serve".into(), local_port(pod)]
+}
+
+fn start(pod: &LocalPod, flags: &[&str], command: &[String]) -> BackgroundApp {
+    start_with_env(pod, flags, command, &[])
+}
+
+fn start_with_env(pod: &LocalPod, flags: &[&str], command: &[String], env: &[(&str, &str)]) -> BackgroundApp {
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let map = format!("{}:8080", local_port(pod));
+    let mut flags = flags.to_vec();
+    if !flags.contains(&"--port-map") {
+        flags.extend(["--port-map", map.as_str()]);
+    }
+    let app = BackgroundApp::start_with_env(pod.target_pid, &flags, &command, env);
+    app.wait_stdout("the app to listen", Duration::from_secs(30), |l| {
+        l.iter().any(|l| l.starts_with("listening"))
+    });
+    app.wait_subscribed();
+    app
+}
+
+#[test]
+fn steal_answers_from_the_local_app_and_fails_open() {
+    let pod = LocalPod::start(41);
+    let addr = pod_addr(&pod);
+    assert_eq!(get(addr, "/before"), format!("pod-echo {} /before\n", pod.index));
+    // A connection opened before the session stays with the pod's app.
+    let mut earlier = HttpConn::connect(addr).unwrap();
+    assert!(earlier.request("GET", "/e1", &[], b"").unwrap().text().starts_with("pod-echo"));
+
+    let app = start(&pod, &["--incoming", "steal"], &go_serve(&pod, 0));
+    let stolen = get(addr, "/stolen");
+    assert_eq!(stolen, "local-app /stolen\n");
+    assert!(app.stdout_lines().iter().any(|l| l.contains("path=/stolen")));
+    let again = earlier.request("GET", "/e2", &[], b"").unwrap();
+    assert_eq!(again.text(), format!("pod-echo {} /e2\n", pod.index), "existing connection was taken over");
+
+    // SIGKILL of the agent: its tcx link goes with it, new connections reach the pod's app.
+    let agent = app.agent_pid();
+    // SAFETY: killing the agent process of our own kmirror child.
+    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    eventually("the pod's app answers again after the agent was killed", || {
+        HttpConn::connect(addr)
+            .and_then(|mut c| c.request("GET", "/after-kill", &[], b""))
+            .is_ok_and(|r| r.text().starts_with("pod-echo"))
+    });
+    drop(app);
+
+    // A normal end of the session restores the pod's app too.
+    let app = start(&pod, &["--incoming", "steal"], &go_serve(&pod, 1));
+    assert_eq!(get(addr, "/stolen2"), "local-app /stolen2\n");
+    assert!(app.stop().success());
+    assert_eq!(get(addr, "/after-exit"), format!("pod-echo {} /after-exit\n", pod.index));
+}
+
+/// N concurrent clients: every one is answered by the pod's app, and every request reaches the
+/// local app intact.
+fn mirror_all_requests(pod: &LocalPod, command: &[String], requests: usize) {
+    let addr = pod_addr(pod);
+    let app = start(pod, &["--incoming", "mirror"], command);
+    let threads = 25;
+    let per_thread = requests / threads;
+    let index = pod.index;
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut sent = Vec::new();
+                for i in 0..per_thread {
+                    let path = format!("/m-{t}-{i}");
+                    // Bodies of varied size, up to ~200 KiB, so some span many segments.
+                    let len = (t * 7919 + i * 104_729) % 200_000;
+                    let body: Vec<u8> = (0..len).map(|b| (b * 31 + t + i) as u8).collect();
+                    let mut conn = HttpConn::connect(addr).expect("connect");
+                    let response = conn.request("POST", &path, &[], &body).expect("request");
+                    assert_eq!(
+                        response.text(),
+                        format!("pod-echo {index} {path}\n"),
+                        "the pod's app answers"
+                    );
+                    sent.push((path, body.len(), hex(&Sha256::digest(&body))));
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: Vec<(String, usize, String)> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert_eq!(sent.len(), requests);
+    app.wait_stdout("every mirrored request", Duration::from_secs(60), |lines| {
+        lines.iter().filter(|l| l.starts_with("request ")).count() >= requests
+    });
+    let logged: std::collections::HashMap<String, String> = app
+        .stdout_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("request "))
+        .map(|l| (field(&l, "path"), format!("{} {}", field(&l, "len"), field(&l, "sha256"))))
+        .collect();
+    for (path, len, sha) in &sent {
+        assert_eq!(logged.get(path), Some(&format!("{len} {sha}")), "mirrored copy of {path}");
+    }
+    assert_eq!(logged.len(), requests, "each request mirrored exactly once");
+}
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap_or("").to_string()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn mirror_copies_every_request_to_the_go_app() {
+    let pod = LocalPod::start(42);
+    mirror_all_requests(&pod, &go_serve(&pod, 1), 1000);
+}
+
+#[test]
+fn mirror_copies_every_request_to_the_java_app() {
+    let pod = LocalPod::start(43);
+    mirror_all_requests(&pod, &java_serve(&pod), 1000);
+}
+
+#[test]
+fn port_map_serves_a_pod_port_from_another_local_port() {
+    let pod = LocalPod::start(44);
+    // The default local port of this test is already mapped; this one maps another explicitly.
+    let command = vec![go_fixtures()[0].to_str().unwrap().to_string(), "serve".into(), "19044".into()];
+    let _app = start(&pod, &["--incoming", "steal", "--port-map", "19044:8080"], &command);
+    assert_eq!(get(pod_addr(&pod), "/mapped"), "local-app /mapped\n");
+}
+
+#[test]
+fn http_filter_splits_one_keep_alive_connection() {
+    let pod = LocalPod::start(45);
+    let _app =
+        start(&pod, &["--incoming", "steal", "--steal-header", "^X-Kmirror-Tag: alice$"], &go_serve(&pod, 0));
+    let mut conn = HttpConn::connect(pod_addr(&pod)).unwrap();
+    let alice = [("X-Kmirror-Tag", "alice")];
+    let bob = [("X-Kmirror-Tag", "bob")];
+    for round in 0..3 {
+        let r = conn.request("GET", &format!("/a{round}"), &alice, b"").unwrap();
+        assert_eq!(r.text(), format!("local-app /a{round}\n"));
+        let r = conn.request("POST", &format!("/b{round}"), &bob, b"payload").unwrap();
+        assert_eq!(r.text(), format!("pod-echo {} /b{round}\n", pod.index));
+        let r = conn.request("GET", &format!("/n{round}"), &[], b"").unwrap();
+        assert_eq!(r.text(), format!("pod-echo {} /n{round}\n", pod.index));
+    }
+}
+
+fn tc_ingress_filters(pod: &LocalPod) -> String {
+    let out = std::process::Command::new("tc")
+        .args(["-n", &pod.netns, "filter", "show", "dev", &format!("kmp{}", pod.index), "ingress"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Kernels before 6.6 have no tcx: the classic clsact filter steals the same way, is removed
+/// when the session ends, and — since it survives a crashed agent — fails open without the
+/// agent's listener and is replaced by the next agent.
+#[test]
+fn clsact_fallback_steals_cleans_up_and_fails_open() {
+    let pod = LocalPod::start(46);
+    let addr = pod_addr(&pod);
+    let clsact = [("KMIRROR_AGENT_ATTACH", "clsact")];
+    let app = start_with_env(&pod, &["--incoming", "steal"], &go_serve(&pod, 0), &clsact);
+    assert_eq!(get(addr, "/c1"), "local-app /c1\n");
+    assert!(tc_ingress_filters(&pod).contains("incoming"), "{}", tc_ingress_filters(&pod));
+    assert!(app.stop().success());
+    assert!(!tc_ingress_filters(&pod).contains("incoming"), "filter left behind after a clean exit");
+    assert_eq!(get(addr, "/c2"), format!("pod-echo {} /c2\n", pod.index));
+
+    let app = start_with_env(&pod, &["--incoming", "steal"], &go_serve(&pod, 0), &clsact);
+    assert_eq!(get(addr, "/c3"), "local-app /c3\n");
+    // SAFETY: killing the agent of our own kmirror child.
+    unsafe { libc::kill(app.agent_pid() as i32, libc::SIGKILL) };
+    drop(app);
+    assert!(tc_ingress_filters(&pod).contains("incoming"), "a classic filter outlives a killed agent");
+    eventually("the orphaned filter fails open", || get(addr, "/c4").starts_with("pod-echo"));
+
+    let app = start_with_env(&pod, &["--incoming", "steal"], &go_serve(&pod, 0), &clsact);
+    assert_eq!(get(addr, "/c5"), "local-app /c5\n");
+    let filters = tc_ingress_filters(&pod);
+    assert_eq!(
+        filters.lines().filter(|l| l.contains("direct-action")).count(),
+        1,
+        "stale filter replaced:\n{filters}"
+    );
+    assert!(app.stop().success());
+    assert!(!tc_ingress_filters(&pod).contains("incoming"));
+}
