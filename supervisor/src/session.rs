@@ -126,7 +126,7 @@ async fn session(
         };
         Exit { message: e.to_string(), code }
     })?;
-    signals::forward_to(signal_pipe, app.pid);
+    signals::forward_to(signal_pipe, signals::Pidfd::open(app.pid).context("cannot watch the app")?);
 
     let ctx = Arc::new(Context {
         listener: Arc::new(Listener::new(app.listener)),
@@ -144,15 +144,21 @@ async fn session(
     });
     start_notify_thread(ctx.clone());
 
+    let app_pid = app.pid;
     let mut exited = app.exited;
     let mut agent_child = agent.child;
+    let mut agent_running = true;
     let mut from_agent = agent.incoming;
+    // Why the session failed while the app ran, if it did: kmirror then exits non-zero.
+    let mut failure: Option<String> = None;
     let status = loop {
         tokio::select! {
             status = &mut exited => break status.context("lost track of the app")?,
             Some(message) = from_agent.recv() => match message {
                 kmirror_protocol::tunnel::Incoming::Goodbye { reason } => {
-                    eprintln!("kmirror: the agent ended the session: {reason}");
+                    eprintln!("kmirror: the session ended: {reason}; stopping the app");
+                    failure.get_or_insert(reason);
+                    stop_app(app_pid);
                 }
                 kmirror_protocol::tunnel::Incoming::Open {
                     stream,
@@ -168,9 +174,15 @@ async fn session(
                 }
             },
             reason = tunnel.closed(), if !tunnel.is_closed() => {
-                eprintln!("kmirror: lost the connection to the pod agent ({reason}); pod connections, files and DNS now fail");
+                if failure.is_none() {
+                    eprintln!(
+                        "kmirror: lost the connection to the pod agent ({reason}); the app keeps running, \
+                         but its pod connections were reset and pod files, DNS and new pod connections now fail"
+                    );
+                    failure = Some(format!("lost the pod agent: {reason}"));
+                }
             }
-            _ = agent_child.wait(), if !tunnel.is_closed() => {}
+            _ = agent_child.wait(), if agent_running => agent_running = false,
         }
     };
     crate::stats::write_if_requested(handlers::TRAPPED);
@@ -178,7 +190,22 @@ async fn session(
     let _ = std::fs::remove_dir_all(&scratch);
     // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.
     let _ = tokio::time::timeout(Duration::from_millis(500), agent_child.wait()).await;
-    Ok(status)
+    match failure {
+        // The app's own failure says more than ours; a clean exit must not hide ours.
+        Some(_) if status.success() => Ok(std::os::unix::process::ExitStatusExt::from_raw(1 << 8)),
+        _ => Ok(status),
+    }
+}
+
+/// Asks the app to stop (SIGTERM) and makes sure it does (SIGKILL after a grace period).
+/// Signals go through a pidfd, so a pid reused after the app exited is never hit.
+fn stop_app(pid: u32) {
+    let Ok(app) = signals::Pidfd::open(pid) else { return };
+    app.signal(libc::SIGTERM);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        app.signal(libc::SIGKILL);
+    });
 }
 
 fn start_notify_thread(ctx: Arc<Context>) {

@@ -50,8 +50,8 @@ pub fn install() -> std::io::Result<RawFd> {
     Ok(fds[0])
 }
 
-/// Forwards reported signals to `pid` until the pipe closes (runs on its own thread).
-pub fn forward_to(read_fd: RawFd, pid: u32) {
+/// Forwards reported signals to the app until the pipe closes (runs on its own thread).
+pub fn forward_to(read_fd: RawFd, app: Pidfd) {
     std::thread::Builder::new()
         .name("kmirror-signals".into())
         .spawn(move || {
@@ -61,8 +61,7 @@ pub fn forward_to(read_fd: RawFd, pid: u32) {
                 let n = unsafe { libc::read(read_fd, msg.as_mut_ptr().cast(), 2) };
                 if n == 2 {
                     if msg[1] == 0 {
-                        // SAFETY: kill with a pid and signal number.
-                        unsafe { libc::kill(pid as libc::pid_t, msg[0] as i32) };
+                        app.signal(msg[0] as i32);
                     }
                 } else if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
                 {
@@ -71,6 +70,31 @@ pub fn forward_to(read_fd: RawFd, pid: u32) {
             }
         })
         .expect("cannot start the signal thread");
+}
+
+/// A process handle that stays valid (and never names another process) after it exits.
+pub struct Pidfd(std::os::fd::OwnedFd);
+
+impl Pidfd {
+    pub fn open(pid: u32) -> std::io::Result<Pidfd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open with a pid and no flags; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor from the kernel.
+        Ok(Pidfd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) }))
+    }
+
+    /// Sends `sig`; a process that already exited is not an error.
+    pub fn signal(&self, sig: i32) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal with our pidfd, no siginfo, no flags.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.0.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
+        };
+    }
 }
 
 /// Ends kmirror the way the app ended: the same exit code, or death by the same signal.

@@ -43,6 +43,9 @@ pub struct IncomingService {
     target_netns: OwnedFd,
     state: tokio::sync::Mutex<State>,
     subscriptions: Mutex<HashMap<u16, Subscription>>,
+    /// Mirrored streams dropped because data was lost (reported at the end of the session).
+    mirror_dropped: std::sync::atomic::AtomicU64,
+    mirror_streams: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -65,6 +68,8 @@ impl IncomingService {
             target_netns,
             state: tokio::sync::Mutex::new(State::default()),
             subscriptions: Mutex::default(),
+            mirror_dropped: Default::default(),
+            mirror_streams: Default::default(),
         })
     }
 
@@ -111,6 +116,15 @@ impl IncomingService {
 
     /// Detaches the classifier (a classic tc filter would otherwise outlive the agent).
     pub async fn shutdown(&self) {
+        let (dropped, total) = (
+            self.mirror_dropped.load(std::sync::atomic::Ordering::Relaxed),
+            self.mirror_streams.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if dropped > 0 {
+            tracing::warn!("{dropped} of {total} mirrored connections were dropped because data was lost");
+        } else if total > 0 {
+            tracing::info!("{total} connections mirrored, none lost");
+        }
         let mut state = self.state.lock().await;
         state.datapath = None;
         if let Some(thread) = state.datapath_thread.take() {
@@ -213,6 +227,7 @@ impl IncomingService {
     fn route_mirror_event(self: &Arc<Self>, event: FlowEvent, outputs: &mut HashMap<FlowKey, FlowSender>) {
         match event {
             FlowEvent::Open(key) => {
+                self.mirror_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (tx, rx) = mpsc::unbounded_channel();
                 let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 tokio::spawn(mirror_flow(self.tunnel.clone(), key, rx, queued.clone()));
@@ -222,6 +237,7 @@ impl IncomingService {
                 if let Some(out) = outputs.get(&key) {
                     let queued = out.queued.fetch_add(bytes.len(), std::sync::atomic::Ordering::AcqRel);
                     if queued + bytes.len() > FLOW_QUEUE_LIMIT {
+                        self.mirror_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(client = %key.client, "mirrored stream dropped: the local app reads too slowly");
                         let _ = out.tx.send(FlowMessage::Broken);
                         outputs.remove(&key);
@@ -236,6 +252,7 @@ impl IncomingService {
                 }
             }
             FlowEvent::Broken(key, why) => {
+                self.mirror_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(client = %key.client, server = %key.server, "mirrored stream dropped: {why}");
                 if let Some(out) = outputs.remove(&key) {
                     let _ = out.tx.send(FlowMessage::Broken);

@@ -1,0 +1,224 @@
+//! Faults and interception edges: kmirror killed, agent killed, target gone, wrong session
+//! token, children and exec'd programs, 32-bit system calls.
+
+use kmirror_suite::app::BackgroundApp;
+use kmirror_suite::pod::LocalPod;
+use kmirror_suite::run::{field, go_fixtures, kmirror, kmirror_bin, ok};
+use std::time::{Duration, Instant};
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn app_pid(app: &BackgroundApp) -> u32 {
+    let kmirror = app.child.id();
+    let agent = app.agent_pid();
+    std::fs::read_dir(format!("/proc/{kmirror}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .find(|&p| p != agent)
+        .expect("the app process")
+}
+
+#[test]
+fn killing_kmirror_kills_the_app() {
+    let pod = LocalPod::start(51);
+    let go = go_fixtures()[0].to_str().unwrap().to_string();
+    let mut app = BackgroundApp::start(pod.target_pid, &[], &[&go, "wait-signal"]);
+    app.wait_stdout("ready", Duration::from_secs(20), |l| l.iter().any(|l| l == "ready"));
+    let app_pid = app_pid(&app);
+    assert!(alive(app_pid));
+    app.child.kill().unwrap(); // SIGKILL
+    app.child.wait().unwrap();
+    wait_until("the app died with kmirror (no app left running with ENOSYS)", Duration::from_secs(3), || {
+        !alive(app_pid)
+    });
+}
+
+#[test]
+fn losing_the_agent_resets_pod_connections_keeps_local_ones_and_fails_the_session() {
+    let pod = LocalPod::start(52);
+    let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local_port = local.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in local.incoming().flatten() {
+            use std::io::Write;
+            let _ = (&conn).write_all(b"local-ok\n");
+        }
+    });
+    let script = format!(
+        "import socket, sys, time\n\
+         pod = socket.create_connection(('{ip}', 7777), timeout=10)\n\
+         pod.sendall(b'one\\n')\n\
+         print('first=' + pod.makefile().readline().strip(), flush=True)\n\
+         sys.stdin.readline()\n\
+         start = time.time()\n\
+         try:\n\
+         \x20   pod.sendall(b'two\\n')\n\
+         \x20   data = pod.recv(100)\n\
+         \x20   print('after=' + ('eof' if not data else 'data'), flush=True)\n\
+         except OSError as e:\n\
+         \x20   print('after=' + type(e).__name__, flush=True)\n\
+         print('seconds=%d' % (time.time() - start), flush=True)\n\
+         loc = socket.create_connection(('127.0.0.1', {local_port}), timeout=5)\n\
+         print('local=' + loc.makefile().readline().strip(), flush=True)\n",
+        ip = pod.service_ip
+    );
+    let mut cmd = kmirror_suite::run::kmirror_cmd(pod.target_pid, &[], &["python3", "-c", &script]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), format!("first=pod-echo {}: one", pod.index));
+    let agent = {
+        let kmirror = child.id();
+        let text =
+            std::fs::read_to_string(format!("/proc/{kmirror}/task/{kmirror}/children")).unwrap_or_default();
+        let mut all: Vec<u32> = text.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        for t in std::fs::read_dir(format!("/proc/{kmirror}/task")).unwrap() {
+            let s = std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default();
+            all.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        all.into_iter()
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
+            })
+            .unwrap()
+    };
+    // SAFETY: killing the agent of our own kmirror child.
+    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let after = field(&rest, "after").unwrap_or("missing");
+    assert!(
+        ["eof", "ConnectionResetError", "BrokenPipeError"].contains(&after),
+        "pod socket after agent loss: {rest}"
+    );
+    assert_eq!(field(&rest, "seconds"), Some("0"), "promptly: {rest}");
+    assert_eq!(field(&rest, "local"), Some("local-ok"), "local traffic keeps working: {rest}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lost the connection to the pod agent"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "the app exited 0 but the session failed");
+}
+
+#[test]
+fn target_exit_ends_the_session_with_a_clear_message() {
+    let pod = LocalPod::start(53);
+    let go = go_fixtures()[0].to_str().unwrap().to_string();
+    let app = BackgroundApp::start(pod.target_pid, &[], &[&go, "wait-signal"]);
+    app.wait_stdout("ready", Duration::from_secs(20), |l| l.iter().any(|l| l == "ready"));
+    // SAFETY: ending the pod's target process.
+    unsafe { libc::kill(pod.target_pid as i32, libc::SIGKILL) };
+    wait_until("the app is stopped", Duration::from_secs(5), || {
+        app.stdout_lines().iter().any(|l| l == "signal=TERM")
+    });
+    let mut app = app;
+    let status = app.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        app.stderr_text().contains(&format!("target process {} exited", pod.target_pid)),
+        "{}",
+        app.stderr_text()
+    );
+}
+
+#[test]
+fn children_and_exec_inherit_interception() {
+    let pod = LocalPod::start(54);
+    let go = go_fixtures()[0].to_str().unwrap().to_string();
+    // A shell that forks a static Go child, which in turn is exec'd by another shell.
+    let script = format!(
+        "v=$({go} env POD_ONLY_VAR); echo \"child-$v\"; sh -c 'exec {go} get http://echo:8080/grandchild' | grep body="
+    );
+    let out = ok(&kmirror(pod.target_pid, &[], &["sh", "-c", &script]));
+    assert!(out.contains(&format!("child-env=pod-value-{}", pod.index)), "{out}");
+    assert!(out.contains(&format!("body=pod-echo {} /grandchild", pod.index)), "{out}");
+}
+
+#[test]
+fn thirty_two_bit_system_calls_are_refused() {
+    let pod = LocalPod::start(55);
+    let dir = std::env::temp_dir().join(format!("kmirror-int80-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("int80.c");
+    // getpid through the i386 entry point (int $0x80, syscall 20), from a 64-bit program.
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\nint main(void){long r; __asm__ volatile(\"int $0x80\" : \"=a\"(r) : \"a\"(20L) : \"memory\");\
+         printf(\"result=%ld\\n\", r); return 0;}\n",
+    )
+    .unwrap();
+    let binary = dir.join("int80");
+    let cc =
+        std::process::Command::new("cc").arg("-O0").arg("-o").arg(&binary).arg(&source).status().unwrap();
+    assert!(cc.success());
+    let bare = std::process::Command::new(&binary).output().unwrap();
+    let bare_result: i64 = field(&String::from_utf8_lossy(&bare.stdout), "result").unwrap().parse().unwrap();
+    assert!(bare_result > 0, "without kmirror the i386 getpid works");
+    let out = ok(&kmirror(pod.target_pid, &[], &[binary.to_str().unwrap()]));
+    assert_eq!(field(&out, "result"), Some(format!("-{}", libc::ENOSYS).as_str()));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The agent accepts a session only with its token; a wrong one is rejected and logged.
+#[test]
+fn the_agent_rejects_a_wrong_session_token() {
+    let pod = LocalPod::start(56);
+    let agent_bin = kmirror_bin().with_file_name("kmirror-agent");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut cmd = std::process::Command::new(agent_bin);
+    cmd.args(["--tunnel-fd", &fd.to_string(), "--target-pid", &pod.target_pid.to_string()])
+        .env("KMIRROR_SESSION_TOKEN", "the-right-token")
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only fcntl between fork and exec, to let the agent inherit its end.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(theirs);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let reply = runtime.block_on(async {
+        ours.set_nonblocking(true).unwrap();
+        let mut socket = tokio::net::UnixStream::from_std(ours).unwrap();
+        let hello = kmirror_protocol::Hello {
+            min_version: kmirror_protocol::MIN_PROTOCOL_VERSION,
+            max_version: kmirror_protocol::PROTOCOL_VERSION,
+            token: b"a-wrong-token".to_vec(),
+            capabilities: Vec::new(),
+        };
+        kmirror_protocol::tunnel::write_control(&mut socket, kmirror_protocol::Control::Hello(hello))
+            .await
+            .unwrap();
+        kmirror_protocol::tunnel::read_control(&mut socket).await.unwrap()
+    });
+    assert!(
+        matches!(&reply, kmirror_protocol::Control::HelloReply(kmirror_protocol::HelloReply::Rejected { reason }) if reason.contains("token")),
+        "{reply:?}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong session token"));
+}
