@@ -39,6 +39,18 @@ fn parse_args() -> Result<Args> {
     Ok(Args { tunnel_fd: tunnel_fd.context(USAGE)?, target_pid: target_pid.context(USAGE)? })
 }
 
+/// Each pod connection of the app holds a descriptor in the agent.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit on a valid struct; failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -54,6 +66,7 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    raise_fd_limit();
     let args = parse_args()?;
     let token = std::env::var("KMIRROR_SESSION_TOKEN")
         .context("KMIRROR_SESSION_TOKEN is not set; the agent is started by `kmirror run`")?;

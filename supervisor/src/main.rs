@@ -22,6 +22,19 @@ mod tracee;
 
 use clap::Parser;
 
+/// Every tunnelled connection holds a descriptor here; the default soft limit (often 1024)
+/// would cap an app at about that many pod connections.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit on a valid struct; failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -30,6 +43,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    raise_fd_limit();
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => match session::run(args) {

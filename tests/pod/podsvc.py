@@ -9,7 +9,8 @@ answered" apart from "the host answered":
   every query so tests can prove a lookup really reached the pod's server;
 * HTTP/1.1 on port 8080 of every pod address, echoing the path and the pod index (GET,
   HEAD, POST and PUT; request bodies are read and ignored);
-* a TCP line echo on --service-ip:7777 and a UDP echo on --service-ip:7778.
+* a TCP line echo on --service-ip:7777, a UDP echo on --service-ip:7778 and a TCP byte source
+  on --service-ip:7779 (writes as many bytes as its first line asks for).
 
 Port 1 on the service IP is deliberately left closed (connection refused).
 Only the standard library is used.  Prints ``ready`` once every socket is
@@ -19,6 +20,7 @@ bound; exits promptly on SIGTERM/SIGINT or when its parent goes away.
 import argparse
 import http.server
 import os
+import resource
 import signal
 import socket
 import socketserver
@@ -348,6 +350,7 @@ def make_line_echo_handler(index):
 class LineEchoServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024
 
 
 def serve_udp_echo(sock, index):
@@ -368,6 +371,28 @@ def watch_parent(initial_ppid):
             os._exit(0)
 
 
+def make_source_handler():
+    """Writes as many bytes as the client's first line asks for, as fast as it can, then closes:
+    a fast pod-side writer for flow-control tests."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            try:
+                count = int(self.rfile.readline().strip() or 0)
+            except ValueError:
+                return
+            block = bytes(range(256)) * 4096  # 1 MiB
+            while count > 0:
+                chunk = block[: min(count, len(block))]
+                try:
+                    self.wfile.write(chunk)
+                except OSError:
+                    return
+                count -= len(chunk)
+
+    return Handler
+
+
 def start_thread(target, *args):
     threading.Thread(target=target, args=args, daemon=True).start()
 
@@ -382,6 +407,10 @@ def main():
     # Exit at once (no cleanup needed: the kernel closes the sockets).
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+
+    # Load tests hold a thousand connections open at once.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     zone = Zone(args.index, args.service_ip)
     dns_log = DnsLog()
@@ -398,12 +427,14 @@ def main():
     echo_server = LineEchoServer((args.service_ip, 7777), make_line_echo_handler(args.index))
     udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_echo.bind((args.service_ip, 7778))
+    source_server = LineEchoServer((args.service_ip, 7779), make_source_handler())
 
     start_thread(serve_dns_udp, dns_udp, zone, dns_log)
     start_thread(serve_dns_tcp, dns_tcp, zone, dns_log)
     start_thread(http_server.serve_forever)
     start_thread(echo_server.serve_forever)
     start_thread(serve_udp_echo, udp_echo, args.index)
+    start_thread(source_server.serve_forever)
     start_thread(watch_parent, os.getppid())
 
     sys.stdout.write("ready\n")

@@ -1,0 +1,159 @@
+//! Load: a thousand concurrent tunnelled connections and ten thousand sequential ones leave no
+//! descriptors behind, and a slow reader of a fast pod-side writer keeps memory bounded
+//! (per-stream flow control) while 1 GiB goes through.
+
+use kmirror_suite::pod::LocalPod;
+use kmirror_suite::run::{field, kmirror_cmd};
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string())
+            })
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn agent_of(kmirror: u32) -> u32 {
+    std::fs::read_dir(format!("/proc/{kmirror}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
+        })
+        .expect("the agent")
+}
+
+/// A Python app driven step by step over stdin/stdout.
+struct Steps {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Steps {
+    fn start(pod: &LocalPod, script: &str) -> Steps {
+        let mut cmd = kmirror_cmd(pod.target_pid, &[], &["python3", "-c", script]);
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Steps { child, out }
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    fn next(&mut self) {
+        self.child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    }
+}
+
+#[test]
+fn thousands_of_tunnelled_connections_leave_no_descriptors_behind() {
+    let pod = LocalPod::start(61);
+    let script = format!(
+        "import socket, sys, resource\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n\
+         addr = ('{ip}', 7777)\n\
+         print('start', flush=True); sys.stdin.readline()\n\
+         socks = [socket.create_connection(addr, timeout=30) for _ in range(1000)]\n\
+         for s in socks: s.sendall(b'x\\n')\n\
+         ok = sum(1 for s in socks if s.makefile().readline().startswith('pod-echo'))\n\
+         print('concurrent=%d' % ok, flush=True); sys.stdin.readline()\n\
+         for s in socks: s.close()\n\
+         done = 0\n\
+         for _ in range(10000):\n\
+         \x20   s = socket.create_connection(addr, timeout=30); s.sendall(b'y\\n')\n\
+         \x20   done += s.recv(100).startswith(b'pod-echo'); s.close()\n\
+         print('sequential=%d' % done, flush=True); sys.stdin.readline()\n",
+        ip = pod.service_ip
+    );
+    let mut app = Steps::start(&pod, &script);
+    assert_eq!(app.line(), "start");
+    let kmirror = app.child.id();
+    let agent = agent_of(kmirror);
+    let (sup_fds, agent_fds) = (fd_count(kmirror), fd_count(agent));
+    app.next();
+    assert_eq!(app.line(), "concurrent=1000");
+    assert!(fd_count(kmirror) >= sup_fds + 1000, "each tunnelled connection is really open");
+    app.next();
+    let started = Instant::now();
+    let line = app.line();
+    assert_eq!(field(&line, "sequential"), Some("10000"), "{line}");
+    eprintln!("10k sequential tunnelled connections in {:?}", started.elapsed());
+    // Relays end as the app closes; give the last ones a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (fd_count(kmirror) > sup_fds + 2 || fd_count(agent) > agent_fds + 2) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        fd_count(kmirror) <= sup_fds + 2,
+        "supervisor descriptors: {} before, {} after",
+        sup_fds,
+        fd_count(kmirror)
+    );
+    assert!(
+        fd_count(agent) <= agent_fds + 2,
+        "agent descriptors: {} before, {} after",
+        agent_fds,
+        fd_count(agent)
+    );
+    app.next();
+    assert!(app.child.wait().unwrap().success());
+}
+
+/// Stated bound: neither side grows beyond 64 MiB RSS while 1 GiB flows to a reader that
+/// stops for seconds at a time; each stream may have at most 256 KiB in flight.
+#[test]
+fn a_slow_reader_keeps_memory_bounded_while_a_fast_writer_pushes_1_gib() {
+    const BOUND_KIB: u64 = 64 * 1024;
+    let pod = LocalPod::start(62);
+    let script = format!(
+        "import socket, sys, time\n\
+         total = 1 << 30\n\
+         s = socket.create_connection(('{ip}', 7779), timeout=60)\n\
+         s.sendall(b'%d\\n' % total)\n\
+         got = 0; pauses = 0\n\
+         print('start', flush=True)\n\
+         while got < total:\n\
+         \x20   data = s.recv(1 << 20)\n\
+         \x20   if not data: break\n\
+         \x20   got += len(data)\n\
+         \x20   if got >= (pauses + 1) * (256 << 20) and pauses < 3:\n\
+         \x20       pauses += 1; time.sleep(2)\n\
+         print('received=%d' % got, flush=True)\n",
+        ip = pod.service_ip
+    );
+    let mut app = Steps::start(&pod, &script);
+    assert_eq!(app.line(), "start");
+    let kmirror = app.child.id();
+    let agent = agent_of(kmirror);
+    let sampler = std::thread::spawn(move || {
+        let mut peak = (0, 0);
+        while std::fs::metadata(format!("/proc/{kmirror}")).is_ok() {
+            peak = (peak.0.max(rss_kib(kmirror)), peak.1.max(rss_kib(agent)));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    });
+    let line = app.line();
+    assert_eq!(field(&line, "received"), Some((1u64 << 30).to_string().as_str()), "{line}");
+    assert!(app.child.wait().unwrap().success());
+    let (supervisor_peak, agent_peak) = sampler.join().unwrap();
+    eprintln!("peak RSS: supervisor {supervisor_peak} KiB, agent {agent_peak} KiB");
+    assert!(supervisor_peak < BOUND_KIB, "supervisor peaked at {supervisor_peak} KiB");
+    assert!(agent_peak < BOUND_KIB, "agent peaked at {agent_peak} KiB");
+}
