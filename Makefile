@@ -1,5 +1,5 @@
 # The two entry points: `make demo` and `make test`. Both do all set-up first.
-.PHONY: setup build fixtures demo test lint clean
+.PHONY: setup build fixtures demo test lint fuzz clean
 
 CARGO ?= cargo
 
@@ -20,8 +20,13 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Unit tests of every crate, then the end-to-end suite against local pods (needs root).
-test: build fixtures lint
+# Every wire-protocol decoder under libFuzzer for a bounded time (FUZZ_SECONDS per target).
+fuzz: setup
+	@scripts/fuzz.sh
+
+# Lint and fuzz, then unit tests of every crate and the end-to-end suite against local pods
+# (needs root).
+test: build fixtures lint fuzz
 	$(CARGO) test --workspace
 
 clean:

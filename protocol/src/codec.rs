@@ -69,6 +69,27 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), CodecError> {
     Ok(())
 }
 
+/// Decodes one serde message (a control frame's body) with the frame-sized allocation limit,
+/// rejecting trailing bytes.
+pub fn decode_message<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    if body.len() > MAX_FRAME {
+        return Err(CodecError::TooLarge(body.len()));
+    }
+    let (msg, used) = bincode::serde::decode_from_slice(body, config())?;
+    if used != body.len() {
+        return Err(CodecError::Decode(bincode::error::DecodeError::OtherString(format!(
+            "{} trailing bytes",
+            body.len() - used
+        ))));
+    }
+    Ok(msg)
+}
+
+/// Encodes one serde message as a control frame body (no length or kind prefix).
+pub fn encode_message<T: serde::Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(bincode::serde::encode_to_vec(msg, config())?)
+}
+
 /// Decodes one frame body (everything after the length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
     if body.len() > MAX_FRAME {
@@ -76,16 +97,7 @@ pub fn decode(body: &[u8]) -> Result<Frame, CodecError> {
     }
     let (&kind, rest) = body.split_first().ok_or(CodecError::Empty)?;
     match kind {
-        KIND_CONTROL => {
-            let (msg, used) = bincode::serde::decode_from_slice(rest, config())?;
-            if used != rest.len() {
-                return Err(CodecError::Decode(bincode::error::DecodeError::OtherString(format!(
-                    "{} trailing bytes",
-                    rest.len() - used
-                ))));
-            }
-            Ok(Frame::Control(msg))
-        }
+        KIND_CONTROL => Ok(Frame::Control(decode_message(rest)?)),
         KIND_DATA => {
             if rest.len() < 4 {
                 return Err(CodecError::Truncated);

@@ -1,0 +1,87 @@
+//! Writes the committed seed corpus of the fuzz targets (protocol/fuzz/corpus/<target>/):
+//! `cargo run -p kmirror-protocol --example fuzz_seeds`. Seeds are valid encodings of each
+//! message kind, so the fuzzers start from the real grammar.
+
+use kmirror_protocol::codec::{self, Frame, encode_message};
+use kmirror_protocol::*;
+use std::path::Path;
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn main() {
+    let hello =
+        Hello { min_version: 1, max_version: 2, token: b"token".to_vec(), capabilities: vec!["dns".into()] };
+    let replies = [
+        HelloReply::Accepted { version: 1, capabilities: vec!["files".into()], target: "pid/1".into() },
+        HelloReply::Rejected { reason: "wrong session token".into() },
+    ];
+    let requests = [
+        Request::Environ,
+        Request::Stat { path: b"/etc/hosts".to_vec(), follow: true },
+        Request::ReadFile { path: b"/data/x".to_vec(), offset: 4096, len: 512 },
+        Request::Access { path: b"/".to_vec(), mode: 4 },
+        Request::ReadLink { path: b"/l".to_vec() },
+        Request::ListDir { path: b"/data".to_vec() },
+        Request::Dns { query: vec![0x12, 0x34, 1, 0, 0, 1], tcp: false },
+        Request::Subscribe {
+            port: 8080,
+            mode: IncomingMode::Steal,
+            filter: Some(HttpFilter { header: Some("^X-Dev: a$".into()), path: None }),
+        },
+    ];
+    let responses = [
+        Response::Environ(vec![(b"A".to_vec(), b"1".to_vec())]),
+        Response::Stat(FileStat { size: 10, mode: 0o100644, ..Default::default() }),
+        Response::FileChunk { bytes: b"abc".to_vec(), eof: true },
+        Response::Access,
+        Response::ReadLink(b"target".to_vec()),
+        Response::ListDir(vec![DirEntry { name: b"a".to_vec(), kind: 8, ino: 7 }]),
+        Response::Dns(vec![1, 2, 3]),
+        Response::Subscribed,
+        Response::Error(Errno(2)),
+    ];
+    let controls = [
+        Control::Open { stream: 1, target: OpenTarget::Tcp("10.0.0.1:80".parse().unwrap()) },
+        Control::Open {
+            stream: 2,
+            target: OpenTarget::Incoming {
+                port: 80,
+                client: "[::1]:5".parse().unwrap(),
+                mode: IncomingMode::Mirror,
+            },
+        },
+        Control::Opened { stream: 1, result: Err(Errno(111)) },
+        Control::Credit { stream: 1, bytes: 65536 },
+        Control::Shutdown { stream: 3 },
+        Control::Reset { stream: 3 },
+        Control::Goodbye { reason: "bye".into() },
+        Control::Request { id: 9, body: Request::Environ },
+    ];
+    write("handshake", "hello", &encode_message(&hello).unwrap());
+    for (i, r) in replies.iter().enumerate() {
+        write("handshake", &format!("reply-{i}"), &encode_message(r).unwrap());
+    }
+    for (i, r) in requests.iter().enumerate() {
+        write("request", &format!("request-{i}"), &encode_message(r).unwrap());
+    }
+    for (i, r) in responses.iter().enumerate() {
+        write("response", &format!("response-{i}"), &encode_message(r).unwrap());
+    }
+    let mut stream = Vec::new();
+    for (i, c) in controls.iter().enumerate() {
+        write("control", &format!("control-{i}"), &encode_message(c).unwrap());
+        let mut framed = Vec::new();
+        codec::encode(&Frame::Control(c.clone()), &mut framed).unwrap();
+        write("frame", &format!("control-{i}"), &framed[4..]);
+        stream.extend_from_slice(&framed);
+    }
+    let mut data = Vec::new();
+    codec::encode(&Frame::Data { stream: 5, bytes: b"payload".to_vec() }, &mut data).unwrap();
+    write("frame", "data", &data[4..]);
+    stream.extend_from_slice(&data);
+    write("stream", "session", &stream);
+}
