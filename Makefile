@@ -1,5 +1,5 @@
 # The two entry points: `make demo` and `make test`. Both do all set-up first.
-.PHONY: setup build fixtures demo test lint fuzz clean
+.PHONY: setup build fixtures demo test lint audit fuzz clean
 
 CARGO ?= cargo
 
@@ -16,9 +16,18 @@ fixtures: setup
 demo: build fixtures
 	$(CARGO) run -q --example demo
 
+# Format, clippy, and cargo deny's offline checks (licences, bans, sources; see deny.toml).
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
+	$(CARGO) deny --workspace check licenses bans sources
+
+# Everything cargo deny checks, security advisories included (needs the RustSec database,
+# fetched from GitHub).
+audit: setup
+	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
+	$(CARGO) deny --workspace check
 
 # Every wire-protocol decoder under libFuzzer for a bounded time (FUZZ_SECONDS per target).
 fuzz: setup
