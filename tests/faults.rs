@@ -222,3 +222,73 @@ fn the_agent_rejects_a_wrong_session_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong session token"));
 }
+
+/// A hung agent never hangs the app: pod operations time out with ETIMEDOUT.
+#[test]
+fn a_hung_agent_times_out_instead_of_hanging_the_app() {
+    let pod = LocalPod::start(57);
+    let go = go_fixtures()[0].to_str().unwrap().to_string();
+    let script = format!("read line; {go} cat /etc/hostname; echo rc=$?");
+    let mut cmd =
+        kmirror_suite::run::kmirror_cmd(pod.target_pid, &["--remote-timeout", "1"], &["sh", "-c", &script]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let kmirror = child.id();
+    let agent = std::fs::read_dir(format!("/proc/{kmirror}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
+        })
+        .unwrap();
+    // SAFETY: stopping (then resuming) the agent of our own kmirror child.
+    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    let started = Instant::now();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(agent as i32, libc::SIGCONT) };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        field(&stdout, "rc"),
+        Some("1"),
+        "the read failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("timed out"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(elapsed < Duration::from_secs(20), "bounded by the timeout, took {elapsed:?}");
+}
+
+/// openat2(2) is trapped like openat: a pod-specific path opened with it comes from the pod.
+#[test]
+fn openat2_is_intercepted() {
+    let pod = LocalPod::start(58);
+    let dir = std::env::temp_dir().join(format!("kmirror-openat2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("openat2.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\n#include <fcntl.h>\n#include <unistd.h>\n#include <sys/syscall.h>\n#include <string.h>\n\
+         struct how { unsigned long long flags, mode, resolve; };\n\
+         int main(void){ struct how h; memset(&h, 0, sizeof h); h.flags = O_RDONLY;\n\
+         int fd = syscall(SYS_openat2, AT_FDCWD, \"/etc/hostname\", &h, sizeof h);\n\
+         if (fd < 0) { perror(\"openat2\"); return 1; }\n\
+         char buf[256]; int n = read(fd, buf, sizeof buf - 1); buf[n > 0 ? n : 0] = 0; printf(\"%s\", buf); return 0; }\n",
+    )
+    .unwrap();
+    let binary = dir.join("openat2");
+    assert!(std::process::Command::new("cc").arg("-o").arg(&binary).arg(&source).status().unwrap().success());
+    let out = ok(&kmirror(pod.target_pid, &[], &[binary.to_str().unwrap()]));
+    assert_eq!(out.trim(), pod.pod_hostname());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -69,6 +69,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "REGEX")]
     pub steal_path: Option<String>,
 
+    /// Longest a single pod operation (file, DNS, connect set-up) may take before the app gets
+    /// ETIMEDOUT, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub remote_timeout: f64,
+
     /// Send connections to loopback addresses to the pod's loopback too.
     #[arg(long)]
     pub remote_loopback: bool,

@@ -19,6 +19,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Bound of the set-up requests (environment, resolv.conf) before the app starts.
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failure that ends kmirror with a specific exit status.
@@ -140,7 +141,7 @@ async fn session(
         incoming: incoming.clone(),
         incoming_filter,
         subscribed: Default::default(),
-        remote_timeout: REMOTE_TIMEOUT,
+        remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
     });
     start_notify_thread(ctx.clone());
 
