@@ -22,7 +22,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 pub struct App {
-    pub pid: u32,
+    /// Signals the app without ever hitting a process that reuses its pid.
+    pub handle: crate::signals::Pidfd,
     pub listener: OwnedFd,
     /// Delivers the app's exit status once it has exited.
     pub exited: tokio::sync::oneshot::Receiver<ExitStatus>,
@@ -84,19 +85,23 @@ pub fn launch(
 
     // The child blocks before exec until we acknowledge, so the spawn above cannot succeed
     // before the listener arrived here; it can only fail (exec of a bad program, ...).
-    let listener = match receive_fd(&parent_end, &started_rx) {
-        Ok(Handoff::Listener(fd)) => fd,
+    let (listener, child_pid) = match receive_fd(&parent_end, &started_rx) {
+        Ok(Handoff::Listener(fd, pid)) => (fd, pid),
         Ok(Handoff::SpawnFailed(source)) => return Err(LaunchError::Spawn { program: shown, source }),
         Err(e) => return Err(LaunchError::Handoff(e)),
     };
     on_listener(&listener);
+    // Taken while the child waits for our ack: it cannot have exited yet.
+    let handle = crate::signals::Pidfd::open(child_pid).map_err(LaunchError::Handoff)?;
     send_ack(&parent_end).map_err(LaunchError::Handoff)?;
     let pid = match started_rx.recv() {
         Ok(Ok(pid)) => pid,
         Ok(Err(source)) => return Err(LaunchError::Spawn { program: shown, source }),
         Err(_) => return Err(LaunchError::Handoff(std::io::Error::other("launcher thread died"))),
     };
-    Ok(App { pid, listener, exited: exit_rx })
+    debug_assert_eq!(pid, child_pid);
+    tracing::debug!(pid, "app started");
+    Ok(App { handle, listener, exited: exit_rx })
 }
 
 fn send_ack(mut sock: &UnixStream) -> std::io::Result<()> {
@@ -105,7 +110,7 @@ fn send_ack(mut sock: &UnixStream) -> std::io::Result<()> {
 }
 
 enum Handoff {
-    Listener(OwnedFd),
+    Listener(OwnedFd, u32),
     SpawnFailed(std::io::Error),
 }
 
@@ -118,7 +123,7 @@ fn receive_fd(
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match recv_fd(sock.as_raw_fd()) {
-            Ok(fd) => return Ok(Handoff::Listener(fd)),
+            Ok((fd, pid)) => return Ok(Handoff::Listener(fd, pid)),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 match started.try_recv() {
                     Ok(Err(spawn_error)) => return Ok(Handoff::SpawnFailed(spawn_error)),
@@ -144,9 +149,10 @@ fn receive_fd(
     }
 }
 
-fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+/// Receives the listener and the child's pid (the message payload).
+fn recv_fd(sock: RawFd) -> std::io::Result<(OwnedFd, u32)> {
+    let mut pid = [0u8; 4];
+    let mut iov = libc::iovec { iov_base: pid.as_mut_ptr().cast(), iov_len: pid.len() };
     let mut control = [0u64; 8];
     // SAFETY: zeroed msghdr is valid; pointers below reference live locals.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -169,7 +175,11 @@ fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
             return Err(std::io::Error::other("no descriptor in the hand-off message"));
         }
         let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        Ok(OwnedFd::from_raw_fd(fd))
+        let fd = OwnedFd::from_raw_fd(fd);
+        if n != pid.len() as isize {
+            return Err(std::io::Error::other("short hand-off message"));
+        }
+        Ok((fd, u32::from_ne_bytes(pid)))
     }
 }
 
@@ -205,8 +215,10 @@ fn install_filter(
             return fail();
         }
         let listener = listener as RawFd;
-        let mut byte = [0u8; 1];
-        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        // The payload is our pid: the parent takes a pidfd while we wait, so even an app that
+        // exits at once is never confused with a process that later reuses its pid.
+        let mut pid = libc::getpid().to_ne_bytes();
+        let mut iov = libc::iovec { iov_base: pid.as_mut_ptr().cast(), iov_len: pid.len() };
         let mut control = [0u64; 4];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
@@ -218,11 +230,12 @@ fn install_filter(
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), listener);
-        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) != 1 {
+        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) != pid.len() as isize {
             return fail();
         }
         // Wait until the supervisor owns the listener: the first trapped call (the dynamic
         // loader's opens) would otherwise wait for an answer nobody gives.
+        let mut byte = [0u8; 1];
         loop {
             let n = libc::read(sock, byte.as_mut_ptr().cast(), 1);
             if n == 1 {

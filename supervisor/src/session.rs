@@ -97,7 +97,7 @@ async fn session(
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
-        extra_local: local_only_paths(&program, &env),
+        extra_local: local_only_paths(&program, &args.command[1..], &env),
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
     };
 
@@ -127,7 +127,8 @@ async fn session(
         };
         Exit { message: e.to_string(), code }
     })?;
-    signals::forward_to(signal_pipe, signals::Pidfd::open(app.pid).context("cannot watch the app")?);
+    let app_handle = Arc::new(app.handle);
+    signals::forward_to(signal_pipe, app_handle.clone());
 
     let ctx = Arc::new(Context {
         listener: Arc::new(Listener::new(app.listener)),
@@ -145,7 +146,6 @@ async fn session(
     });
     start_notify_thread(ctx.clone());
 
-    let app_pid = app.pid;
     let mut exited = app.exited;
     let mut agent_child = agent.child;
     let mut agent_running = true;
@@ -159,7 +159,7 @@ async fn session(
                 kmirror_protocol::tunnel::Incoming::Goodbye { reason } => {
                     eprintln!("kmirror: the session ended: {reason}; stopping the app");
                     failure.get_or_insert(reason);
-                    stop_app(app_pid);
+                    stop_app(app_handle.clone());
                 }
                 kmirror_protocol::tunnel::Incoming::Open {
                     stream,
@@ -200,8 +200,7 @@ async fn session(
 
 /// Asks the app to stop (SIGTERM) and makes sure it does (SIGKILL after a grace period).
 /// Signals go through a pidfd, so a pid reused after the app exited is never hit.
-fn stop_app(pid: u32) {
-    let Ok(app) = signals::Pidfd::open(pid) else { return };
+fn stop_app(app: Arc<signals::Pidfd>) {
     app.signal(libc::SIGTERM);
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -256,14 +255,20 @@ fn sealed_file(name: &str, content: &[u8]) -> Result<std::fs::File> {
 }
 
 /// Directories that stay local in `read` mode besides the built-in list: the app's own
-/// directory, the working directory and runtime homes.
+/// directory, the directories of files named on its command line (an interpreter's script, a
+/// JVM's class path), the working directory and runtime homes.
 fn local_only_paths(
     program: &std::path::Path,
+    app_args: &[OsString],
     env: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
 ) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    if let Some(dir) = program.canonicalize().ok().and_then(|p| p.parent().map(|d| d.to_path_buf())) {
-        out.push(dir.as_os_str().as_bytes().to_vec());
+    let local_files = std::iter::once(program.as_os_str()).chain(app_args.iter().map(OsString::as_os_str));
+    for file in local_files.map(std::path::Path::new).filter(|p| p.exists()) {
+        if let Ok(real) = file.canonicalize() {
+            let dir = if real.is_dir() { Some(real.as_path()) } else { real.parent() };
+            out.extend(dir.map(|d| d.as_os_str().as_bytes().to_vec()));
+        }
     }
     if let Ok(cwd) = std::env::current_dir() {
         out.push(cwd.as_os_str().as_bytes().to_vec());

@@ -51,7 +51,7 @@ pub fn install() -> std::io::Result<RawFd> {
 }
 
 /// Forwards reported signals to the app until the pipe closes (runs on its own thread).
-pub fn forward_to(read_fd: RawFd, app: Pidfd) {
+pub fn forward_to(read_fd: RawFd, app: std::sync::Arc<Pidfd>) {
     std::thread::Builder::new()
         .name("kmirror-signals".into())
         .spawn(move || {

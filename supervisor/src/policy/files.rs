@@ -107,9 +107,11 @@ impl FilePolicy {
                 }
             }
             FsMode::Read => {
+                // Ancestors of the app's own directories stay local too: runtimes resolve their
+                // script's real path component by component (lstat of /home, /home/dev, ...).
                 let local = path == b"/"
                     || LOCAL_ONLY.iter().any(|p| under(path, p.as_bytes()))
-                    || self.extra_local.iter().any(|p| under(path, p));
+                    || self.extra_local.iter().any(|p| under(path, p) || under(p, path));
                 if local && !POD_SPECIFIC.iter().any(|p| under(path, p.as_bytes())) {
                     FileRoute::Local
                 } else {
@@ -226,6 +228,8 @@ mod tests {
             assert_eq!(p.route(local, false), FileRoute::Local, "{}", String::from_utf8_lossy(local));
         }
         assert_eq!(p.route(b"/work/application", false), FileRoute::Remote, "prefix match is per component");
+        assert_eq!(p.route(b"/work", false), FileRoute::Local, "ancestors of the app's directories");
+        assert_eq!(p.route(b"/etc", false), FileRoute::Remote, "but not of built-in local-only files");
         assert_eq!(p.route(b"/data/x", true), FileRoute::Local);
     }
 
