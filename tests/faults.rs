@@ -3,7 +3,7 @@
 
 use kmirror_suite::app::BackgroundApp;
 use kmirror_suite::pod::LocalPod;
-use kmirror_suite::run::{field, go_fixtures, kmirror, kmirror_bin, ok};
+use kmirror_suite::run::{agent_of, children_of, field, go_fixtures, kmirror, kmirror_bin, ok};
 use std::time::{Duration, Instant};
 
 fn alive(pid: u32) -> bool {
@@ -19,14 +19,8 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
 }
 
 fn app_pid(app: &BackgroundApp) -> u32 {
-    let kmirror = app.child.id();
     let agent = app.agent_pid();
-    std::fs::read_dir(format!("/proc/{kmirror}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
-        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
-        .find(|&p| p != agent)
-        .expect("the app process")
+    children_of(app.child.id()).into_iter().find(|&p| p != agent).expect("the app process")
 }
 
 #[test]
@@ -83,21 +77,7 @@ fn losing_the_agent_resets_pod_connections_keeps_local_ones_and_fails_the_sessio
     use std::io::BufRead;
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), format!("first=pod-echo {}: one", pod.index));
-    let agent = {
-        let kmirror = child.id();
-        let text =
-            std::fs::read_to_string(format!("/proc/{kmirror}/task/{kmirror}/children")).unwrap_or_default();
-        let mut all: Vec<u32> = text.split_whitespace().filter_map(|p| p.parse().ok()).collect();
-        for t in std::fs::read_dir(format!("/proc/{kmirror}/task")).unwrap() {
-            let s = std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default();
-            all.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-        all.into_iter()
-            .find(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
-            })
-            .unwrap()
-    };
+    let agent = agent_of(child.id());
     // SAFETY: killing the agent of our own kmirror child.
     unsafe { libc::kill(agent as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
@@ -236,15 +216,7 @@ fn a_hung_agent_times_out_instead_of_hanging_the_app() {
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let kmirror = child.id();
-    let agent = std::fs::read_dir(format!("/proc/{kmirror}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
-        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
-        })
-        .unwrap();
+    let agent = agent_of(child.id());
     // SAFETY: stopping (then resuming) the agent of our own kmirror child.
     unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
     let started = Instant::now();

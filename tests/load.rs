@@ -3,7 +3,7 @@
 //! (per-stream flow control) while 1 GiB goes through.
 
 use kmirror_suite::pod::LocalPod;
-use kmirror_suite::run::{field, kmirror_cmd};
+use kmirror_suite::run::{agent_of, field, kmirror_cmd};
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,17 +22,6 @@ fn rss_kib(pid: u32) -> u64 {
         })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn agent_of(kmirror: u32) -> u32 {
-    std::fs::read_dir(format!("/proc/{kmirror}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
-        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
-        })
-        .expect("the agent")
 }
 
 /// A Python app driven step by step over stdin/stdout.

@@ -5,7 +5,7 @@
 //! magic links cannot lead out of it. (A plain path through `/proc/<pid>/root` would follow an
 //! absolute symlink to the *host's* root.)
 
-use kmirror_protocol::{DirEntry, Errno, FileStat, Timestamp};
+use kmirror_protocol::{DirEntry, Errno, FileStat};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirEntryExt, FileTypeExt};
@@ -71,21 +71,7 @@ fn fstat(fd: &OwnedFd) -> Result<FileStat, Errno> {
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(last_errno());
     }
-    Ok(FileStat {
-        dev: st.st_dev,
-        ino: st.st_ino,
-        mode: st.st_mode,
-        nlink: st.st_nlink,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        rdev: st.st_rdev,
-        size: st.st_size,
-        blksize: st.st_blksize,
-        blocks: st.st_blocks,
-        atime: Timestamp { sec: st.st_atime, nsec: st.st_atime_nsec as u32 },
-        mtime: Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
-        ctime: Timestamp { sec: st.st_ctime, nsec: st.st_ctime_nsec as u32 },
-    })
+    Ok(FileStat::from(&st))
 }
 
 /// Reads up to `len` bytes at `offset`; `eof` is set when the file ended within this chunk.

@@ -113,6 +113,27 @@ pub struct FileStat {
     pub ctime: Timestamp,
 }
 
+impl From<&libc::stat> for FileStat {
+    fn from(st: &libc::stat) -> FileStat {
+        let ts = |sec: i64, nsec: i64| Timestamp { sec, nsec: nsec as u32 };
+        FileStat {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode,
+            nlink: st.st_nlink,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            size: st.st_size,
+            blksize: st.st_blksize,
+            blocks: st.st_blocks,
+            atime: ts(st.st_atime, st.st_atime_nsec),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timestamp {
     pub sec: i64,

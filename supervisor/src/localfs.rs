@@ -1,7 +1,7 @@
 //! File operations kmirror performs locally on the app's behalf, for paths whose raw form the
 //! kernel would resolve differently than kmirror does (see `handlers::files`).
 
-use kmirror_protocol::{FileStat, Timestamp};
+use kmirror_protocol::FileStat;
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -33,21 +33,7 @@ pub fn stat(path: &[u8], follow: bool) -> Result<FileStat, i32> {
     if unsafe { libc::fstatat(libc::AT_FDCWD, p.as_ptr(), &mut st, flags) } != 0 {
         return Err(last());
     }
-    Ok(FileStat {
-        dev: st.st_dev,
-        ino: st.st_ino,
-        mode: st.st_mode,
-        nlink: st.st_nlink,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        rdev: st.st_rdev,
-        size: st.st_size,
-        blksize: st.st_blksize,
-        blocks: st.st_blocks,
-        atime: Timestamp { sec: st.st_atime, nsec: st.st_atime_nsec as u32 },
-        mtime: Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
-        ctime: Timestamp { sec: st.st_ctime, nsec: st.st_ctime_nsec as u32 },
-    })
+    Ok(FileStat::from(&st))
 }
 
 pub fn access(path: &[u8], mode: u32) -> Result<(), i32> {

@@ -83,22 +83,9 @@ impl BackgroundApp {
         }
     }
 
-    /// The agent process kmirror started (its child that is not the app).
+    /// The agent process kmirror started.
     pub fn agent_pid(&self) -> u32 {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))
-            .unwrap_or_default();
-        let all: Vec<u32> = std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
-            .chain(std::iter::once(children))
-            .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
-            .collect();
-        all.into_iter()
-            .find(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "kmirror-agent")
-            })
-            .expect("no kmirror-agent child")
+        crate::run::agent_of(self.child.id())
     }
 
     /// Sends SIGTERM and waits for the exit.

@@ -96,3 +96,25 @@ pub fn ok(out: &Output) -> String {
 pub fn field<'a>(stdout: &'a str, key: &str) -> Option<&'a str> {
     stdout.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
+
+/// Child processes of `pid` (all its threads' children).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+                .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `kmirror-agent` that the kmirror process `kmirror_pid` started.
+pub fn agent_of(kmirror_pid: u32) -> u32 {
+    children_of(kmirror_pid)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kmirror-agent")
+        })
+        .expect("kmirror has no agent child")
+}
