@@ -120,13 +120,14 @@ fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
 // ---- open ----
 
 pub fn on_open(ctx: &Arc<Context>, n: Notification) {
-    let (dirfd, path_ptr, flags) = match n.nr {
-        libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32),
-        libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32),
-        _ => match tracee::read_bytes(n.tid, n.args[2], 8) {
-            // openat2: the flags are the first field of `struct open_how`.
+    let (dirfd, path_ptr, flags, mode) = match n.nr {
+        libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32, n.args[2] as u32),
+        libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32, n.args[3] as u32),
+        _ => match tracee::read_bytes(n.tid, n.args[2], 16) {
+            // openat2: `struct open_how` starts with the flags and the mode.
             Ok(how) => {
-                (n.args[0] as i32, n.args[1], u64::from_ne_bytes(how.try_into().expect("8 bytes")) as i32)
+                let field = |i: usize| u64::from_ne_bytes(how[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                (n.args[0] as i32, n.args[1], field(0) as i32, field(1) as u32)
             }
             Err(_) => return ctx.listener.continue_call(n.id),
         },
@@ -135,11 +136,7 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
         || flags & libc::O_TMPFILE == libc::O_TMPFILE;
     match plan(ctx, &n, dirfd, path_ptr, write) {
         Plan::Local => ctx.listener.continue_call(n.id),
-        Plan::LocalAt(path) => {
-            let mode = if n.nr == libc::SYS_open { n.args[2] } else { n.args[3] } as u32;
-            let mode = if n.nr == libc::SYS_openat2 { 0o666 } else { mode };
-            deliver_fd(ctx, &n, localfs::open(&path, flags, mode), flags);
-        }
+        Plan::LocalAt(path) => deliver_fd(ctx, &n, localfs::open(&path, flags, mode), flags),
         Plan::Virtual(v) => {
             let result = if flags & libc::O_DIRECTORY != 0 {
                 Err(libc::ENOTDIR)

@@ -211,18 +211,20 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
         return;
     }
     let Ok(local_port) = sockets::local_port(socket.as_fd()) else { return };
-    // An unbound socket gets its port from listen itself; ask again once that happened.
     let ctx = ctx.clone();
     ctx.runtime.clone().spawn(async move {
-        let local_port = if local_port == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            match sockets::local_port(socket.as_fd()) {
-                Ok(p) if p != 0 => p,
-                _ => return,
+        // An unbound socket gets its port from listen itself, which runs once we answered.
+        let mut local_port = local_port;
+        for _ in 0..50 {
+            if local_port != 0 {
+                break;
             }
-        } else {
-            local_port
-        };
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            local_port = sockets::local_port(socket.as_fd()).unwrap_or(0);
+        }
+        if local_port == 0 {
+            return;
+        }
         let Some((pod_port, mode)) = ctx.incoming.subscription(local_port) else { return };
         if !super::lock(&ctx.subscribed).insert(pod_port) {
             return;
