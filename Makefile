@@ -40,3 +40,10 @@ test: build fixtures lint fuzz
 
 clean:
 	$(CARGO) clean
+
+# Measures kmirror's overheads against same-run baselines (needs root); BENCH_ARGS=--quick for
+# a short run. Prints a table and writes target/bench/results.json; see BENCHMARKS.md.
+.PHONY: bench
+bench: setup fixtures
+	$(CARGO) build --release --workspace
+	$(CARGO) run --release -p kmirror-suite --bin kmirror-bench -- $(BENCH_ARGS)
