@@ -97,7 +97,7 @@ async fn session(
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
-        extra_local: local_only_paths(&program, &args.command[1..], &env),
+        extra_local: local_only_paths(&program, &env),
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
     };
 
@@ -137,6 +137,7 @@ async fn session(
         outgoing: OutgoingPolicy { remote_loopback: args.remote_loopback },
         files,
         proxy,
+        threads: Default::default(),
         virtual_files,
         materialized,
         incoming: incoming.clone(),
@@ -212,18 +213,20 @@ fn start_notify_thread(ctx: Arc<Context>) {
     std::thread::Builder::new()
         .name("kmirror-notify".into())
         .spawn(move || {
+            // RECV blocks until a notification is pending, so the hot path is one ioctl per
+            // notification; poll is only consulted when RECV finds nothing, to tell a
+            // withdrawn notification (the caller was killed) from "every task has exited".
             loop {
-                match ctx.listener.wait() {
-                    Ok(true) => match ctx.listener.receive() {
-                        Ok(Some(n)) => handlers::dispatch(&ctx, n),
-                        Ok(None) => {}
+                match ctx.listener.receive() {
+                    Ok(Some(n)) => handlers::dispatch(&ctx, n),
+                    Ok(None) => match ctx.listener.wait() {
+                        Ok(true) => {}
+                        Ok(false) => return,
                         Err(e) => {
                             tracing::error!("seccomp listener failed: {e}");
                             return;
                         }
                     },
-                    // Every filtered process has exited.
-                    Ok(false) => return,
                     Err(e) => {
                         tracing::error!("seccomp listener failed: {e}");
                         return;
@@ -255,20 +258,15 @@ fn sealed_file(name: &str, content: &[u8]) -> Result<std::fs::File> {
 }
 
 /// Directories that stay local in `read` mode besides the built-in list: the app's own
-/// directory, the directories of files named on its command line (an interpreter's script, a
-/// JVM's class path), the working directory and runtime homes.
+/// directory, the working directory and runtime homes. (Files named on the command line are not
+/// included: `app cat /etc/passwd` must read the pod's file.)
 fn local_only_paths(
     program: &std::path::Path,
-    app_args: &[OsString],
     env: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
 ) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let local_files = std::iter::once(program.as_os_str()).chain(app_args.iter().map(OsString::as_os_str));
-    for file in local_files.map(std::path::Path::new).filter(|p| p.exists()) {
-        if let Ok(real) = file.canonicalize() {
-            let dir = if real.is_dir() { Some(real.as_path()) } else { real.parent() };
-            out.extend(dir.map(|d| d.as_os_str().as_bytes().to_vec()));
-        }
+    if let Some(dir) = program.canonicalize().ok().and_then(|p| p.parent().map(|d| d.to_path_buf())) {
+        out.push(dir.as_os_str().as_bytes().to_vec());
     }
     if let Ok(cwd) = std::env::current_dir() {
         out.push(cwd.as_os_str().as_bytes().to_vec());

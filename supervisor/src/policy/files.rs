@@ -35,6 +35,17 @@ pub enum FileRoute {
 const POD_SPECIFIC: &[&str] =
     &["/etc/hostname", "/var/run/secrets/kubernetes.io", "/run/secrets/kubernetes.io"];
 
+/// Code a runtime loads, which belongs to the local app even in `read` mode wherever it lives
+/// (mirrord keeps the same kinds local): scripts, modules, class files, libraries.
+const RUNTIME_FILE_SUFFIXES: &[&str] =
+    &[".so", ".py", ".pyc", ".pth", ".js", ".mjs", ".cjs", ".jar", ".class", ".rb", ".sh"];
+const RUNTIME_DIRS: &[&str] = &["/node_modules/", "/site-packages/", "/__pycache__/"];
+
+fn is_runtime_file(path: &[u8]) -> bool {
+    RUNTIME_FILE_SUFFIXES.iter().any(|s| path.ends_with(s.as_bytes()))
+        || RUNTIME_DIRS.iter().any(|d| path.windows(d.len()).any(|w| w == d.as_bytes()))
+}
+
 /// Paths that stay local even in `read` mode.
 const LOCAL_ONLY: &[&str] = &[
     "/proc",
@@ -111,7 +122,8 @@ impl FilePolicy {
                 // script's real path component by component (lstat of /home, /home/dev, ...).
                 let local = path == b"/"
                     || LOCAL_ONLY.iter().any(|p| under(path, p.as_bytes()))
-                    || self.extra_local.iter().any(|p| under(path, p) || under(p, path));
+                    || self.extra_local.iter().any(|p| under(path, p) || under(p, path))
+                    || is_runtime_file(path);
                 if local && !POD_SPECIFIC.iter().any(|p| under(path, p.as_bytes())) {
                     FileRoute::Local
                 } else {
@@ -230,6 +242,9 @@ mod tests {
         assert_eq!(p.route(b"/work/application", false), FileRoute::Remote, "prefix match is per component");
         assert_eq!(p.route(b"/work", false), FileRoute::Local, "ancestors of the app's directories");
         assert_eq!(p.route(b"/etc", false), FileRoute::Remote, "but not of built-in local-only files");
+        assert_eq!(p.route(b"/srv/app/server.js", false), FileRoute::Local, "a runtime's code stays local");
+        assert_eq!(p.route(b"/srv/app/node_modules/x/index", false), FileRoute::Local);
+        assert_eq!(p.route(b"/srv/app/data.txt", false), FileRoute::Remote);
         assert_eq!(p.route(b"/data/x", true), FileRoute::Local);
     }
 
