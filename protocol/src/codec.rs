@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Largest frame (kind + body) either side sends or accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest payload of one data frame; bigger writes are split.
-pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+pub const MAX_DATA_CHUNK: usize = 128 * 1024;
 
 const KIND_CONTROL: u8 = 0;
 const KIND_DATA: u8 = 1;
@@ -126,8 +126,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > MAX_FRAME {
         return Err(CodecError::TooLarge(len));
     }
+    if len == 0 {
+        return Err(CodecError::Empty);
+    }
+    // Data frames are read straight into the payload's own buffer: no second copy.
+    let mut head = [0u8; 5];
+    reader.read_exact(&mut head[..1]).await?;
+    if head[0] == KIND_DATA {
+        if len < 5 {
+            return Err(CodecError::Truncated);
+        }
+        reader.read_exact(&mut head[1..]).await?;
+        let stream = u32::from_be_bytes(head[1..].try_into().expect("4 bytes"));
+        let mut bytes = vec![0u8; len - 5];
+        reader.read_exact(&mut bytes).await?;
+        return Ok(Some(Frame::Data { stream, bytes }));
+    }
     buf.resize(len, 0);
-    reader.read_exact(buf).await?;
+    buf[0] = head[0];
+    reader.read_exact(&mut buf[1..]).await?;
     decode(buf).map(Some)
 }
 

@@ -17,7 +17,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 /// Payload bytes a sender may have unacknowledged on one stream.
-pub const STREAM_WINDOW: usize = 256 * 1024;
+pub const STREAM_WINDOW: usize = 1024 * 1024;
 /// Frames are coalesced into writes of up to this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -424,15 +424,17 @@ impl Stream {
         let Stream { id, tunnel, inbound, credit, unacked } = self;
         let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
         let upstream = async move {
-            let mut buf = vec![0u8; MAX_DATA_CHUNK];
             loop {
+                // Each read lands in the buffer that becomes the frame's payload (no copy).
+                let mut buf = vec![0u8; MAX_DATA_CHUNK];
                 match rd.read(&mut buf).await {
                     Ok(0) => {
                         tunnel.send(Control::Shutdown { stream: id });
                         return RelayEnd::Closed;
                     }
                     Ok(n) => {
-                        if send_data(tunnel, credit, id, &buf[..n]).await.is_err() {
+                        buf.truncate(n);
+                        if send_chunk(tunnel, credit, id, buf).await.is_err() {
                             return RelayEnd::Reset;
                         }
                     }
@@ -496,10 +498,26 @@ async fn send_data(
 ) -> Result<(), TunnelError> {
     while !bytes.is_empty() {
         let n = bytes.len().min(MAX_DATA_CHUNK);
-        credit.acquire_many(n as u32).await.map_err(|_| TunnelError::Closed("stream reset".into()))?.forget();
-        let _ = tunnel.shared.out.send(Frame::Data { stream: id, bytes: bytes[..n].to_vec() });
+        send_chunk(tunnel, credit, id, bytes[..n].to_vec()).await?;
         bytes = &bytes[n..];
     }
+    Ok(())
+}
+
+/// Sends one payload of at most [`MAX_DATA_CHUNK`] bytes once the peer granted the credit.
+async fn send_chunk(
+    tunnel: &Tunnel,
+    credit: &Semaphore,
+    id: StreamId,
+    bytes: Vec<u8>,
+) -> Result<(), TunnelError> {
+    debug_assert!(bytes.len() <= MAX_DATA_CHUNK);
+    credit
+        .acquire_many(bytes.len() as u32)
+        .await
+        .map_err(|_| TunnelError::Closed("stream reset".into()))?
+        .forget();
+    let _ = tunnel.shared.out.send(Frame::Data { stream: id, bytes });
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! Socket operations on descriptors duplicated out of the app (see [`crate::tracee::take_fd`]).
+//! Socket operations on descriptors duplicated out of the app (see [`crate::tracee::ThreadHandles::take_fd`]).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 

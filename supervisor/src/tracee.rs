@@ -79,23 +79,60 @@ pub fn write_bytes(tid: u32, addr: u64, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Duplicates descriptor `fd` of thread `tid` into this process. The copy shares the open file
-/// description: connecting or binding it acts on the app's own socket.
-pub fn take_fd(tid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
+fn pidfd_open_thread(tid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open with a tid and flags; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, PIDFD_THREAD) };
     if pidfd < 0 {
         return Err(errno());
     }
     // SAFETY: a fresh descriptor from the kernel.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd(pidfd, targetfd, flags=0); the result is checked.
-    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(pidfd), fd, 0) };
     if dup < 0 {
         return Err(errno());
     }
     // SAFETY: a fresh descriptor from the kernel.
     Ok(unsafe { OwnedFd::from_raw_fd(dup as RawFd) })
+}
+
+/// pidfds of the app's threads, kept across calls: opening one costs about as much as the rest
+/// of a fast answer (getpeername is trapped on every socket). A pidfd names one thread for good:
+/// once that thread is gone, a call through it fails with ESRCH — even if its tid was reused —
+/// and the entry is reopened.
+#[derive(Default)]
+pub struct ThreadHandles {
+    cache: std::sync::Mutex<std::collections::HashMap<u32, std::sync::Arc<OwnedFd>>>,
+}
+
+/// Entries kept before the cache starts over (threads come and go).
+const THREAD_CACHE_LIMIT: usize = 4096;
+
+impl ThreadHandles {
+    fn handle(&self, tid: u32, fresh: bool) -> std::io::Result<std::sync::Arc<OwnedFd>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if !fresh && let Some(handle) = cache.get(&tid) {
+            return Ok(handle.clone());
+        }
+        if cache.len() >= THREAD_CACHE_LIMIT {
+            cache.clear();
+        }
+        let handle = std::sync::Arc::new(pidfd_open_thread(tid)?);
+        cache.insert(tid, handle.clone());
+        Ok(handle)
+    }
+
+    /// Duplicates descriptor `fd` of thread `tid` into this process. The copy shares the open
+    /// file description: connecting or binding it acts on the app's own socket.
+    pub fn take_fd(&self, tid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
+        match pidfd_getfd(&*self.handle(tid, false)?, fd) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => pidfd_getfd(&*self.handle(tid, true)?, fd),
+            result => result,
+        }
+    }
 }
 
 /// Reads the target of a `/proc` symlink (cwd, fd/N) of thread `tid`.

@@ -55,6 +55,8 @@ pub struct Context {
     pub outgoing: OutgoingPolicy,
     pub files: FilePolicy,
     pub proxy: Arc<Proxy>,
+    /// pidfds of the app's threads, for taking their descriptors.
+    pub threads: crate::tracee::ThreadHandles,
     /// Content of the synthesised files, kept in sealed memfds.
     pub virtual_files: HashMap<VirtualFile, std::fs::File>,
     /// Where listings of pod directories are mirrored so the app can read them as directories.

@@ -39,7 +39,7 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     let Route::Remote(dest) = ctx.outgoing.route(dest) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Ok(socket) = tracee::take_fd(n.tid, fd) else {
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         // Not an open descriptor (any more): the kernel reports it.
         return ctx.listener.continue_call(n.id);
     };
@@ -164,7 +164,7 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
 /// family, with the kernel's value-result rules for `*addrlen`.
 pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
     let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
-    let Ok(socket) = tracee::take_fd(n.tid, fd) else {
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
     let Some(dest) = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode))
@@ -204,7 +204,7 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
 /// subscribed (mirror or steal). The listen itself is the kernel's.
 pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
     let fd = n.args[0] as i32;
-    let socket = tracee::take_fd(n.tid, fd).ok();
+    let socket = ctx.threads.take_fd(n.tid, fd).ok();
     ctx.listener.continue_call(n.id);
     let Some(socket) = socket else { return };
     if !matches!(sockets::socket_type(socket.as_fd()), Ok(libc::SOCK_STREAM)) {

@@ -72,8 +72,9 @@ impl Listener {
         }
     }
 
-    /// Receives one notification. `Ok(None)` when it vanished before we got it (the caller was
-    /// interrupted or killed): the kernel restarts the call and notifies again if needed.
+    /// Receives one notification, blocking until one is pending. `Ok(None)` when it vanished
+    /// before we got it (the caller was interrupted or killed; the kernel restarts the call and
+    /// notifies again if needed), or when no task uses the filter any more.
     pub fn receive(&self) -> std::io::Result<Option<Notification>> {
         // SAFETY: the kernel requires a zeroed struct; all-zero is valid for this POD type.
         let mut raw: libc::seccomp_notif = unsafe { std::mem::zeroed() };
