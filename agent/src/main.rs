@@ -76,8 +76,10 @@ fn run() -> Result<()> {
     // SAFETY: the supervisor passed this descriptor to us and nothing else owns it.
     let tunnel_fd = unsafe { OwnedFd::from_raw_fd(args.tunnel_fd) };
     let netns = netns::NetnsWorker::start(&target)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task: a pod connection crosses several tasks (tunnel reader,
+    // session, connect, writer), and on a thread of their own each hand-off is a cross-CPU
+    // wake-up. Blocking file work goes to the blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

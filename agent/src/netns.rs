@@ -1,44 +1,62 @@
 //! Creating sockets inside the target's network namespace.
 //!
 //! Namespaces are per thread, and a socket stays in the namespace it was created in. One
-//! dedicated thread enters the target's network namespace with `setns` and creates sockets on
-//! request; everything else (connecting, relaying) runs on tokio in the agent's own namespace,
-//! which is harmless because the socket already belongs to the pod's stack.
+//! dedicated thread enters the target's network namespace with `setns` and creates sockets;
+//! everything else (connecting, relaying) runs on tokio in the agent's own namespace, which is
+//! harmless because the socket already belongs to the pod's stack.
+//!
+//! A hop to that thread and back costs two cross-CPU wake-ups on every pod connection, so the
+//! thread keeps a small stock of fresh sockets per kind and refills it after each one taken.
+//! An unused socket in stock is just an unbound descriptor.
 
 use crate::target::Target;
 use anyhow::{Context, Result};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
-struct SocketRequest {
-    domain: i32,
-    kind: i32,
-    reply: oneshot::Sender<std::io::Result<OwnedFd>>,
+/// Sockets kept ready per (domain, type).
+const STOCK: usize = 8;
+
+type Stock = Arc<Mutex<HashMap<(i32, i32), Vec<OwnedFd>>>>;
+
+enum Job {
+    /// Create one socket now and hand it back.
+    Create { domain: i32, kind: i32, reply: oneshot::Sender<std::io::Result<OwnedFd>> },
+    /// Top the stock of this kind up.
+    Refill { domain: i32, kind: i32 },
 }
 
 #[derive(Clone)]
 pub struct NetnsWorker {
-    requests: mpsc::Sender<SocketRequest>,
+    jobs: mpsc::Sender<Job>,
+    stock: Stock,
 }
 
 impl NetnsWorker {
     pub fn start(target: &Target) -> Result<NetnsWorker> {
         let netns = target.netns.try_clone().context("dup of the netns descriptor")?;
-        let (tx, rx) = mpsc::channel::<SocketRequest>();
+        let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let stock = Stock::default();
+        let thread_stock = stock.clone();
         std::thread::Builder::new()
             .name("kmirror-netns".into())
             .spawn(move || {
-                // SAFETY: setns on this thread only; `netns` is an open namespace descriptor.
-                let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-                let _ =
-                    ready_tx.send(if entered == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
-                if entered != 0 {
+                let entered = enter(&netns);
+                let failed = entered.is_err();
+                let _ = ready_tx.send(entered);
+                if failed {
                     return;
                 }
-                for request in rx {
-                    let _ = request.reply.send(new_socket(request.domain, request.kind));
+                for job in rx {
+                    match job {
+                        Job::Create { domain, kind, reply } => {
+                            let _ = reply.send(new_socket(domain, kind));
+                        }
+                        Job::Refill { domain, kind } => refill(&thread_stock, domain, kind),
+                    }
                 }
             })
             .context("cannot start the network-namespace thread")?;
@@ -46,16 +64,38 @@ impl NetnsWorker {
             .recv()
             .context("the network-namespace thread died")?
             .context("cannot enter the target's network namespace (the agent needs CAP_SYS_ADMIN)")?;
-        Ok(NetnsWorker { requests: tx })
+        Ok(NetnsWorker { jobs, stock })
     }
 
     /// A new non-blocking, close-on-exec socket that lives in the target's network namespace.
     pub async fn socket(&self, domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
+        let stocked = lock(&self.stock).get_mut(&(domain, kind)).and_then(Vec::pop);
+        // Either way, make sure the next one is ready.
+        let _ = self.jobs.send(Job::Refill { domain, kind });
+        if let Some(fd) = stocked {
+            return Ok(fd);
+        }
         let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(SocketRequest { domain, kind, reply })
+        self.jobs
+            .send(Job::Create { domain, kind, reply })
             .map_err(|_| std::io::Error::other("network-namespace thread is gone"))?;
         rx.await.map_err(|_| std::io::Error::other("network-namespace thread is gone"))?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn refill(stock: &Stock, domain: i32, kind: i32) {
+    loop {
+        if lock(stock).get(&(domain, kind)).map_or(0, Vec::len) >= STOCK {
+            return;
+        }
+        match new_socket(domain, kind) {
+            Ok(fd) => lock(stock).entry((domain, kind)).or_default().push(fd),
+            Err(_) => return,
+        }
     }
 }
 

@@ -18,6 +18,20 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 /// Payload bytes a sender may have unacknowledged on one stream.
 pub const STREAM_WINDOW: usize = 1024 * 1024;
+/// Smallest read buffer of a relay (see `next_read_size`).
+const MIN_READ_BUFFER: usize = 16 * 1024;
+
+/// Doubles the read buffer after a read that filled it, halves it after one that used little.
+fn next_read_size(size: usize, read: usize) -> usize {
+    if read == size {
+        (size * 2).min(MAX_DATA_CHUNK)
+    } else if read < size / 4 {
+        (size / 2).max(MIN_READ_BUFFER)
+    } else {
+        size
+    }
+}
+
 /// Frames are coalesced into writes of up to this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -424,15 +438,19 @@ impl Stream {
         let Stream { id, tunnel, inbound, credit, unacked } = self;
         let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
         let upstream = async move {
+            // Each read lands in the buffer that becomes the frame's payload (no copy). Its size
+            // adapts: small while the connection is idle or chatty (a thousand idle
+            // connections must not pin a full chunk each), growing to a full chunk for bulk.
+            let mut size = MIN_READ_BUFFER;
             loop {
-                // Each read lands in the buffer that becomes the frame's payload (no copy).
-                let mut buf = vec![0u8; MAX_DATA_CHUNK];
+                let mut buf = vec![0u8; size];
                 match rd.read(&mut buf).await {
                     Ok(0) => {
                         tunnel.send(Control::Shutdown { stream: id });
                         return RelayEnd::Closed;
                     }
                     Ok(n) => {
+                        size = next_read_size(size, n);
                         buf.truncate(n);
                         if send_chunk(tunnel, credit, id, buf).await.is_err() {
                             return RelayEnd::Reset;
@@ -589,6 +607,15 @@ mod tests {
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
         (Tunnel::start(ar, aw, Side::Supervisor), Tunnel::start(br, bw, Side::Agent))
+    }
+
+    #[test]
+    fn read_buffer_adapts_between_bounds() {
+        assert_eq!(next_read_size(MIN_READ_BUFFER, MIN_READ_BUFFER), 2 * MIN_READ_BUFFER);
+        assert_eq!(next_read_size(MAX_DATA_CHUNK, MAX_DATA_CHUNK), MAX_DATA_CHUNK);
+        assert_eq!(next_read_size(MAX_DATA_CHUNK, 10), MAX_DATA_CHUNK / 2);
+        assert_eq!(next_read_size(MIN_READ_BUFFER, 1), MIN_READ_BUFFER);
+        assert_eq!(next_read_size(4 * MIN_READ_BUFFER, 2 * MIN_READ_BUFFER), 4 * MIN_READ_BUFFER);
     }
 
     #[tokio::test]

@@ -38,8 +38,10 @@ pub fn run(args: RunArgs) -> Result<ExitStatus> {
     let program = command::resolve(&args.command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task (the notify thread answers what it can itself): a redirected
+    // connection crosses several tasks, and with a thread each every hand-off would be a
+    // cross-CPU wake-up. Blocking work goes to the blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("kmirror-worker")
         .enable_all()
         .build()
@@ -112,13 +114,15 @@ async fn session(
     let filter =
         filter::build(handlers::TRAPPED, handlers::DISABLED).context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = args.command[1..].to_vec();
-    let app = tokio::task::block_in_place(|| {
+    let app = tokio::task::spawn_blocking(move || {
         launch::launch(program, app_args, env, filter, |listener| {
             if let Err(e) = Listener::set_sync_wake_up_fd(listener) {
                 tracing::debug!("SYNC_WAKE_UP unavailable ({e}); notifications will be slower");
             }
         })
     })
+    .await
+    .context("the launcher task failed")?
     .map_err(|e| {
         let code = match &e {
             launch::LaunchError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
