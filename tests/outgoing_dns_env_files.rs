@@ -183,3 +183,34 @@ fn errors_and_access_checks_come_from_the_pod() {
     ));
     assert_eq!(out, "/data/pod-only.txt True True\n/data/missing False False\n/data/dir True True\n");
 }
+
+/// Unconnected UDP: `sendto` with a pod destination goes through the pod (replies come back),
+/// for IPv4 and dual-stack sockets, while a local destination stays local.
+#[test]
+fn unconnected_udp_sendto_reaches_the_pod() {
+    let pod = LocalPod::start(19);
+    let local = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local_port = local.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        while let Ok((n, from)) = local.recv_from(&mut buf) {
+            let _ = local.send_to(&[b"local:", &buf[..n]].concat(), from);
+        }
+    });
+    let script = format!(
+        "import socket\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
+         for m in (b'a', b'b'):\n\
+         \x20   u.sendto(m, ('{ip}', 7778)); print('reply=' + u.recvfrom(100)[0].decode())\n\
+         u.sendto(b'l', ('127.0.0.1', {local_port})); print('local=' + u.recvfrom(100)[0].decode())\n\
+         v = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); v.settimeout(5)\n\
+         v.sendto(b'c', ('::ffff:{ip}', 7778)); print('reply6=' + v.recvfrom(100)[0].decode())\n",
+        ip = pod.service_ip
+    );
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let n = pod.index;
+    assert_eq!(
+        out,
+        format!("reply=pod-udp {n}: a\nreply=pod-udp {n}: b\nlocal=local:l\nreply6=pod-udp {n}: c\n")
+    );
+}

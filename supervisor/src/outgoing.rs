@@ -13,6 +13,7 @@ use kmirror_protocol::OpenTarget;
 use kmirror_protocol::tunnel::{Stream, Tunnel, TunnelError};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -55,6 +56,8 @@ pub struct Proxy {
     waiting: Mutex<HashMap<u16, Registration>>,
     registered: Notify,
     redirected: Mutex<HashMap<u64, SocketAddr>>,
+    /// Relays of unconnected UDP sockets, by (socket inode, pod destination).
+    sendto_relays: Mutex<HashMap<(u64, SocketAddr), SocketAddr>>,
 }
 
 /// A UDP relay socket with its pod-side flow, before the app's socket is connected to it.
@@ -79,6 +82,7 @@ impl Proxy {
             waiting: Mutex::default(),
             registered: Notify::new(),
             redirected: Mutex::default(),
+            sendto_relays: Mutex::default(),
         });
         tokio::spawn(proxy.clone().accept_loop(listener));
         Ok(proxy)
@@ -185,6 +189,36 @@ impl Proxy {
             tokio::time::sleep(PEER_GRACE).await;
             lock(&this.redirected).remove(&inode);
         });
+    }
+}
+
+impl Proxy {
+    /// The local relay that carries datagrams of an unconnected socket to `dest` in the pod,
+    /// created on first use: it is bound to the app socket's port (binding the socket first if
+    /// it has none yet, as a send would) and ends after an idle period.
+    pub async fn sendto_relay(
+        self: &Arc<Self>,
+        socket: &OwnedFd,
+        inode: u64,
+        dest: SocketAddr,
+    ) -> Result<SocketAddr, i32> {
+        if let Some(relay) = lock(&self.sendto_relays).get(&(inode, dest)) {
+            return Ok(*relay);
+        }
+        let port = crate::sockets::ensure_bound(socket.as_fd())?;
+        let flow = self.udp_flow(dest).await?;
+        let relay = flow.relay_addr();
+        flow.relay
+            .connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        lock(&self.sendto_relays).insert((inode, dest), relay);
+        let this = self.clone();
+        tokio::spawn(async move {
+            flow.stream.relay_udp(flow.relay, UDP_IDLE).await;
+            lock(&this.sendto_relays).remove(&(inode, dest));
+        });
+        Ok(relay)
     }
 }
 

@@ -111,8 +111,8 @@ async fn session(
         kmirror_protocol::HttpFilter { header: args.steal_header.clone(), path: args.steal_path.clone() }
     });
     let proxy = Proxy::start(tunnel.clone()).await.context("cannot start the outgoing proxy")?;
-    let filter =
-        filter::build(handlers::TRAPPED, handlers::DISABLED).context("cannot build the seccomp filter")?;
+    let filter = filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
+        .context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = args.command[1..].to_vec();
     let app = tokio::task::spawn_blocking(move || {
         launch::launch(program, app_args, env, filter, |listener| {
@@ -191,7 +191,12 @@ async fn session(
             _ = agent_child.wait(), if agent_running => agent_running = false,
         }
     };
-    crate::stats::write_if_requested(handlers::TRAPPED);
+    let trapped: Vec<&str> = handlers::TRAPPED
+        .iter()
+        .copied()
+        .chain(handlers::TRAPPED_WITH_ARG.iter().map(|&(name, _)| name))
+        .collect();
+    crate::stats::write_if_requested(&trapped);
     tunnel.goodbye("the app exited".into());
     let _ = std::fs::remove_dir_all(&scratch);
     // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.

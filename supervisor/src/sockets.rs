@@ -123,3 +123,44 @@ pub fn local_port(fd: BorrowedFd<'_>) -> Result<u16, i32> {
     let port = unsafe { (*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port };
     Ok(u16::from_be(port))
 }
+
+/// sendto(2) with raw sockaddr bytes; returns the bytes sent or the errno.
+pub fn send_to(fd: BorrowedFd<'_>, payload: &[u8], flags: i32, sockaddr: &[u8]) -> Result<usize, i32> {
+    // SAFETY: both buffers are valid for the given lengths.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            flags | libc::MSG_NOSIGNAL,
+            sockaddr.as_ptr().cast(),
+            sockaddr.len() as libc::socklen_t,
+        )
+    };
+    if n < 0 { Err(last()) } else { Ok(n as usize) }
+}
+
+/// Binds an unbound socket to the wildcard address with an ephemeral port, as the kernel does
+/// on a first send; a socket that already has a port is left alone. Returns the port.
+pub fn ensure_bound(fd: BorrowedFd<'_>) -> Result<u16, i32> {
+    match local_port(fd)? {
+        0 => {}
+        port => return Ok(port),
+    }
+    // SAFETY: zeroed storage; its family field is set below to the socket's own family.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let domain = int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    addr.ss_family = domain as libc::sa_family_t;
+    let len = if domain == libc::AF_INET6 {
+        std::mem::size_of::<libc::sockaddr_in6>()
+    } else {
+        std::mem::size_of::<libc::sockaddr_in>()
+    };
+    // SAFETY: a wildcard sockaddr of the socket's family, port 0.
+    let rc =
+        unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_storage).cast(), len as u32) };
+    if rc != 0 {
+        return Err(last());
+    }
+    local_port(fd)
+}

@@ -43,6 +43,9 @@ pub const TRAPPED: &[&str] = &[
     "llistxattr",
 ];
 
+/// Calls trapped only when an argument is set: `sendto` with a destination address (argument 4).
+pub const TRAPPED_WITH_ARG: &[(&str, u32)] = &[("sendto", 4)];
+
 /// Calls failed with ENOSYS inside the filter: io_uring would bypass every trap, and runtimes
 /// (libuv, tokio-uring, liburing users) fall back to plain system calls when it is missing.
 pub const DISABLED: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
@@ -80,6 +83,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_connect => net::on_connect(ctx, n),
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
         libc::SYS_listen => net::on_listen(ctx, n),
+        libc::SYS_sendto => net::on_sendto(ctx, n),
         libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
         libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),

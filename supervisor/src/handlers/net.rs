@@ -247,3 +247,61 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
         }
     });
 }
+
+/// `sendto` with a destination on an unconnected UDP socket: a pod destination gets the
+/// datagram through a relay for that (socket, destination) pair. The datagram is sent by the
+/// app's own socket (through our duplicate) to the relay, so the kernel binds the socket as it
+/// would, and the relay receives it from the app's real address; the pod's replies come back
+/// from the relay's address.
+pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
+    let (fd, buf, len, flags, addr, addr_len) =
+        (n.args[0] as i32, n.args[1], n.args[2] as usize, n.args[3] as i32, n.args[4], n.args[5] as usize);
+    if !(2..=128).contains(&addr_len) {
+        return ctx.listener.continue_call(n.id);
+    }
+    let Ok(raw) = tracee::read_bytes(n.tid, addr, addr_len) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(Destination::Inet(dest)) = net::parse_sockaddr(&raw) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Route::Remote(dest) = ctx.outgoing.route(dest) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    // Only UDP: TCP ignores the address on a connected socket, and the rest stays the kernel's.
+    if !matches!(
+        (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())),
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP))
+    ) || len > 65_507
+    {
+        return ctx.listener.continue_call(n.id);
+    }
+    let Ok(payload) = tracee::read_bytes(n.tid, buf, len) else {
+        return ctx.listener.return_errno(n.id, libc::EFAULT);
+    };
+    if !ctx.listener.is_valid(n.id) {
+        return;
+    }
+    let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let family = net::family_of(&raw);
+    let ctx = ctx.clone();
+    ctx.runtime.clone().spawn(async move {
+        let result = match ctx.proxy.sendto_relay(&socket, inode, dest).await {
+            Ok(relay) => {
+                sockets::send_to(socket.as_fd(), &payload, flags, &net::encode_sockaddr(relay, family))
+            }
+            Err(errno) => Err(errno),
+        };
+        if ctx.listener.is_valid(n.id) {
+            match result {
+                Ok(sent) => ctx.listener.return_value(n.id, sent as i64),
+                Err(errno) => ctx.listener.return_errno(n.id, errno),
+            }
+        }
+    });
+}

@@ -25,11 +25,21 @@ pub struct Program {
 /// Builds a program that notifies the listener on `notify`, fails `enosys` with ENOSYS without
 /// a notification, allows everything else, and fails every call from a non-native ABI (i386,
 /// x32) with ENOSYS rather than letting it slip past the trap list.
-pub fn build(notify: &[&str], enosys: &[&str]) -> Result<Program, FilterError> {
+/// `notify_if_arg_set` lists calls trapped only when the given argument is non-zero (e.g.
+/// `sendto` only with a destination address), so the common case costs no notification.
+pub fn build(
+    notify: &[&str],
+    notify_if_arg_set: &[(&str, u32)],
+    enosys: &[&str],
+) -> Result<Program, FilterError> {
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
     ctx.set_act_badarch(ScmpAction::Errno(libc::ENOSYS))?;
     for name in notify {
         ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)?;
+    }
+    for &(name, arg) in notify_if_arg_set {
+        let set = libseccomp::ScmpArgCompare::new(arg, libseccomp::ScmpCompareOp::NotEqual, 0);
+        ctx.add_rule_conditional(ScmpAction::Notify, ScmpSyscall::from_name(name)?, &[set])?;
     }
     for name in enosys {
         ctx.add_rule(ScmpAction::Errno(libc::ENOSYS), ScmpSyscall::from_name(name)?)?;
@@ -60,7 +70,7 @@ mod tests {
 
     #[test]
     fn builds_a_program_for_the_trap_list() {
-        let program = build(&["connect", "openat"], &["io_uring_setup"]).unwrap();
+        let program = build(&["connect", "openat"], &[("sendto", 4)], &["io_uring_setup"]).unwrap();
         assert!(program.instructions.len() > 6);
         // Return instructions carry the actions; USER_NOTIF and ERRNO|ENOSYS must both appear.
         let returns: Vec<u32> = program
@@ -76,6 +86,6 @@ mod tests {
 
     #[test]
     fn unknown_syscall_names_are_errors() {
-        assert!(build(&["no_such_call"], &[]).is_err());
+        assert!(build(&["no_such_call"], &[], &[]).is_err());
     }
 }
