@@ -232,3 +232,32 @@ fn clsact_fallback_steals_cleans_up_and_fails_open() {
     assert!(app.stop().success());
     assert!(!tc_ingress_filters(&pod).contains("incoming"));
 }
+
+/// A stolen connection reaches the app's (non-blocking) listener with the pod client as its
+/// peer, both in accept's address and in getpeername, on a dual-stack socket.
+#[test]
+fn the_app_sees_the_pod_client_as_its_peer() {
+    let pod = LocalPod::start(47);
+    let script = format!(
+        "import socket, select\n\
+         l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         l.bind(('::', {port})); l.listen(8); l.setblocking(False)\n\
+         print('listening', flush=True)\n\
+         select.select([l], [], [])\n\
+         c, addr = l.accept()\n\
+         print('accepted=%s' % addr[0], flush=True)\n\
+         print('peer=%s' % c.getpeername()[0], flush=True)\n\
+         c.recv(4096)\n\
+         c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n')\n\
+         c.close()\n",
+        port = local_port(&pod)
+    );
+    let app = start(&pod, &["--incoming", "steal"], &["python3".to_string(), "-c".into(), script]);
+    assert_eq!(get(pod_addr(&pod), "/who"), "ok\n");
+    app.wait_stdout("the peer lines", Duration::from_secs(10), |l| l.iter().any(|l| l.starts_with("peer=")));
+    let lines = app.stdout_lines();
+    let client = format!("::ffff:{}", pod.host_ip);
+    assert!(lines.contains(&format!("accepted={client}")), "{lines:?}");
+    assert!(lines.contains(&format!("peer={client}")), "{lines:?}");
+}

@@ -5,31 +5,77 @@
 use crate::policy::incoming::IncomingPolicy;
 use kmirror_protocol::tunnel::{Inbound, Stream};
 use kmirror_protocol::{Errno, IncomingMode};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
-async fn connect_local(port: u16) -> std::io::Result<TcpStream> {
-    match TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await {
+/// Pod clients behind the loopback connections kmirror makes to the app, by the local port of
+/// kmirror's end: `accept` and `getpeername` on the app's side show the pod client instead.
+#[derive(Default)]
+pub struct IncomingPeers {
+    by_port: Mutex<HashMap<u16, SocketAddr>>,
+}
+
+impl IncomingPeers {
+    pub fn client_of(&self, loopback_port: u16) -> Option<SocketAddr> {
+        lock(&self.by_port).get(&loopback_port).copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.by_port).is_empty()
+    }
+}
+
+/// How long a finished connection's client stays known (a closed socket can still be asked).
+const PEER_GRACE: Duration = Duration::from_secs(30);
+
+/// Connects to the app, registering the pod client under our local port *before* connecting,
+/// since the app may accept before our connect returns.
+async fn connect_local(
+    port: u16,
+    client: SocketAddr,
+    peers: &IncomingPeers,
+) -> std::io::Result<(TcpStream, u16)> {
+    let attempt = |ip: IpAddr| async move {
+        let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(ip, 0))?;
+        let ours = socket.local_addr()?.port();
+        lock(&peers.by_port).insert(ours, client);
+        match socket.connect(SocketAddr::new(ip, port)).await {
+            Ok(conn) => Ok((conn, ours)),
+            Err(e) => {
+                lock(&peers.by_port).remove(&ours);
+                Err(e)
+            }
+        }
+    };
+    match attempt(IpAddr::V4(Ipv4Addr::LOCALHOST)).await {
         Ok(conn) => Ok(conn),
         // An app listening on [::1] only.
-        Err(v4) => TcpStream::connect(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await.map_err(|_| v4),
+        Err(v4) => attempt(IpAddr::V6(Ipv6Addr::LOCALHOST)).await.map_err(|_| v4),
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves one `Incoming` stream opened by the agent.
 pub async fn serve(
     policy: Arc<IncomingPolicy>,
+    peers: Arc<IncomingPeers>,
     stream: Stream,
     pod_port: u16,
     client: SocketAddr,
     mode: IncomingMode,
 ) {
     let local_port = policy.local_port(pod_port);
-    let conn = match connect_local(local_port).await {
-        Ok(conn) => conn,
+    let (conn, ours) = match connect_local(local_port, client, &peers).await {
+        Ok(connected) => connected,
         Err(e) => {
             tracing::info!(%client, local_port, "the app does not accept on its port: {e}");
             stream.opened(Err(Errno(e.raw_os_error().unwrap_or(libc::ECONNREFUSED))));
@@ -45,6 +91,8 @@ pub async fn serve(
         }
         IncomingMode::Mirror => relay_mirror(stream, conn).await,
     }
+    tokio::time::sleep(PEER_GRACE).await;
+    lock(&peers.by_port).remove(&ours);
 }
 
 /// Client bytes to the app; the app's answers are drained and dropped (the pod's own app

@@ -147,6 +147,7 @@ async fn session(
         incoming: incoming.clone(),
         incoming_filter,
         subscribed: Default::default(),
+        incoming_peers: Default::default(),
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
     });
     start_notify_thread(ctx.clone());
@@ -170,7 +171,8 @@ async fn session(
                     stream,
                     target: kmirror_protocol::OpenTarget::Incoming { port, client, mode },
                 } => {
-                    tokio::spawn(crate::incoming::serve(incoming.clone(), stream, port, client, mode));
+                    let peers = ctx.incoming_peers.clone();
+                    tokio::spawn(crate::incoming::serve(incoming.clone(), peers, stream, port, client, mode));
                 }
                 kmirror_protocol::tunnel::Incoming::Open { stream, .. } => {
                     stream.opened(Err(kmirror_protocol::Errno(libc::EINVAL)));

@@ -1,6 +1,6 @@
 //! Socket operations on descriptors duplicated out of the app (see [`crate::tracee::ThreadHandles::take_fd`]).
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 fn last() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
@@ -96,14 +96,7 @@ pub fn connect(fd: BorrowedFd<'_>, sockaddr: &[u8]) -> Result<(), i32> {
 
 /// Whether the socket is connected, as getpeername(2) would answer (Err(ENOTCONN) if not).
 pub fn peer_check(fd: BorrowedFd<'_>) -> Result<(), i32> {
-    // SAFETY: zeroed storage is valid; getpeername writes at most `len` bytes.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::getpeername(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len)
-    };
-    if rc == 0 { Ok(()) } else { Err(last()) }
+    peer_addr(fd).map(drop)
 }
 
 /// The local port of a socket (after connect or bind).
@@ -163,4 +156,45 @@ pub fn ensure_bound(fd: BorrowedFd<'_>) -> Result<u16, i32> {
         return Err(last());
     }
     local_port(fd)
+}
+
+/// accept4(2) on a (duplicated) listening socket: the new connection and its peer's raw
+/// sockaddr.
+pub fn accept(fd: BorrowedFd<'_>, flags: i32) -> Result<(OwnedFd, Vec<u8>), i32> {
+    // SAFETY: zeroed storage is valid; accept4 writes at most `len` bytes.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    let conn = unsafe {
+        libc::accept4(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len, flags)
+    };
+    if conn < 0 {
+        return Err(last());
+    }
+    // SAFETY: a fresh descriptor from the kernel; the sockaddr bytes lie within `addr`.
+    unsafe {
+        let raw =
+            std::slice::from_raw_parts((&addr as *const libc::sockaddr_storage).cast::<u8>(), len as usize)
+                .to_vec();
+        Ok((OwnedFd::from_raw_fd(conn), raw))
+    }
+}
+
+/// The peer's raw sockaddr (getpeername(2)).
+pub fn peer_addr(fd: BorrowedFd<'_>) -> Result<Vec<u8>, i32> {
+    // SAFETY: zeroed storage is valid; getpeername writes at most `len` bytes.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::getpeername(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(last());
+    }
+    // SAFETY: the sockaddr bytes lie within `addr`.
+    Ok(unsafe {
+        std::slice::from_raw_parts((&addr as *const libc::sockaddr_storage).cast::<u8>(), len as usize)
+    }
+    .to_vec())
 }

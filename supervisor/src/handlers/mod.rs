@@ -24,6 +24,8 @@ use std::time::Duration;
 pub const TRAPPED: &[&str] = &[
     "connect",
     "listen",
+    "accept",
+    "accept4",
     "getpeername",
     "open",
     "openat",
@@ -66,6 +68,8 @@ pub struct Context {
     pub materialized: PathBuf,
     pub incoming: Arc<IncomingPolicy>,
     pub incoming_filter: Option<kmirror_protocol::HttpFilter>,
+    /// Pod clients of the loopback connections kmirror makes to the app's listeners.
+    pub incoming_peers: Arc<crate::incoming::IncomingPeers>,
     /// Pod ports already subscribed (a listener may be re-created).
     pub subscribed: Mutex<std::collections::HashSet<u16>>,
     /// Upper bound of any single request to the agent.
@@ -83,6 +87,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_connect => net::on_connect(ctx, n),
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
         libc::SYS_listen => net::on_listen(ctx, n),
+        libc::SYS_accept | libc::SYS_accept4 => net::on_accept(ctx, n),
         libc::SYS_sendto => net::on_sendto(ctx, n),
         libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),

@@ -8,7 +8,7 @@ use crate::{sockets, tracee};
 use kmirror_protocol::OpenTarget;
 use kmirror_protocol::tunnel::TunnelError;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,43 +160,107 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     }
 }
 
-/// Shows the destination the app asked for instead of the local proxy, in the socket's own
-/// family, with the kernel's value-result rules for `*addrlen`.
+/// Writes a sockaddr result with the kernel's value-result rules: `*len_ptr` says how much room
+/// the caller has, at most that much is copied, and the full length is written back.
+/// `Err(0)` means the caller went away meanwhile (nothing to answer).
+fn write_sockaddr_out(
+    ctx: &Context,
+    n: &Notification,
+    addr_ptr: u64,
+    len_ptr: u64,
+    encoded: &[u8],
+) -> Result<(), i32> {
+    let len_bytes = tracee::read_bytes(n.tid, len_ptr, 4).map_err(|_| libc::EFAULT)?;
+    let len = i32::from_ne_bytes(len_bytes.try_into().expect("4 bytes"));
+    if len < 0 {
+        return Err(libc::EINVAL);
+    }
+    if !ctx.listener.is_valid(n.id) {
+        return Err(0);
+    }
+    let copy = (len as usize).min(encoded.len());
+    tracee::write_bytes(n.tid, addr_ptr, &encoded[..copy]).map_err(|_| libc::EFAULT)?;
+    tracee::write_bytes(n.tid, len_ptr, &(encoded.len() as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
+}
+
+/// The pod client behind a loopback connection kmirror made to the app, in the socket's family.
+fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8>> {
+    let Some(Destination::Inet(peer)) = net::parse_sockaddr(raw_peer) else { return None };
+    let peer = net::canonical(peer);
+    if !peer.ip().is_loopback() {
+        return None;
+    }
+    ctx.incoming_peers.client_of(peer.port()).map(|client| net::encode_sockaddr(client, family))
+}
+
+/// getpeername: a redirected socket shows the destination the app asked for instead of the
+/// local proxy; a connection kmirror delivered from the pod shows the pod client.
 pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
     let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Some(dest) = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode))
-    else {
+    let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
         return ctx.listener.continue_call(n.id);
     };
-    // Only a connected socket has a peer: Go polls getpeername to learn whether a connect
-    // finished, so an unfinished one must still say ENOTCONN.
-    if let Err(errno) = sockets::peer_check(socket.as_fd()) {
-        return ctx.listener.return_errno(n.id, errno);
-    }
-    let Ok(local_form) = sockets::socket_domain(socket.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
+    let encoded = match sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode)) {
+        Some(dest) => {
+            // Only a connected socket has a peer: Go polls getpeername to learn whether a
+            // connect finished, so an unfinished one must still say ENOTCONN.
+            if let Err(errno) = sockets::peer_check(socket.as_fd()) {
+                return ctx.listener.return_errno(n.id, errno);
+            }
+            net::encode_sockaddr(dest, family)
+        }
+        None if !ctx.incoming_peers.is_empty() => {
+            match sockets::peer_addr(socket.as_fd()).ok().and_then(|raw| incoming_client(ctx, &raw, family)) {
+                Some(client) => client,
+                None => return ctx.listener.continue_call(n.id),
+            }
+        }
+        None => return ctx.listener.continue_call(n.id),
     };
-    let encoded = net::encode_sockaddr(dest, local_form);
-    let answer = (|| {
-        let len_bytes = tracee::read_bytes(n.tid, len_ptr, 4).map_err(|_| libc::EFAULT)?;
-        let len = i32::from_ne_bytes(len_bytes.try_into().expect("4 bytes"));
-        if len < 0 {
-            return Err(libc::EINVAL);
-        }
-        if !ctx.listener.is_valid(n.id) {
-            return Err(0);
-        }
-        let copy = (len as usize).min(encoded.len());
-        tracee::write_bytes(n.tid, addr_ptr, &encoded[..copy]).map_err(|_| libc::EFAULT)?;
-        tracee::write_bytes(n.tid, len_ptr, &(encoded.len() as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
-    })();
-    match answer {
+    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
         Ok(()) => ctx.listener.return_value(n.id, 0),
         Err(0) => {}
         Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}
+
+/// accept/accept4 on a non-blocking listener that receives connections kmirror delivers from
+/// the pod: performed here so the address the app gets is the pod client's. Blocking listeners
+/// are left to the kernel (emulating a blocking accept would hold the app's signals until a
+/// client arrives) and show kmirror's loopback address.
+pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
+    if ctx.incoming_peers.is_empty() {
+        return ctx.listener.continue_call(n.id);
+    }
+    let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
+    let flags = if n.nr == libc::SYS_accept4 { n.args[3] as i32 } else { 0 };
+    let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    if !sockets::is_nonblocking(listening.as_fd()) || flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0
+    {
+        return ctx.listener.continue_call(n.id);
+    }
+    let Ok(family) = sockets::socket_domain(listening.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let (conn, raw_peer) = match sockets::accept(listening.as_fd(), flags & libc::SOCK_NONBLOCK) {
+        Ok(accepted) => accepted,
+        Err(errno) => return ctx.listener.return_errno(n.id, errno),
+    };
+    if addr_ptr != 0 {
+        let encoded = incoming_client(ctx, &raw_peer, family).unwrap_or(raw_peer);
+        match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
+            Ok(()) => {}
+            Err(0) => return,
+            Err(errno) => return ctx.listener.return_errno(n.id, errno),
+        }
+    }
+    if let Err(e) = ctx.listener.return_new_fd(n.id, conn.as_raw_fd(), flags & libc::SOCK_CLOEXEC != 0) {
+        tracing::debug!("could not hand an accepted connection to the app: {e}");
     }
 }
 
