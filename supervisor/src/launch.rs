@@ -5,14 +5,14 @@
 //! calls would fail with ENOSYS, so the app must die too — and the signal follows the *thread*
 //! that forked, hence the dedicated thread that lives until the app exits), then `seccomp(2)`
 //! with `NEW_LISTENER | WAIT_KILLABLE_RECV` (without the latter Go's SIGURG preemption restarts
-//! trapped calls forever), then the listener descriptor goes to the parent over a socketpair
-//! and the child waits for an acknowledgement before it execs. Only raw system calls run
-//! between fork and exec.
+//! trapped calls forever), then the child tells the parent its pid and the listener's number
+//! over a socketpair (the parent copies the listener out with pidfd_getfd) and waits for an
+//! acknowledgement before it execs. Only raw system calls run between fork and exec.
 
 use crate::seccomp::filter::Program;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -85,14 +85,12 @@ pub fn launch(
 
     // The child blocks before exec until we acknowledge, so the spawn above cannot succeed
     // before the listener arrived here; it can only fail (exec of a bad program, ...).
-    let (listener, child_pid) = match receive_fd(&parent_end, &started_rx) {
-        Ok(Handoff::Listener(fd, pid)) => (fd, pid),
+    let (listener, child_pid, handle) = match receive_fd(&parent_end, &started_rx) {
+        Ok(Handoff::Listener(fd, pid, handle)) => (fd, pid, handle),
         Ok(Handoff::SpawnFailed(source)) => return Err(LaunchError::Spawn { program: shown, source }),
         Err(e) => return Err(LaunchError::Handoff(e)),
     };
     on_listener(&listener);
-    // Taken while the child waits for our ack: it cannot have exited yet.
-    let handle = crate::signals::Pidfd::open(child_pid).map_err(LaunchError::Handoff)?;
     send_ack(&parent_end).map_err(LaunchError::Handoff)?;
     let pid = match started_rx.recv() {
         Ok(Ok(pid)) => pid,
@@ -110,7 +108,7 @@ fn send_ack(mut sock: &UnixStream) -> std::io::Result<()> {
 }
 
 enum Handoff {
-    Listener(OwnedFd, u32),
+    Listener(OwnedFd, u32, crate::signals::Pidfd),
     SpawnFailed(std::io::Error),
 }
 
@@ -123,7 +121,7 @@ fn receive_fd(
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match recv_fd(sock.as_raw_fd()) {
-            Ok((fd, pid)) => return Ok(Handoff::Listener(fd, pid)),
+            Ok((fd, pid, handle)) => return Ok(Handoff::Listener(fd, pid, handle)),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 match started.try_recv() {
                     Ok(Err(spawn_error)) => return Ok(Handoff::SpawnFailed(spawn_error)),
@@ -149,38 +147,27 @@ fn receive_fd(
     }
 }
 
-/// Receives the listener and the child's pid (the message payload).
-fn recv_fd(sock: RawFd) -> std::io::Result<(OwnedFd, u32)> {
-    let mut pid = [0u8; 4];
-    let mut iov = libc::iovec { iov_base: pid.as_mut_ptr().cast(), iov_len: pid.len() };
-    let mut control = [0u64; 8];
-    // SAFETY: zeroed msghdr is valid; pointers below reference live locals.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: msg describes valid buffers.
-    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+/// Receives the child's pid and the number of its listener descriptor, then copies the
+/// listener out of the child with pidfd_getfd. (Not SCM_RIGHTS: `sendmsg` is itself trapped
+/// once the filter is in place, and nobody would answer the child yet.)
+fn recv_fd(sock: RawFd) -> std::io::Result<(OwnedFd, u32, crate::signals::Pidfd)> {
+    let mut msg = [0u8; 8];
+    // SAFETY: reads into a local buffer.
+    let n = unsafe { libc::read(sock, msg.as_mut_ptr().cast(), msg.len()) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
     if n == 0 {
         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
     }
-    // SAFETY: CMSG_FIRSTHDR/CMSG_DATA walk the control buffer the kernel filled.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() || (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-            return Err(std::io::Error::other("no descriptor in the hand-off message"));
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        let fd = OwnedFd::from_raw_fd(fd);
-        if n != pid.len() as isize {
-            return Err(std::io::Error::other("short hand-off message"));
-        }
-        Ok((fd, u32::from_ne_bytes(pid)))
+    if n != msg.len() as isize {
+        return Err(std::io::Error::other("short hand-off message"));
     }
+    let pid = u32::from_ne_bytes(msg[..4].try_into().expect("4 bytes"));
+    let fd = i32::from_ne_bytes(msg[4..].try_into().expect("4 bytes"));
+    // Taken while the child waits for our ack: it cannot have exited yet.
+    let child = crate::signals::Pidfd::open(pid)?;
+    Ok((child.take_fd(fd)?, pid, child))
 }
 
 /// Runs in the forked child: only raw system calls, no allocation.
@@ -215,22 +202,13 @@ fn install_filter(
             return fail();
         }
         let listener = listener as RawFd;
-        // The payload is our pid: the parent takes a pidfd while we wait, so even an app that
-        // exits at once is never confused with a process that later reuses its pid.
-        let mut pid = libc::getpid().to_ne_bytes();
-        let mut iov = libc::iovec { iov_base: pid.as_mut_ptr().cast(), iov_len: pid.len() };
-        let mut control = [0u64; 4];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), listener);
-        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) != pid.len() as isize {
+        // Our pid (the parent takes a pidfd while we wait, so even an app that exits at once is
+        // never confused with a process that later reuses its pid) and the listener's number,
+        // which the parent copies out with pidfd_getfd. write(2) is not trapped; sendmsg is.
+        let pid = libc::getpid().to_ne_bytes();
+        let fd = listener.to_ne_bytes();
+        let msg = [pid[0], pid[1], pid[2], pid[3], fd[0], fd[1], fd[2], fd[3]];
+        if libc::write(sock, msg.as_ptr().cast(), msg.len()) != msg.len() as isize {
             return fail();
         }
         // Wait until the supervisor owns the listener: the first trapped call (the dynamic

@@ -87,6 +87,18 @@ impl Pidfd {
         Ok(Pidfd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) }))
     }
 
+    /// Copies descriptor `fd` of the process into ours (pidfd_getfd).
+    pub fn take_fd(&self, fd: RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: pidfd_getfd(pidfd, targetfd, flags=0); the result is checked.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), fd, 0) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor from the kernel.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as RawFd) })
+    }
+
     /// Sends `sig`; a process that already exited is not an error.
     pub fn signal(&self, sig: i32) {
         use std::os::fd::AsRawFd;

@@ -320,52 +320,154 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
 pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let (fd, buf, len, flags, addr, addr_len) =
         (n.args[0] as i32, n.args[1], n.args[2] as usize, n.args[3] as i32, n.args[4], n.args[5] as usize);
-    if !(2..=128).contains(&addr_len) {
-        return ctx.listener.continue_call(n.id);
-    }
-    let Ok(raw) = tracee::read_bytes(n.tid, addr, addr_len) else {
+    let Some((socket, dest, family)) = pod_datagram_target(ctx, &n, fd, addr, addr_len) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Some(Destination::Inet(dest)) = net::parse_sockaddr(&raw) else {
-        return ctx.listener.continue_call(n.id);
-    };
-    let Route::Remote(dest) = ctx.outgoing.route(dest) else {
-        return ctx.listener.continue_call(n.id);
-    };
-    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
-    };
-    // Only UDP: TCP ignores the address on a connected socket, and the rest stays the kernel's.
-    if !matches!(
-        (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())),
-        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP))
-    ) || len > 65_507
-    {
+    if len > MAX_DATAGRAM {
         return ctx.listener.continue_call(n.id);
     }
     let Ok(payload) = tracee::read_bytes(n.tid, buf, len) else {
         return ctx.listener.return_errno(n.id, libc::EFAULT);
     };
-    if !ctx.listener.is_valid(n.id) {
-        return;
-    }
-    let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
-    };
-    let family = net::family_of(&raw);
     let ctx = ctx.clone();
     ctx.runtime.clone().spawn(async move {
-        let result = match ctx.proxy.sendto_relay(&socket, inode, dest).await {
-            Ok(relay) => {
-                sockets::send_to(socket.as_fd(), &payload, flags, &net::encode_sockaddr(relay, family))
+        let result = send_through_pod(&ctx, &socket, dest, family, &[payload], flags).await;
+        answer_count(&ctx, &n, result.map(|sent| sent[0] as i64));
+    });
+}
+
+/// Largest UDP payload over IPv4.
+const MAX_DATAGRAM: usize = 65_507;
+/// Layout of `struct msghdr` / `struct mmsghdr` / `struct iovec` on x86_64.
+const MSGHDR_SIZE: u64 = 56;
+const MMSGHDR_SIZE: u64 = 64;
+const IOVEC_SIZE: u64 = 16;
+
+/// The UDP socket and pod destination of a send that names one; `None` when the kernel should
+/// handle it (no or local destination, not UDP, bad pointers).
+fn pod_datagram_target(
+    ctx: &Context,
+    n: &Notification,
+    fd: i32,
+    addr: u64,
+    addr_len: usize,
+) -> Option<(OwnedFd, SocketAddr, i32)> {
+    if addr == 0 || !(2..=128).contains(&addr_len) {
+        return None;
+    }
+    let raw = tracee::read_bytes(n.tid, addr, addr_len).ok()?;
+    let Some(Destination::Inet(dest)) = net::parse_sockaddr(&raw) else { return None };
+    let Route::Remote(dest) = ctx.outgoing.route(dest) else { return None };
+    let socket = ctx.threads.take_fd(n.tid, fd).ok()?;
+    // Only UDP: TCP ignores the address on a connected socket, and the rest stays the kernel's.
+    let udp = matches!(
+        (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())),
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP))
+    );
+    udp.then_some((socket, dest, net::family_of(&raw)))
+}
+
+/// Sends each datagram through the pod relay for (socket, dest); the byte counts sent.
+async fn send_through_pod(
+    ctx: &Arc<Context>,
+    socket: &OwnedFd,
+    dest: SocketAddr,
+    family: i32,
+    datagrams: &[Vec<u8>],
+    flags: i32,
+) -> Result<Vec<usize>, i32> {
+    let inode = sockets::socket_inode(socket.as_fd()).ok_or(libc::ENOTSOCK)?;
+    let relay = ctx.proxy.sendto_relay(socket, inode, dest).await?;
+    let relay = net::encode_sockaddr(relay, family);
+    datagrams.iter().map(|d| sockets::send_to(socket.as_fd(), d, flags, &relay)).collect()
+}
+
+fn answer_count(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
+    if ctx.listener.is_valid(n.id) {
+        match result {
+            Ok(value) => ctx.listener.return_value(n.id, value),
+            Err(errno) => ctx.listener.return_errno(n.id, errno),
+        }
+    }
+}
+
+/// Reads one `struct msghdr`: (destination pointer and length, gathered payload), or `None`
+/// when it has control messages (kept by the kernel path) or is too large.
+fn read_msghdr(tid: u32, at: u64) -> Option<(u64, usize, Vec<u8>)> {
+    let hdr = tracee::read_bytes(tid, at, MSGHDR_SIZE as usize).ok()?;
+    let word = |o: usize| u64::from_ne_bytes(hdr[o..o + 8].try_into().expect("8 bytes"));
+    let (name, name_len) = (word(0), u32::from_ne_bytes(hdr[8..12].try_into().expect("4 bytes")) as usize);
+    let (iov, iov_len, control_len) = (word(16), word(24), word(40));
+    if control_len != 0 || iov_len > 1024 {
+        return None;
+    }
+    let mut payload = Vec::new();
+    if iov_len > 0 {
+        let vecs = tracee::read_bytes(tid, iov, (iov_len * IOVEC_SIZE) as usize).ok()?;
+        for v in vecs.chunks_exact(IOVEC_SIZE as usize) {
+            let base = u64::from_ne_bytes(v[..8].try_into().expect("8 bytes"));
+            let len = u64::from_ne_bytes(v[8..].try_into().expect("8 bytes")) as usize;
+            if payload.len() + len > MAX_DATAGRAM {
+                return None;
             }
+            payload.extend(tracee::read_bytes(tid, base, len).ok()?);
+        }
+    }
+    Some((name, name_len, payload))
+}
+
+/// `sendmsg`/`sendmmsg` naming a pod destination on an unconnected UDP socket: as `sendto`.
+/// Messages without a destination (the common case: connected sockets, glibc's resolver) and
+/// messages with control data stay with the kernel.
+pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
+    let fd = n.args[0] as i32;
+    let (first, count, flags) = if n.nr == libc::SYS_sendmsg {
+        (n.args[1], 1, n.args[2] as i32)
+    } else {
+        (n.args[1], n.args[2].min(1024), n.args[3] as i32)
+    };
+    let stride = if n.nr == libc::SYS_sendmsg { MSGHDR_SIZE } else { MMSGHDR_SIZE };
+    let Some((name, name_len, _)) = read_msghdr(n.tid, first) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some((socket, dest, family)) = pod_datagram_target(ctx, &n, fd, name, name_len) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    // Every message of a batch must go to the same pod destination to be emulated as one.
+    let mut datagrams = Vec::new();
+    for i in 0..count {
+        let Some((m_name, m_len, payload)) = read_msghdr(n.tid, first + i * stride) else {
+            return ctx.listener.continue_call(n.id);
+        };
+        let same = m_name != 0
+            && tracee::read_bytes(n.tid, m_name, m_len)
+                .ok()
+                .and_then(|raw| match net::parse_sockaddr(&raw) {
+                    Some(Destination::Inet(d)) => Some(net::canonical(d) == dest),
+                    _ => None,
+                })
+                .unwrap_or(false);
+        if !same {
+            return ctx.listener.continue_call(n.id);
+        }
+        datagrams.push(payload);
+    }
+    let is_batch = n.nr == libc::SYS_sendmmsg;
+    let ctx = ctx.clone();
+    ctx.runtime.clone().spawn(async move {
+        let result = send_through_pod(&ctx, &socket, dest, family, &datagrams, flags).await;
+        let answer = match result {
+            Ok(sent) if is_batch => {
+                // Each mmsghdr's msg_len gets the bytes sent for it.
+                let written = sent.iter().enumerate().all(|(i, &len)| {
+                    let at = first + i as u64 * MMSGHDR_SIZE + MSGHDR_SIZE;
+                    tracee::write_bytes(n.tid, at, &(len as u32).to_ne_bytes()).is_ok()
+                });
+                if written { Ok(sent.len() as i64) } else { Err(libc::EFAULT) }
+            }
+            Ok(sent) => Ok(sent[0] as i64),
             Err(errno) => Err(errno),
         };
-        if ctx.listener.is_valid(n.id) {
-            match result {
-                Ok(sent) => ctx.listener.return_value(n.id, sent as i64),
-                Err(errno) => ctx.listener.return_errno(n.id, errno),
-            }
-        }
+        answer_count(&ctx, &n, answer);
     });
 }
