@@ -101,20 +101,29 @@ pub fn peer_check(fd: BorrowedFd<'_>) -> Result<(), i32> {
 
 /// The local port of a socket (after connect or bind).
 pub fn local_port(fd: BorrowedFd<'_>) -> Result<u16, i32> {
-    // SAFETY: zeroed storage is valid; getsockname writes at most `len` bytes.
+    // SAFETY: getsockname writes at most `len` bytes into the storage `sockaddr_out` provides.
+    let raw = sockaddr_out(|addr, len| unsafe { libc::getsockname(fd.as_raw_fd(), addr, len) })?.1;
+    // sin_port and sin6_port sit at the same offset, in network order.
+    Ok(raw.get(2..4).map_or(0, |p| u16::from_be_bytes([p[0], p[1]])))
+}
+
+/// Runs a call that fills a sockaddr (getsockname, getpeername, accept4) and returns its
+/// result and the bytes it wrote.
+fn sockaddr_out(
+    call: impl FnOnce(*mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
+) -> Result<(libc::c_int, Vec<u8>), i32> {
+    // SAFETY: zeroed storage is a valid (empty) sockaddr.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::getsockname(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len)
-    };
-    if rc != 0 {
+    let rc = call((&mut addr as *mut libc::sockaddr_storage).cast(), &mut len);
+    if rc < 0 {
         return Err(last());
     }
-    // sin_port and sin6_port sit at the same offset, in network order.
-    // SAFETY: both families start with family + port; storage is large enough.
-    let port = unsafe { (*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port };
-    Ok(u16::from_be(port))
+    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: the first `len` bytes of `addr` are initialised (zeroed, then written by the call).
+    let raw =
+        unsafe { std::slice::from_raw_parts((&addr as *const libc::sockaddr_storage).cast::<u8>(), len) };
+    Ok((rc, raw.to_vec()))
 }
 
 /// sendto(2) with raw sockaddr bytes; returns the bytes sent or the errno.
@@ -161,40 +170,14 @@ pub fn ensure_bound(fd: BorrowedFd<'_>) -> Result<u16, i32> {
 /// accept4(2) on a (duplicated) listening socket: the new connection and its peer's raw
 /// sockaddr.
 pub fn accept(fd: BorrowedFd<'_>, flags: i32) -> Result<(OwnedFd, Vec<u8>), i32> {
-    // SAFETY: zeroed storage is valid; accept4 writes at most `len` bytes.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    let conn = unsafe {
-        libc::accept4(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len, flags)
-    };
-    if conn < 0 {
-        return Err(last());
-    }
-    // SAFETY: a fresh descriptor from the kernel; the sockaddr bytes lie within `addr`.
-    unsafe {
-        let raw =
-            std::slice::from_raw_parts((&addr as *const libc::sockaddr_storage).cast::<u8>(), len as usize)
-                .to_vec();
-        Ok((OwnedFd::from_raw_fd(conn), raw))
-    }
+    // SAFETY: accept4 writes at most `len` bytes into the storage `sockaddr_out` provides.
+    let (conn, raw) = sockaddr_out(|addr, len| unsafe { libc::accept4(fd.as_raw_fd(), addr, len, flags) })?;
+    // SAFETY: a fresh descriptor from the kernel.
+    Ok((unsafe { OwnedFd::from_raw_fd(conn) }, raw))
 }
 
 /// The peer's raw sockaddr (getpeername(2)).
 pub fn peer_addr(fd: BorrowedFd<'_>) -> Result<Vec<u8>, i32> {
-    // SAFETY: zeroed storage is valid; getpeername writes at most `len` bytes.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::getpeername(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len)
-    };
-    if rc != 0 {
-        return Err(last());
-    }
-    // SAFETY: the sockaddr bytes lie within `addr`.
-    Ok(unsafe {
-        std::slice::from_raw_parts((&addr as *const libc::sockaddr_storage).cast::<u8>(), len as usize)
-    }
-    .to_vec())
+    // SAFETY: getpeername writes at most `len` bytes into the storage `sockaddr_out` provides.
+    Ok(sockaddr_out(|addr, len| unsafe { libc::getpeername(fd.as_raw_fd(), addr, len) })?.1)
 }
