@@ -264,3 +264,21 @@ fn openat2_is_intercepted() {
     assert_eq!(out.trim(), pod.pod_hostname());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An app at its descriptor limit gets EMFILE for a pod file, as for a local one, instead of
+/// hanging: the descriptor kmirror hands over cannot be installed.
+#[test]
+fn a_full_descriptor_table_gets_emfile_for_pod_files() {
+    let pod = LocalPod::start(59);
+    let script = "import resource, os, errno\n\
+                  resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n\
+                  held = []\n\
+                  try:\n\
+                  \x20   while True: held.append(os.open('/dev/null', os.O_RDONLY))\n\
+                  except OSError as e: print('local=' + errno.errorcode[e.errno])\n\
+                  try: open('/etc/hostname').read(); print('pod=opened')\n\
+                  except OSError as e: print('pod=' + errno.errorcode[e.errno])\n\
+                  os.close(held.pop()); print('after=' + open('/etc/hostname').read().strip())\n";
+    let out = ok(&kmirror(pod.target_pid, &["--remote-timeout", "10"], &["python3", "-c", script]));
+    assert_eq!(out, format!("local=EMFILE\npod=EMFILE\nafter={}\n", pod.pod_hostname()));
+}

@@ -158,10 +158,8 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
 fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
         Ok(fd) => {
-            if ctx.listener.is_valid(n.id)
-                && let Err(e) = ctx.listener.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0)
-            {
-                tracing::debug!("could not hand a descriptor to the app: {e}");
+            if ctx.listener.is_valid(n.id) {
+                ctx.listener.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0);
             }
         }
         Err(errno) => answer(ctx, n, Err(errno)),

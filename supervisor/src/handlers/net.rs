@@ -259,9 +259,7 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
             Err(errno) => return ctx.listener.return_errno(n.id, errno),
         }
     }
-    if let Err(e) = ctx.listener.return_new_fd(n.id, conn.as_raw_fd(), flags & libc::SOCK_CLOEXEC != 0) {
-        tracing::debug!("could not hand an accepted connection to the app: {e}");
-    }
+    ctx.listener.return_new_fd(n.id, conn.as_raw_fd(), flags & libc::SOCK_CLOEXEC != 0);
 }
 
 /// Learns the ports the app serves: once its listen succeeds, the matching pod port is

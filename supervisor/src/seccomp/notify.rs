@@ -123,8 +123,10 @@ impl Listener {
     }
 
     /// Installs `fd` in the caller as a new descriptor and completes the call with its number,
-    /// atomically (no descriptor leaks into the caller if it is interrupted).
-    pub fn return_new_fd(&self, id: u64, fd: RawFd, cloexec: bool) -> std::io::Result<()> {
+    /// atomically (no descriptor leaks into the caller if it is interrupted). If the caller
+    /// cannot take another descriptor, the call fails with EMFILE as an open would; it is never
+    /// left unanswered.
+    pub fn return_new_fd(&self, id: u64, fd: RawFd, cloexec: bool) {
         let add = libc::seccomp_notif_addfd {
             id,
             flags: libc::SECCOMP_ADDFD_FLAG_SEND as u32,
@@ -133,6 +135,14 @@ impl Listener {
             newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
         };
         // SAFETY: ADDFD reads one `seccomp_notif_addfd`; with FLAG_SEND it also answers.
-        check(unsafe { libc::ioctl(self.raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &add) })
+        if let Err(e) = check(unsafe { libc::ioctl(self.raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &add) }) {
+            match e.raw_os_error() {
+                // The caller is gone, or the notification was already answered.
+                Some(libc::ENOENT) | Some(libc::EINPROGRESS) => {}
+                // EBADF: the caller's RLIMIT_NOFILE is reached; EMFILE: beyond nr_open.
+                Some(libc::EBADF) | Some(libc::EMFILE) => self.return_errno(id, libc::EMFILE),
+                other => self.return_errno(id, other.unwrap_or(libc::EIO)),
+            }
+        }
     }
 }
