@@ -110,6 +110,11 @@ fn read_mode_serves_the_pod_filesystem_and_matches_inside_answers() {
     expect_status(&run_go(&pod, go, &read, &["cat", "/data/escape"]), 2);
     // Local-only paths stay local in read mode: the binary itself and /proc.
     ok(&run_go(&pod, go, &read, &["stat", go]));
+    // `..` out of a pod directory into a local-only one: resolved by kmirror, served locally
+    // (the local kernel would fail: /data does not exist on this machine).
+    let local = std::fs::read_to_string("/usr/lib/os-release").unwrap();
+    assert_eq!(ok(&run_go(&pod, go, &read, &["cat", "/data/../usr/lib/os-release"])), local);
+    assert!(ok(&run_go(&pod, go, &read, &["stat", "/data/dir/../../usr"])).ends_with("type=dir\n"));
 }
 
 #[test]

@@ -136,7 +136,13 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
         || flags & libc::O_TMPFILE == libc::O_TMPFILE;
     match plan(ctx, &n, dirfd, path_ptr, write) {
         Plan::Local => ctx.listener.continue_call(n.id),
-        Plan::LocalAt(path) => deliver_fd(ctx, &n, localfs::open(&path, flags, mode), flags),
+        Plan::LocalAt(path) => {
+            // open(2) can block (a FIFO waits for its other end): never on the notify thread.
+            let ctx = ctx.clone();
+            ctx.runtime
+                .clone()
+                .spawn_blocking(move || deliver_fd(&ctx, &n, localfs::open(&path, flags, mode), flags));
+        }
         Plan::Virtual(v) => {
             let result = if flags & libc::O_DIRECTORY != 0 {
                 Err(libc::ENOTDIR)
