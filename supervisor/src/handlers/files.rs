@@ -153,7 +153,7 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
         }
         Plan::Remote(path) => {
             let ctx = ctx.clone();
-            ctx.runtime.clone().spawn(async move {
+            super::spawn_answering(ctx.clone(), n.id, async move {
                 let result = open_remote(&ctx, &path, flags).await;
                 deliver_fd(&ctx, &n, result, flags);
             });
@@ -305,7 +305,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
         }
         Plan::Remote(path) => {
             let ctx = ctx.clone();
-            ctx.runtime.clone().spawn(async move {
+            super::spawn_answering(ctx.clone(), n.id, async move {
                 let result = match remote_stat(&ctx, &path, follow).await {
                     Ok(st) => write_out(&ctx, &n, buf, &encode(&st)),
                     Err(errno) => Err(errno),
@@ -340,7 +340,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
         }
         Plan::Remote(path) => {
             let ctx = ctx.clone();
-            ctx.runtime.clone().spawn(async move {
+            super::spawn_answering(ctx.clone(), n.id, async move {
                 let result = remote(&ctx, Request::Access { path, mode }).await.map(|_| 0);
                 answer(&ctx, &n, result);
             });
@@ -367,7 +367,7 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
         Plan::Remote(path) => {
             let ctx = ctx.clone();
-            ctx.runtime.clone().spawn(async move {
+            super::spawn_answering(ctx.clone(), n.id, async move {
                 let result = async {
                     if size <= 0 {
                         return Err(libc::EINVAL);

@@ -82,6 +82,24 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs a handler that answers notification `id` on the runtime. Should it panic, the call
+/// fails with EIO rather than leaving the app blocked forever (a second answer to an already
+/// answered notification is refused by the kernel and harmless).
+pub fn spawn_answering(
+    ctx: Arc<Context>,
+    id: u64,
+    handler: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let handle = ctx.runtime.spawn(handler);
+    let listener = ctx.listener.clone();
+    ctx.runtime.spawn(async move {
+        if let Err(e) = handle.await {
+            tracing::error!("a handler failed ({e}); the app's call gets EIO");
+            listener.return_errno(id, libc::EIO);
+        }
+    });
+}
+
 /// Routes one notification to its handler.
 pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
     crate::stats::count(n.nr);

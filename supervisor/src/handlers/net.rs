@@ -50,11 +50,15 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     match (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())) {
         (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) => {
             let ctx = ctx.clone();
-            ctx.runtime.clone().spawn(async move { connect_tcp(&ctx, n, socket, dest, family).await });
+            super::spawn_answering(ctx.clone(), n.id, async move {
+                connect_tcp(&ctx, n, socket, dest, family).await
+            });
         }
         (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) => {
             let ctx = ctx.clone();
-            ctx.runtime.clone().spawn(async move { connect_udp(&ctx, n, socket, dest, family).await });
+            super::spawn_answering(ctx.clone(), n.id, async move {
+                connect_udp(&ctx, n, socket, dest, family).await
+            });
         }
         // Raw sockets, SCTP, MPTCP...: not tunnelled; the kernel handles them locally.
         _ => ctx.listener.continue_call(n.id),
@@ -274,7 +278,7 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
     }
     let Ok(local_port) = sockets::local_port(socket.as_fd()) else { return };
     let ctx = ctx.clone();
-    ctx.runtime.clone().spawn(async move {
+    super::spawn_answering(ctx.clone(), n.id, async move {
         // An unbound socket gets its port from listen itself, which runs once we answered.
         let mut local_port = local_port;
         for _ in 0..50 {
@@ -291,7 +295,8 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
         if !super::lock(&ctx.subscribed).insert(pod_port) {
             return;
         }
-        let filter = if mode == kmirror_protocol::IncomingMode::Steal { ctx.incoming_filter.clone() } else { None };
+        let filter =
+            if mode == kmirror_protocol::IncomingMode::Steal { ctx.incoming_filter.clone() } else { None };
         let request = kmirror_protocol::Request::Subscribe { port: pod_port, mode, filter };
         match ctx.tunnel.request(request, ctx.remote_timeout).await {
             Ok(kmirror_protocol::Response::Subscribed) => {
@@ -300,11 +305,15 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
             outcome => {
                 super::lock(&ctx.subscribed).remove(&pod_port);
                 let why = match outcome {
-                    Ok(kmirror_protocol::Response::Error(errno)) => std::io::Error::from_raw_os_error(errno.0).to_string(),
+                    Ok(kmirror_protocol::Response::Error(errno)) => {
+                        std::io::Error::from_raw_os_error(errno.0).to_string()
+                    }
                     Ok(other) => format!("unexpected answer {other:?}"),
                     Err(e) => e.to_string(),
                 };
-                eprintln!("kmirror: cannot {mode:?} pod port {pod_port} to local port {local_port}: {why} (see the agent's message above)");
+                eprintln!(
+                    "kmirror: cannot {mode:?} pod port {pod_port} to local port {local_port}: {why} (see the agent's message above)"
+                );
             }
         }
     });
@@ -328,7 +337,7 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
         return ctx.listener.return_errno(n.id, libc::EFAULT);
     };
     let ctx = ctx.clone();
-    ctx.runtime.clone().spawn(async move {
+    super::spawn_answering(ctx.clone(), n.id, async move {
         let result = send_through_pod(&ctx, &socket, dest, family, &[payload], flags).await;
         answer_count(&ctx, &n, result.map(|sent| sent[0] as i64));
     });
@@ -452,7 +461,7 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     }
     let is_batch = n.nr == libc::SYS_sendmmsg;
     let ctx = ctx.clone();
-    ctx.runtime.clone().spawn(async move {
+    super::spawn_answering(ctx.clone(), n.id, async move {
         let result = send_through_pod(&ctx, &socket, dest, family, &datagrams, flags).await;
         let answer = match result {
             Ok(sent) if is_batch => {
