@@ -125,6 +125,31 @@ struct Figure {
     note: Option<String>,
 }
 
+/// A latency overhead: kmirror's p50 minus the in-pod client's, with every baseline (in-pod,
+/// host over the veth, kmirror; p50 and p99) and the target on the p50.
+fn latency_overhead(name: &'static str, s: &Series, target_p50_us: f64) -> Figure {
+    let p50 = s.med("km_p50") - s.med("inpod_p50");
+    Figure::new(name, p50, "us", &format!("p50 <= {target_p50_us} us"))
+        .base("inpod_p50_us", s.med("inpod_p50"))
+        .base("inpod_p99_us", s.med("inpod_p99"))
+        .base("host_veth_p50_us", s.med("veth_p50"))
+        .base("host_veth_p99_us", s.med("veth_p99"))
+        .base("kmirror_p50_us", s.med("km_p50"))
+        .base("kmirror_p99_us", s.med("km_p99"))
+        .base("overhead_p99_us", s.med("km_p99") - s.med("inpod_p99"))
+        .base("overhead_vs_veth_p50_us", s.med("km_p50") - s.med("veth_p50"))
+        .met(p50 <= target_p50_us)
+        .summary(format!(
+            "p50/p99 us: in-pod {:.0}/{:.0}, veth {:.0}/{:.0}, kmirror {:.0}/{:.0}",
+            s.med("inpod_p50"),
+            s.med("inpod_p99"),
+            s.med("veth_p50"),
+            s.med("veth_p99"),
+            s.med("km_p50"),
+            s.med("km_p99")
+        ))
+}
+
 impl Figure {
     fn new(name: &'static str, value: f64, unit: &'static str, target: &str) -> Figure {
         Figure {
@@ -883,50 +908,9 @@ impl Bench {
         }
 
         let mut figures = Vec::new();
-        let rtt50 = rtt.med("km_p50") - rtt.med("inpod_p50");
-        figures.push(
-            Figure::new("tunnel_rtt_overhead_us", rtt50, "us", "p50 <= 50 us")
-                .base("inpod_p50_us", rtt.med("inpod_p50"))
-                .base("inpod_p99_us", rtt.med("inpod_p99"))
-                .base("host_veth_p50_us", rtt.med("veth_p50"))
-                .base("host_veth_p99_us", rtt.med("veth_p99"))
-                .base("kmirror_p50_us", rtt.med("km_p50"))
-                .base("kmirror_p99_us", rtt.med("km_p99"))
-                .base("overhead_p99_us", rtt.med("km_p99") - rtt.med("inpod_p99"))
-                .base("overhead_vs_veth_p50_us", rtt.med("km_p50") - rtt.med("veth_p50"))
-                .met(rtt50 <= 50.0)
-                .summary(format!(
-                    "p50/p99 us: in-pod {:.0}/{:.0}, veth {:.0}/{:.0}, kmirror {:.0}/{:.0}",
-                    rtt.med("inpod_p50"),
-                    rtt.med("inpod_p99"),
-                    rtt.med("veth_p50"),
-                    rtt.med("veth_p99"),
-                    rtt.med("km_p50"),
-                    rtt.med("km_p99")
-                )),
-        );
         let conn50 = conn.med("km_p50") - conn.med("inpod_p50");
-        figures.push(
-            Figure::new("conn_setup_overhead_us", conn50, "us", "p50 <= 200 us")
-                .base("inpod_p50_us", conn.med("inpod_p50"))
-                .base("inpod_p99_us", conn.med("inpod_p99"))
-                .base("host_veth_p50_us", conn.med("veth_p50"))
-                .base("host_veth_p99_us", conn.med("veth_p99"))
-                .base("kmirror_p50_us", conn.med("km_p50"))
-                .base("kmirror_p99_us", conn.med("km_p99"))
-                .base("overhead_p99_us", conn.med("km_p99") - conn.med("inpod_p99"))
-                .base("overhead_vs_veth_p50_us", conn.med("km_p50") - conn.med("veth_p50"))
-                .met(conn50 <= 200.0)
-                .summary(format!(
-                    "p50/p99 us: in-pod {:.0}/{:.0}, veth {:.0}/{:.0}, kmirror {:.0}/{:.0}",
-                    conn.med("inpod_p50"),
-                    conn.med("inpod_p99"),
-                    conn.med("veth_p50"),
-                    conn.med("veth_p99"),
-                    conn.med("km_p50"),
-                    conn.med("km_p99")
-                )),
-        );
+        figures.push(latency_overhead("tunnel_rtt_overhead_us", &rtt, 50.0));
+        figures.push(latency_overhead("conn_setup_overhead_us", &conn, 200.0));
         figures.push(if proxychains.is_some() {
             // Each redirector against the direct path its last leg takes: the SOCKS server
             // dials over the veth, kmirror's agent dials inside the pod.
