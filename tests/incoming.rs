@@ -74,7 +74,10 @@ fn steal_answers_from_the_local_app_and_fails_open() {
     let app = start(&pod, &["--incoming", "steal"], &go_serve(&pod, 0));
     let stolen = get(addr, "/stolen");
     assert_eq!(stolen, "local-app /stolen\n");
-    assert!(app.stdout_lines().iter().any(|l| l.contains("path=/stolen")));
+    // The app logs after answering; its line may trail the response a little.
+    app.wait_stdout("the stolen request in the app's log", Duration::from_secs(5), |lines| {
+        lines.iter().any(|l| l.contains("path=/stolen "))
+    });
     let again = earlier.request("GET", "/e2", &[], b"").unwrap();
     assert_eq!(again.text(), format!("pod-echo {} /e2\n", pod.index), "existing connection was taken over");
 
@@ -260,4 +263,15 @@ fn the_app_sees_the_pod_client_as_its_peer() {
     let client = format!("::ffff:{}", pod.host_ip);
     assert!(lines.contains(&format!("accepted={client}")), "{lines:?}");
     assert!(lines.contains(&format!("peer={client}")), "{lines:?}");
+}
+
+/// Stealing works for IPv6 clients too (the agent's listener is dual-stack).
+#[test]
+fn steal_answers_ipv6_clients() {
+    let pod = LocalPod::start(48);
+    let addr6 = SocketAddr::from((pod.pod_ip6, 8080));
+    assert_eq!(get(addr6, "/v6-before"), format!("pod-echo {} /v6-before\n", pod.index));
+    let _app = start(&pod, &["--incoming", "steal"], &go_serve(&pod, 0));
+    assert_eq!(get(addr6, "/v6"), "local-app /v6\n");
+    assert_eq!(get(pod_addr(&pod), "/v4"), "local-app /v4\n");
 }
