@@ -109,6 +109,22 @@ pub fn enter(netns: &OwnedFd) -> std::io::Result<()> {
     }
 }
 
+/// Lets an IPv6 socket carry IPv4 too (v4-mapped addresses), whatever the namespace's default.
+pub fn set_dual_stack(fd: &OwnedFd) -> std::io::Result<()> {
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt with an int-sized value on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) with plain integer arguments; the result is checked before use.
     let fd = unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };

@@ -317,7 +317,11 @@ class HttpServer(http.server.ThreadingHTTPServer):
     # Load tests open hundreds of connections at once; the default backlog of 5 would drop SYNs.
     request_queue_size = 1024
 
+    # Dual-stack: the pod's IPv4 and IPv6 addresses on one socket.
+    address_family = socket.AF_INET6
+
     def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # HTTPServer.server_bind would call socket.getfqdn(), i.e. a reverse
         # DNS lookup through the HOST's resolv.conf from inside the pod netns:
         # slow (timeouts) and traffic we never want. Skip it.
@@ -423,7 +427,7 @@ def main():
     dns_tcp.listen(64)
     # On every address: the pod's clients reach it on the pod IP (the veth), which is where
     # kmirror's incoming-traffic classifier sits; the service IP on lo stays pod-only.
-    http_server = HttpServer(("0.0.0.0", 8080), make_http_handler(args.index, dns_log))
+    http_server = HttpServer(("::", 8080), make_http_handler(args.index, dns_log))
     echo_server = LineEchoServer((args.service_ip, 7777), make_line_echo_handler(args.index))
     udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_echo.bind((args.service_ip, 7778))

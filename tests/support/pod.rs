@@ -25,7 +25,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -94,6 +94,8 @@ pub struct LocalPod {
     pub host_ip: Ipv4Addr,
     /// Pod end of the veth, `10.214.<index>.2/30`.
     pub pod_ip: Ipv4Addr,
+    /// IPv6 address of the pod end of the veth, `fd00:214:<index>::2/64` (host end `::1`).
+    pub pod_ip6: Ipv6Addr,
     /// Pod-only service address on the pod's `lo`, `10.213.<index>.9`.
     pub service_ip: Ipv4Addr,
     /// Pod-only DNS server address on the pod's `lo`, `10.213.<index>.10`.
@@ -140,6 +142,7 @@ impl LocalPod {
             netns: format!("kmpod{index}"),
             host_ip: Ipv4Addr::new(10, 214, index, 1),
             pod_ip: Ipv4Addr::new(10, 214, index, 2),
+            pod_ip6: Ipv6Addr::new(0xfd00, 0x214, index as u16, 0, 0, 0, 0, 2),
             service_ip: Ipv4Addr::new(10, 213, index, 9),
             dns_ip: Ipv4Addr::new(10, 213, index, 10),
             target_pid: 0,
@@ -275,6 +278,11 @@ impl LocalPod {
         run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         run(&["ip", "-n", ns, "addr", "add", &pod_cidr, "dev", kmp]);
         run(&["ip", "-n", ns, "link", "set", kmp, "up"]);
+        // IPv6 on the veth too (no duplicate address detection, so it is usable at once).
+        let host6 = format!("fd00:214:{:x}::1/64", self.index);
+        let pod6 = format!("{}/64", self.pod_ip6);
+        run(&["ip", "addr", "add", &host6, "dev", kmh, "nodad"]);
+        run(&["ip", "-n", ns, "addr", "add", &pod6, "dev", kmp, "nodad"]);
         run(&["ip", "-n", ns, "addr", "add", &service, "dev", "lo"]);
         run(&["ip", "-n", ns, "addr", "add", &dns, "dev", "lo"]);
         run(&["ip", "-n", ns, "route", "add", "default", "via", &gateway]);

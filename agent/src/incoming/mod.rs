@@ -148,11 +148,13 @@ impl IncomingService {
         Ok((commands, thread))
     }
 
+    /// One dual-stack listener takes stolen IPv4 and IPv6 connections alike.
     async fn steal_listener(&self) -> std::io::Result<TcpListener> {
-        let fd = self.netns.socket(libc::AF_INET, libc::SOCK_STREAM).await?;
+        let fd = self.netns.socket(libc::AF_INET6, libc::SOCK_STREAM).await?;
+        crate::netns::set_dual_stack(&fd)?;
         let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
         socket.set_reuseaddr(true)?;
-        socket.bind("0.0.0.0:0".parse().expect("valid"))?;
+        socket.bind("[::]:0".parse().expect("valid"))?;
         socket.listen(1024)
     }
 
