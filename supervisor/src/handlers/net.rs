@@ -204,10 +204,15 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
+    // Most sockets are neither redirected nor delivered: answer those with as few calls as possible.
+    let redirected = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode));
+    if redirected.is_none() && ctx.incoming_peers.is_empty() {
+        return ctx.listener.continue_call(n.id);
+    }
     let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
         return ctx.listener.continue_call(n.id);
     };
-    let encoded = match sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode)) {
+    let encoded = match redirected {
         Some(dest) => {
             // Only a connected socket has a peer: Go polls getpeername to learn whether a
             // connect finished, so an unfinished one must still say ENOTCONN.
@@ -216,13 +221,12 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
             }
             net::encode_sockaddr(dest, family)
         }
-        None if !ctx.incoming_peers.is_empty() => {
+        None => {
             match sockets::peer_addr(socket.as_fd()).ok().and_then(|raw| incoming_client(ctx, &raw, family)) {
                 Some(client) => client,
                 None => return ctx.listener.continue_call(n.id),
             }
         }
-        None => return ctx.listener.continue_call(n.id),
     };
     match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
         Ok(()) => ctx.listener.return_value(n.id, 0),
@@ -398,19 +402,32 @@ fn answer_count(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
     }
 }
 
-/// Reads one `struct msghdr`: (destination pointer and length, gathered payload), or `None`
-/// when it has control messages (kept by the kernel path) or is too large.
-fn read_msghdr(tid: u32, at: u64) -> Option<(u64, usize, Vec<u8>)> {
+/// The fields of one `struct msghdr` kmirror needs.
+struct MsgHeader {
+    name: u64,
+    name_len: usize,
+    iov: u64,
+    iov_len: u64,
+}
+
+/// Reads one `struct msghdr`; `None` when it has control messages (kept by the kernel path) or
+/// cannot be read. Only the header: the payload is gathered once the destination is known to
+/// be the pod's (most sendmsg calls name none and go straight back to the kernel).
+fn read_msghdr(tid: u32, at: u64) -> Option<MsgHeader> {
     let hdr = tracee::read_bytes(tid, at, MSGHDR_SIZE as usize).ok()?;
     let word = |o: usize| u64::from_ne_bytes(hdr[o..o + 8].try_into().expect("8 bytes"));
-    let (name, name_len) = (word(0), u32::from_ne_bytes(hdr[8..12].try_into().expect("4 bytes")) as usize);
-    let (iov, iov_len, control_len) = (word(16), word(24), word(40));
-    if control_len != 0 || iov_len > 1024 {
+    let name_len = u32::from_ne_bytes(hdr[8..12].try_into().expect("4 bytes")) as usize;
+    (word(40) == 0).then(|| MsgHeader { name: word(0), name_len, iov: word(16), iov_len: word(24) })
+}
+
+/// The message's payload, gathered from its iovecs; `None` past the largest datagram.
+fn gather_payload(tid: u32, hdr: &MsgHeader) -> Option<Vec<u8>> {
+    if hdr.iov_len > 1024 {
         return None;
     }
     let mut payload = Vec::new();
-    if iov_len > 0 {
-        let vecs = tracee::read_bytes(tid, iov, (iov_len * IOVEC_SIZE) as usize).ok()?;
+    if hdr.iov_len > 0 {
+        let vecs = tracee::read_bytes(tid, hdr.iov, (hdr.iov_len * IOVEC_SIZE) as usize).ok()?;
         for v in vecs.chunks_exact(IOVEC_SIZE as usize) {
             let base = u64::from_ne_bytes(v[..8].try_into().expect("8 bytes"));
             let len = u64::from_ne_bytes(v[8..].try_into().expect("8 bytes")) as usize;
@@ -420,7 +437,7 @@ fn read_msghdr(tid: u32, at: u64) -> Option<(u64, usize, Vec<u8>)> {
             payload.extend(tracee::read_bytes(tid, base, len).ok()?);
         }
     }
-    Some((name, name_len, payload))
+    Some(payload)
 }
 
 /// `sendmsg`/`sendmmsg` naming a pod destination on an unconnected UDP socket: as `sendto`.
@@ -434,29 +451,29 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
         (n.args[1], n.args[2].min(1024), n.args[3] as i32)
     };
     let stride = if n.nr == libc::SYS_sendmsg { MSGHDR_SIZE } else { MMSGHDR_SIZE };
-    let Some((name, name_len, _)) = read_msghdr(n.tid, first) else {
+    let Some(hdr) = read_msghdr(n.tid, first) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Some((socket, dest, family)) = pod_datagram_target(ctx, &n, fd, name, name_len) else {
+    let Some((socket, dest, family)) = pod_datagram_target(ctx, &n, fd, hdr.name, hdr.name_len) else {
         return ctx.listener.continue_call(n.id);
     };
     // Every message of a batch must go to the same pod destination to be emulated as one.
     let mut datagrams = Vec::new();
     for i in 0..count {
-        let Some((m_name, m_len, payload)) = read_msghdr(n.tid, first + i * stride) else {
+        let Some(hdr) = read_msghdr(n.tid, first + i * stride) else {
             return ctx.listener.continue_call(n.id);
         };
-        let same = m_name != 0
-            && tracee::read_bytes(n.tid, m_name, m_len)
+        let same = hdr.name != 0
+            && tracee::read_bytes(n.tid, hdr.name, hdr.name_len)
                 .ok()
                 .and_then(|raw| match net::parse_sockaddr(&raw) {
                     Some(Destination::Inet(d)) => Some(net::canonical(d) == dest),
                     _ => None,
                 })
                 .unwrap_or(false);
-        if !same {
+        let Some(payload) = same.then(|| gather_payload(n.tid, &hdr)).flatten() else {
             return ctx.listener.continue_call(n.id);
-        }
+        };
         datagrams.push(payload);
     }
     let is_batch = n.nr == libc::SYS_sendmmsg;
