@@ -194,14 +194,7 @@ fn errors_and_access_checks_come_from_the_pod() {
 #[test]
 fn unconnected_udp_sendto_reaches_the_pod() {
     let pod = LocalPod::start(19);
-    let local = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let local_port = local.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 100];
-        while let Ok((n, from)) = local.recv_from(&mut buf) {
-            let _ = local.send_to(&[b"local:", &buf[..n]].concat(), from);
-        }
-    });
+    let local_port = local_udp_echo();
     let script = format!(
         "import socket\n\
          u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
@@ -217,5 +210,59 @@ fn unconnected_udp_sendto_reaches_the_pod() {
     assert_eq!(
         out,
         format!("reply=pod-udp {n}: a\nreply=pod-udp {n}: b\nlocal=local:l\nreply6=pod-udp {n}: c\n")
+    );
+}
+
+/// A local UDP echo server that prefixes replies with `local:`; its port.
+fn local_udp_echo() -> u16 {
+    let local = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = local.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        while let Ok((n, from)) = local.recv_from(&mut buf) {
+            let _ = local.send_to(&[b"local:", &buf[..n]].concat(), from);
+        }
+    });
+    port
+}
+
+/// `sendmsg` with control messages to a pod destination goes through the pod with them
+/// applied (a UDP_SEGMENT send arrives as its segments), and a `sendmmsg` batch that mixes pod
+/// and local destinations delivers every message to its own destination, in order.
+#[test]
+fn udp_control_messages_and_mixed_batches_reach_their_destinations() {
+    let pod = LocalPod::start(20);
+    let local_port = local_udp_echo();
+    let script = format!(
+        "import ctypes, socket, struct\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
+         replies = lambda k: ','.join(sorted(u.recvfrom(100)[0].decode() for _ in range(k)))\n\
+         u.sendmsg([b't'], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 0x10))], 0, ('{ip}', 7778))\n\
+         print('tos=' + replies(1))\n\
+         u.sendmsg([b'xyz'], [(socket.SOL_UDP, 103, struct.pack('H', 1))], 0, ('{ip}', 7778))\n\
+         print('gso=' + replies(3))\n\
+         class Iov(ctypes.Structure): _fields_ = [('base', ctypes.c_char_p), ('len', ctypes.c_size_t)]\n\
+         class Hdr(ctypes.Structure): _fields_ = [('name', ctypes.c_char_p), ('namelen', ctypes.c_uint32),\n\
+         \x20   ('iov', ctypes.POINTER(Iov)), ('iovlen', ctypes.c_size_t), ('control', ctypes.c_void_p),\n\
+         \x20   ('controllen', ctypes.c_size_t), ('flags', ctypes.c_int)]\n\
+         class Msg(ctypes.Structure): _fields_ = [('hdr', Hdr), ('sent', ctypes.c_uint)]\n\
+         addr = lambda h, p: struct.pack('=H', socket.AF_INET) + struct.pack('!H', p) + socket.inet_aton(h) + bytes(8)\n\
+         batch = [(b'm1', addr('{ip}', 7778)), (b'l1', addr('127.0.0.1', {local_port})), (b'm2', addr('{ip}', 7778))]\n\
+         iovs = [Iov(data, len(data)) for data, _ in batch]\n\
+         msgs = (Msg * 3)(*[Msg(Hdr(name, len(name), ctypes.pointer(iov), 1)) for (_, name), iov in zip(batch, iovs)])\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         sent = libc.sendmmsg(u.fileno(), msgs, 3, 0)\n\
+         print('batch=%d errno=%d lens=%s' % (sent, ctypes.get_errno(), [m.sent for m in msgs]))\n\
+         print('replies=' + replies(3))\n",
+        ip = pod.service_ip
+    );
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let n = pod.index;
+    assert_eq!(
+        out,
+        format!(
+            "tos=pod-udp {n}: t\ngso=pod-udp {n}: x,pod-udp {n}: y,pod-udp {n}: z\n\
+             batch=3 errno=0 lens=[2, 2, 2]\nreplies=local:l1,pod-udp {n}: m1,pod-udp {n}: m2\n"
+        )
     );
 }

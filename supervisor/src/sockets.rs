@@ -126,19 +126,34 @@ fn sockaddr_out(
     Ok((rc, raw.to_vec()))
 }
 
-/// sendto(2) with raw sockaddr bytes; returns the bytes sent or the errno.
-pub fn send_to(fd: BorrowedFd<'_>, payload: &[u8], flags: i32, sockaddr: &[u8]) -> Result<usize, i32> {
-    // SAFETY: both buffers are valid for the given lengths.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            payload.as_ptr().cast(),
-            payload.len(),
-            flags | libc::MSG_NOSIGNAL,
-            sockaddr.as_ptr().cast(),
-            sockaddr.len() as libc::socklen_t,
-        )
-    };
+/// `sendmsg` of one buffer with the given control bytes and, if any, destination address.
+pub fn send_msg(
+    fd: BorrowedFd<'_>,
+    payload: &[u8],
+    control: &[u8],
+    sockaddr: Option<&[u8]>,
+    flags: i32,
+) -> Result<usize, i32> {
+    // cmsghdr needs 8-byte alignment, which a byte vector does not promise.
+    let mut aligned = vec![0u64; control.len().div_ceil(8)];
+    // SAFETY: `aligned` holds at least `control.len()` bytes and does not overlap `control`.
+    unsafe { std::ptr::copy_nonoverlapping(control.as_ptr(), aligned.as_mut_ptr().cast(), control.len()) };
+    let mut iov = libc::iovec { iov_base: payload.as_ptr().cast_mut().cast(), iov_len: payload.len() };
+    // SAFETY: an all-zero msghdr is valid: no name, no buffers, no control.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(name) = sockaddr {
+        msg.msg_name = name.as_ptr().cast_mut().cast();
+        msg.msg_namelen = name.len() as libc::socklen_t;
+    }
+    if !control.is_empty() {
+        msg.msg_control = aligned.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+    }
+    // SAFETY: every pointer in `msg` refers to a live buffer of the stated length; the kernel
+    // only reads them.
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags | libc::MSG_NOSIGNAL) };
     if n < 0 { Err(last()) } else { Ok(n as usize) }
 }
 

@@ -6,6 +6,7 @@
 //! in microseconds — important because Go makes `getpeername` as a raw syscall that holds up
 //! its garbage collector. Calls that need the pod are handed to tokio and run concurrently.
 
+mod datagram;
 mod files;
 mod net;
 
@@ -108,8 +109,8 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
         libc::SYS_listen => net::on_listen(ctx, n),
         libc::SYS_accept | libc::SYS_accept4 => net::on_accept(ctx, n),
-        libc::SYS_sendto => net::on_sendto(ctx, n),
-        libc::SYS_sendmsg | libc::SYS_sendmmsg => net::on_sendmsg(ctx, n),
+        libc::SYS_sendto => datagram::on_sendto(ctx, n),
+        libc::SYS_sendmsg | libc::SYS_sendmmsg => datagram::on_sendmsg(ctx, n),
         libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
         libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),

@@ -1,0 +1,265 @@
+//! `sendto`, `sendmsg` and `sendmmsg` that name a destination on a UDP socket.
+//!
+//! A datagram for a pod address goes through a relay for that (socket, destination) pair. It
+//! is sent by the app's own socket (through our duplicate) to the relay, so the kernel binds
+//! the socket as it would, and the relay receives it from the app's real address; the pod's
+//! replies come back from the relay's address. Control messages (IP_TOS, UDP_SEGMENT, ...) go
+//! with the datagram, so the kernel applies them to the hop to the relay: a GSO send arrives
+//! at the relay as the segments the pod must see.
+//!
+//! A batch that mixes pod and other destinations is sent here message by message, in order,
+//! the others with their own address, because the kernel cannot be given back half a batch.
+
+use super::Context;
+use crate::policy::net::{self, Destination, Route};
+use crate::seccomp::Notification;
+use crate::{sockets, tracee};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+/// Largest UDP payload over IPv4.
+const MAX_DATAGRAM: usize = 65_507;
+/// Most control bytes one message may carry (the kernel's `optmem_max` is smaller by default).
+const MAX_CONTROL: usize = 64 * 1024;
+/// `UIO_MAXIOV`: the most iovecs one message may have.
+const MAX_IOV: u64 = 1024;
+/// Layout of `struct msghdr` / `struct mmsghdr` / `struct iovec` on x86_64.
+const MSGHDR_SIZE: usize = 56;
+const MMSGHDR_SIZE: usize = 64;
+const IOVEC_SIZE: usize = 16;
+
+/// The fields of one `struct msghdr` kmirror needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MsgHeader {
+    name: u64,
+    name_len: usize,
+    iov: u64,
+    iov_len: u64,
+    control: u64,
+    control_len: usize,
+}
+
+/// Parses a `struct msghdr` (the first 56 bytes of `raw`).
+fn parse_msghdr(raw: &[u8]) -> MsgHeader {
+    let word = |o: usize| u64::from_ne_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
+    let name_len = u32::from_ne_bytes(raw[8..12].try_into().expect("4 bytes")) as usize;
+    MsgHeader {
+        name: word(0),
+        name_len,
+        iov: word(16),
+        iov_len: word(24),
+        control: word(32),
+        control_len: word(40) as usize,
+    }
+}
+
+/// One datagram to send, with where it goes.
+struct Datagram {
+    payload: Vec<u8>,
+    control: Vec<u8>,
+    /// The app's own address bytes (sent as given when the destination is not the pod's).
+    name: Option<Vec<u8>>,
+    /// The pod destination and the address family the app named it in.
+    pod: Option<(SocketAddr, i32)>,
+}
+
+/// The pod destination named by `raw`, if any.
+fn pod_destination(ctx: &Context, raw: &[u8]) -> Option<(SocketAddr, i32)> {
+    let Some(Destination::Inet(dest)) = net::parse_sockaddr(raw) else { return None };
+    let Route::Remote(dest) = ctx.outgoing.route(dest) else { return None };
+    Some((dest, net::family_of(raw)))
+}
+
+/// Reads a destination address; `None` for none or an implausible one (the kernel judges it).
+fn read_name(tid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+    (addr != 0 && (2..=128).contains(&len)).then(|| tracee::read_bytes(tid, addr, len).ok()).flatten()
+}
+
+/// The app's socket when it is UDP: TCP ignores the address on a connected socket, and the
+/// rest stays the kernel's.
+fn udp_socket(ctx: &Context, n: &Notification, fd: i32) -> Option<OwnedFd> {
+    let socket = ctx.threads.take_fd(n.tid, fd).ok()?;
+    let udp = matches!(
+        (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())),
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP))
+    );
+    udp.then_some(socket)
+}
+
+pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
+    let (fd, buf, len, flags, addr, addr_len) =
+        (n.args[0] as i32, n.args[1], n.args[2] as usize, n.args[3] as i32, n.args[4], n.args[5] as usize);
+    let Some(name) = read_name(n.tid, addr, addr_len) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(pod) = pod_destination(ctx, &name) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(socket) = udp_socket(ctx, &n, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    if len > MAX_DATAGRAM {
+        return ctx.listener.return_errno(n.id, libc::EMSGSIZE);
+    }
+    let Ok(payload) = tracee::read_bytes(n.tid, buf, len) else {
+        return ctx.listener.return_errno(n.id, libc::EFAULT);
+    };
+    let datagram = Datagram { payload, control: Vec::new(), name: Some(name), pod: Some(pod) };
+    let ctx = ctx.clone();
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let result = send_all(&ctx, &socket, std::slice::from_ref(&datagram), flags).await;
+        answer(&ctx, &n, result.map(|sent| sent[0] as i64));
+    });
+}
+
+/// `sendmsg`/`sendmmsg`: emulated when any message names a pod destination. Messages without
+/// one (connected sockets, glibc's resolver) cost only the header read here.
+pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
+    let fd = n.args[0] as i32;
+    let is_batch = n.nr == libc::SYS_sendmmsg;
+    let (first, count, flags) = if is_batch {
+        (n.args[1], n.args[2].min(MAX_IOV) as usize, n.args[3] as i32)
+    } else {
+        (n.args[1], 1, n.args[2] as i32)
+    };
+    let stride = if is_batch { MMSGHDR_SIZE } else { MSGHDR_SIZE };
+    let Ok(raw) = tracee::read_bytes(n.tid, first, stride * count) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let headers: Vec<MsgHeader> = raw.chunks_exact(stride).map(parse_msghdr).collect();
+    let mut destinations = Vec::with_capacity(count);
+    for hdr in &headers {
+        let name = read_name(n.tid, hdr.name, hdr.name_len);
+        let pod = name.as_deref().and_then(|raw| pod_destination(ctx, raw));
+        destinations.push((name, pod));
+    }
+    if destinations.iter().all(|(_, pod)| pod.is_none()) {
+        return ctx.listener.continue_call(n.id);
+    }
+    let Some(socket) = udp_socket(ctx, &n, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    // As the kernel does, a message that cannot be read ends the batch there; only a failure
+    // on the first one is the call's error.
+    let mut datagrams = Vec::with_capacity(count);
+    for (hdr, (name, pod)) in headers.iter().zip(destinations) {
+        match gather(n.tid, hdr) {
+            Ok((payload, control)) => datagrams.push(Datagram { payload, control, name, pod }),
+            Err(errno) if datagrams.is_empty() => return ctx.listener.return_errno(n.id, errno),
+            Err(_) => break,
+        }
+    }
+    let ctx = ctx.clone();
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let answer_value = match send_all(&ctx, &socket, &datagrams, flags).await {
+            Ok(sent) if is_batch => {
+                // Each mmsghdr's msg_len gets the bytes sent for it.
+                let written = sent.iter().enumerate().all(|(i, &len)| {
+                    let at = first + (i * MMSGHDR_SIZE + MSGHDR_SIZE) as u64;
+                    tracee::write_bytes(n.tid, at, &(len as u32).to_ne_bytes()).is_ok()
+                });
+                if written { Ok(sent.len() as i64) } else { Err(libc::EFAULT) }
+            }
+            Ok(sent) => Ok(sent[0] as i64),
+            Err(errno) => Err(errno),
+        };
+        answer(&ctx, &n, answer_value);
+    });
+}
+
+/// The payload (gathered from its iovecs) and control bytes of one message.
+fn gather(tid: u32, hdr: &MsgHeader) -> Result<(Vec<u8>, Vec<u8>), i32> {
+    if hdr.iov_len > MAX_IOV {
+        return Err(libc::EMSGSIZE);
+    }
+    if hdr.control_len > MAX_CONTROL {
+        return Err(libc::ENOBUFS);
+    }
+    let mut payload = Vec::new();
+    if hdr.iov_len > 0 {
+        let vecs =
+            tracee::read_bytes(tid, hdr.iov, hdr.iov_len as usize * IOVEC_SIZE).map_err(|_| libc::EFAULT)?;
+        for v in vecs.chunks_exact(IOVEC_SIZE) {
+            let base = u64::from_ne_bytes(v[..8].try_into().expect("8 bytes"));
+            let len = u64::from_ne_bytes(v[8..].try_into().expect("8 bytes")) as usize;
+            if payload.len() + len > MAX_DATAGRAM {
+                return Err(libc::EMSGSIZE);
+            }
+            payload.extend(tracee::read_bytes(tid, base, len).map_err(|_| libc::EFAULT)?);
+        }
+    }
+    let control = match hdr.control_len {
+        0 => Vec::new(),
+        len => tracee::read_bytes(tid, hdr.control, len).map_err(|_| libc::EFAULT)?,
+    };
+    Ok((payload, control))
+}
+
+/// Sends the datagrams in order; the bytes sent for each. A failure after the first ends the
+/// batch with what was sent, as `sendmmsg` reports it.
+async fn send_all(
+    ctx: &Arc<Context>,
+    socket: &OwnedFd,
+    datagrams: &[Datagram],
+    flags: i32,
+) -> Result<Vec<usize>, i32> {
+    let inode = sockets::socket_inode(socket.as_fd()).ok_or(libc::ENOTSOCK)?;
+    let mut sent = Vec::with_capacity(datagrams.len());
+    for datagram in datagrams {
+        let name = match datagram.pod {
+            Some((dest, family)) => match ctx.proxy.sendto_relay(socket, inode, dest).await {
+                Ok(relay) => Some(net::encode_sockaddr(relay, family)),
+                Err(errno) if sent.is_empty() => return Err(errno),
+                Err(_) => break,
+            },
+            None => datagram.name.clone(),
+        };
+        match sockets::send_msg(socket.as_fd(), &datagram.payload, &datagram.control, name.as_deref(), flags)
+        {
+            Ok(len) => sent.push(len),
+            Err(errno) if sent.is_empty() => return Err(errno),
+            Err(_) => break,
+        }
+    }
+    Ok(sent)
+}
+
+fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
+    if ctx.listener.is_valid(n.id) {
+        match result {
+            Ok(value) => ctx.listener.return_value(n.id, value),
+            Err(errno) => ctx.listener.return_errno(n.id, errno),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msghdr_fields_come_from_their_x86_64_offsets() {
+        let mut raw = vec![0u8; MMSGHDR_SIZE];
+        raw[0..8].copy_from_slice(&0x1000u64.to_ne_bytes());
+        raw[8..12].copy_from_slice(&16u32.to_ne_bytes());
+        raw[16..24].copy_from_slice(&0x2000u64.to_ne_bytes());
+        raw[24..32].copy_from_slice(&3u64.to_ne_bytes());
+        raw[32..40].copy_from_slice(&0x3000u64.to_ne_bytes());
+        raw[40..48].copy_from_slice(&24u64.to_ne_bytes());
+        // msg_flags and an mmsghdr's msg_len are outputs, never read.
+        raw[48..64].fill(0xff);
+        let hdr = parse_msghdr(&raw);
+        assert_eq!(
+            hdr,
+            MsgHeader {
+                name: 0x1000,
+                name_len: 16,
+                iov: 0x2000,
+                iov_len: 3,
+                control: 0x3000,
+                control_len: 24
+            }
+        );
+    }
+}
