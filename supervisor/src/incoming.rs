@@ -7,56 +7,140 @@ use kmirror_protocol::tunnel::{Inbound, Stream};
 use kmirror_protocol::{Errno, IncomingMode};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Pod clients behind the loopback connections kmirror makes to the app, by the local port of
-/// kmirror's end: `accept` and `getpeername` on the app's side show the pod client instead.
+/// Pod clients behind the loopback connections kmirror makes to the app: `accept` and
+/// `getpeername` on the app's side show the pod client instead of kmirror's end.
+///
+/// Each IPv4 connection comes from its own loopback address, reserved for the client *before*
+/// connecting, since the app may accept before our connect returns. Keying by address rather
+/// than by port lets the port be chosen at connect time: a bind to port 0 scans for a port no
+/// socket uses, which at thousands of short connections per second (and their TIME_WAITs)
+/// costs milliseconds per bind.
 #[derive(Default)]
 pub struct IncomingPeers {
-    by_port: Mutex<HashMap<u16, SocketAddr>>,
+    table: Mutex<PeerTable>,
+}
+
+/// kmirror's end of one delivered connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LocalEnd {
+    /// A source address from the reserved loopback range.
+    V4(Ipv4Addr),
+    /// `[::1]` has no range to spare: the port, fixed by a bind before connecting.
+    V6Port(u16),
+}
+
+#[derive(Default)]
+struct PeerTable {
+    clients: HashMap<LocalEnd, SocketAddr>,
+    /// Where the search for a free source address resumes.
+    cursor: u32,
+}
+
+/// Source addresses for delivered connections: 127.200.0.0/13, away from the DNS forwarder's
+/// 127.77.0.0/16 and from 127.0.0.1, where apps' own clients come from.
+const SOURCE_BASE: u32 = u32::from_be_bytes([127, 200, 0, 0]);
+const SOURCE_COUNT: u32 = 1 << 19;
+
+impl PeerTable {
+    /// Reserves a source address no live connection uses.
+    fn reserve_v4(&mut self, client: SocketAddr) -> Option<Ipv4Addr> {
+        for _ in 0..SOURCE_COUNT {
+            self.cursor = (self.cursor + 1) % SOURCE_COUNT;
+            let ip = Ipv4Addr::from(SOURCE_BASE + self.cursor);
+            // .0 and .255 read as network and broadcast addresses to some software.
+            if matches!(ip.octets()[3], 0 | 255) {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.clients.entry(LocalEnd::V4(ip)) {
+                slot.insert(client);
+                return Some(ip);
+            }
+        }
+        None
+    }
 }
 
 impl IncomingPeers {
-    pub fn client_of(&self, loopback_port: u16) -> Option<SocketAddr> {
-        lock(&self.by_port).get(&loopback_port).copied()
+    /// The pod client behind a loopback peer address the app sees.
+    pub fn client_of(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let end = match peer {
+            SocketAddr::V4(v4) => LocalEnd::V4(*v4.ip()),
+            SocketAddr::V6(v6) => LocalEnd::V6Port(v6.port()),
+        };
+        lock(&self.table).clients.get(&end).copied()
     }
 
     pub fn is_empty(&self) -> bool {
-        lock(&self.by_port).is_empty()
+        lock(&self.table).clients.is_empty()
+    }
+
+    fn release(&self, end: LocalEnd) {
+        lock(&self.table).clients.remove(&end);
     }
 }
 
 /// How long a finished connection's client stays known (a closed socket can still be asked).
 const PEER_GRACE: Duration = Duration::from_secs(30);
 
-/// Connects to the app, registering the pod client under our local port *before* connecting,
-/// since the app may accept before our connect returns.
+/// Connects to the app from a source reserved for `client` (see [`IncomingPeers`]).
 async fn connect_local(
     port: u16,
     client: SocketAddr,
     peers: &IncomingPeers,
-) -> std::io::Result<(TcpStream, u16)> {
-    let attempt = |ip: IpAddr| async move {
-        let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        socket.bind(SocketAddr::new(ip, 0))?;
-        let ours = socket.local_addr()?.port();
-        lock(&peers.by_port).insert(ours, client);
-        match socket.connect(SocketAddr::new(ip, port)).await {
-            Ok(conn) => Ok((conn, ours)),
-            Err(e) => {
-                lock(&peers.by_port).remove(&ours);
-                Err(e)
-            }
-        }
-    };
-    match attempt(IpAddr::V4(Ipv4Addr::LOCALHOST)).await {
+) -> std::io::Result<(TcpStream, LocalEnd)> {
+    match connect_local_v4(port, client, peers).await {
         Ok(conn) => Ok(conn),
         // An app listening on [::1] only.
-        Err(v4) => attempt(IpAddr::V6(Ipv6Addr::LOCALHOST)).await.map_err(|_| v4),
+        Err(v4) => connect_local_v6(port, client, peers).await.map_err(|_| v4),
+    }
+}
+
+async fn connect_local_v4(
+    port: u16,
+    client: SocketAddr,
+    peers: &IncomingPeers,
+) -> std::io::Result<(TcpStream, LocalEnd)> {
+    let socket = TcpSocket::new_v4()?;
+    crate::sockets::bind_address_only(socket.as_fd()).map_err(std::io::Error::from_raw_os_error)?;
+    let source = lock(&peers.table)
+        .reserve_v4(client)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))?;
+    let end = LocalEnd::V4(source);
+    let connected = async {
+        socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+        socket.connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)).await
+    };
+    match connected.await {
+        Ok(conn) => Ok((conn, end)),
+        Err(e) => {
+            peers.release(end);
+            Err(e)
+        }
+    }
+}
+
+async fn connect_local_v6(
+    port: u16,
+    client: SocketAddr,
+    peers: &IncomingPeers,
+) -> std::io::Result<(TcpStream, LocalEnd)> {
+    let socket = TcpSocket::new_v6()?;
+    socket.bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0))?;
+    let end = LocalEnd::V6Port(socket.local_addr()?.port());
+    lock(&peers.table).clients.insert(end, client);
+    match socket.connect(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)).await {
+        Ok(conn) => Ok((conn, end)),
+        Err(e) => {
+            peers.release(end);
+            Err(e)
+        }
     }
 }
 
@@ -92,7 +176,7 @@ pub async fn serve(
         IncomingMode::Mirror => relay_mirror(stream, conn).await,
     }
     tokio::time::sleep(PEER_GRACE).await;
-    lock(&peers.by_port).remove(&ours);
+    peers.release(ours);
 }
 
 /// Client bytes to the app; the app's answers are drained and dropped (the pod's own app
@@ -123,4 +207,47 @@ async fn relay_mirror(mut stream: Stream, conn: TcpStream) {
         }
     }
     drain.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)), port)
+    }
+
+    #[test]
+    fn each_live_connection_gets_its_own_source_address() {
+        let mut table = PeerTable::default();
+        let a = table.reserve_v4(client(1)).unwrap();
+        let b = table.reserve_v4(client(2)).unwrap();
+        assert_ne!(a, b);
+        for ip in [a, b] {
+            assert_eq!(ip.octets()[..2], [127, 200]);
+        }
+        assert_eq!(table.clients[&LocalEnd::V4(b)], client(2));
+    }
+
+    #[test]
+    fn the_search_wraps_and_skips_addresses_still_in_use() {
+        let mut table = PeerTable { cursor: SOURCE_COUNT - 3, ..Default::default() };
+        let first = Ipv4Addr::from(SOURCE_BASE + 1);
+        table.clients.insert(LocalEnd::V4(first), client(9));
+        let picked: Vec<Ipv4Addr> = (0..3).map(|i| table.reserve_v4(client(i)).unwrap()).collect();
+        // 127.207.255.254, then past .255, .0 (wrap) and the taken .1.
+        assert_eq!(
+            picked,
+            [Ipv4Addr::new(127, 207, 255, 254), Ipv4Addr::new(127, 200, 0, 2), Ipv4Addr::new(127, 200, 0, 3)]
+        );
+    }
+
+    #[test]
+    fn a_full_range_is_reported_not_looped_forever() {
+        let mut table = PeerTable::default();
+        for offset in 0..SOURCE_COUNT {
+            table.clients.insert(LocalEnd::V4(Ipv4Addr::from(SOURCE_BASE + offset)), client(1));
+        }
+        assert_eq!(table.reserve_v4(client(2)), None);
+    }
 }

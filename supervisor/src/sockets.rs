@@ -28,6 +28,23 @@ fn int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> Result<i32, i32> {
     if rc == 0 { Ok(value) } else { Err(last()) }
 }
 
+/// IP_BIND_ADDRESS_NO_PORT: a bind to port 0 takes only the address; the port is chosen at
+/// connect, where it only has to be unique per 4-tuple instead of scanning for a free port.
+pub fn bind_address_only(fd: BorrowedFd<'_>) -> Result<(), i32> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one int from `on`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(last()) }
+}
+
 /// `SO_TYPE` (SOCK_STREAM, SOCK_DGRAM, ...).
 pub fn socket_type(fd: BorrowedFd<'_>) -> Result<i32, i32> {
     int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE)

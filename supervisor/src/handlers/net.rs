@@ -194,7 +194,7 @@ fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8
     if !peer.ip().is_loopback() {
         return None;
     }
-    ctx.incoming_peers.client_of(peer.port()).map(|client| net::encode_sockaddr(client, family))
+    ctx.incoming_peers.client_of(peer).map(|client| net::encode_sockaddr(client, family))
 }
 
 /// getpeername: a redirected socket shows the destination the app asked for instead of the
@@ -240,10 +240,11 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
 /// are left to the kernel (emulating a blocking accept would hold the app's signals until a
 /// client arrives) and show kmirror's loopback address.
 pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
-    if ctx.incoming_peers.is_empty() {
+    let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
+    // Nothing to show when no connection was delivered yet or the app does not ask who it is.
+    if addr_ptr == 0 || ctx.incoming_peers.is_empty() {
         return ctx.listener.continue_call(n.id);
     }
-    let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
     let flags = if n.nr == libc::SYS_accept4 { n.args[3] as i32 } else { 0 };
     let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
@@ -259,13 +260,11 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
         Ok(accepted) => accepted,
         Err(errno) => return ctx.listener.return_errno(n.id, errno),
     };
-    if addr_ptr != 0 {
-        let encoded = incoming_client(ctx, &raw_peer, family).unwrap_or(raw_peer);
-        match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
-            Ok(()) => {}
-            Err(0) => return,
-            Err(errno) => return ctx.listener.return_errno(n.id, errno),
-        }
+    let encoded = incoming_client(ctx, &raw_peer, family).unwrap_or(raw_peer);
+    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
+        Ok(()) => {}
+        Err(0) => return,
+        Err(errno) => return ctx.listener.return_errno(n.id, errno),
     }
     ctx.listener.return_new_fd(n.id, conn.as_raw_fd(), flags & libc::SOCK_CLOEXEC != 0);
 }
