@@ -1220,19 +1220,30 @@ fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs one group of figures; a failure (error or panic) is recorded against each of `names`.
-fn section(
-    figures: &mut Vec<Figure>,
-    failed: &mut bool,
-    names: &[&'static str],
-    f: impl FnOnce() -> Res<Vec<Figure>>,
-) {
-    let result = std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_text(&p)));
-    match result {
-        Ok(list) => figures.extend(list),
-        Err(e) => {
-            eprintln!("kmirror-bench: {}: {e}", names.join(", "));
-            *failed = true;
-            figures.extend(names.iter().map(|n| Figure::without_value(n, format!("failed: {e}"))));
+/// The figures gathered so far, and which sections to run.
+struct Sections {
+    figures: Vec<Figure>,
+    failed: bool,
+    /// `--only`: run just the sections that produce one of these figures.
+    only: Option<Vec<String>>,
+}
+
+impl Sections {
+    /// Runs one section (unless `--only` leaves it out); a failure or panic marks its figures.
+    fn run(&mut self, names: &[&'static str], f: impl FnOnce() -> Res<Vec<Figure>>) {
+        if let Some(only) = &self.only
+            && !names.iter().any(|n| only.iter().any(|o| o == n))
+        {
+            return;
+        }
+        let result = std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_text(&p)));
+        match result {
+            Ok(list) => self.figures.extend(list),
+            Err(e) => {
+                eprintln!("kmirror-bench: {}: {e}", names.join(", "));
+                self.failed = true;
+                self.figures.extend(names.iter().map(|n| Figure::without_value(n, format!("failed: {e}"))));
+            }
         }
     }
 }
@@ -1335,20 +1346,35 @@ fn table(figures: &[Figure]) -> String {
     out
 }
 
+const USAGE: &str = "usage: kmirror-bench [--quick] [--only FIGURE[,FIGURE...]]   (as root; writes target/bench/results.json)";
+
 fn main() {
     let mut quick = false;
-    for arg in std::env::args().skip(1) {
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--only" => match args.next() {
+                Some(list) => only = Some(list.split(',').map(str::to_owned).collect::<Vec<_>>()),
+                None => {
+                    eprintln!("kmirror-bench: --only needs a figure name ({USAGE})");
+                    std::process::exit(2);
+                }
+            },
             "-h" | "--help" => {
-                println!("usage: kmirror-bench [--quick]   (as root; writes target/bench/results.json)");
+                println!("{USAGE}");
                 return;
             }
             other => {
-                eprintln!("kmirror-bench: unknown argument {other:?} (usage: kmirror-bench [--quick])");
+                eprintln!("kmirror-bench: unknown argument {other:?} ({USAGE})");
                 std::process::exit(2);
             }
         }
+    }
+    if let Some(unknown) = only.iter().flatten().find(|n| !FIGURE_ORDER.contains(&n.as_str())) {
+        eprintln!("kmirror-bench: no figure named {unknown:?}; figures: {}", FIGURE_ORDER.join(", "));
+        std::process::exit(2);
     }
     let start = Instant::now();
     let load_start = HostLoad::now();
@@ -1360,14 +1386,11 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let mut figures = Vec::new();
-    let mut failed = false;
-    section(&mut figures, &mut failed, &["notify_floor_us"], || bench.notify_floor());
-    section(&mut figures, &mut failed, &["trapped_local_us", "ptrace_trapped_us"], || bench.open_loops());
-    section(&mut figures, &mut failed, &["untrapped_ratio"], || bench.pipe_loops());
-    section(
-        &mut figures,
-        &mut failed,
+    let mut sections = Sections { figures: Vec::new(), failed: false, only };
+    sections.run(&["notify_floor_us"], || bench.notify_floor());
+    sections.run(&["trapped_local_us", "ptrace_trapped_us"], || bench.open_loops());
+    sections.run(&["untrapped_ratio"], || bench.pipe_loops());
+    sections.run(
         &[
             "tunnel_rtt_overhead_us",
             "conn_setup_overhead_us",
@@ -1376,11 +1399,12 @@ fn main() {
         ],
         || bench.network(),
     );
-    section(&mut figures, &mut failed, &["startup_overhead_ms"], || bench.startup());
-    section(&mut figures, &mut failed, &["jvm_startup_ratio"], || bench.jvm());
-    section(&mut figures, &mut failed, &["supervisor_rss_mb_1k_conns"], || bench.memory());
-    section(&mut figures, &mut failed, &["steal_rtt_overhead_us"], || bench.steal());
-    section(&mut figures, &mut failed, &["mirror_fidelity"], || bench.mirror());
+    sections.run(&["startup_overhead_ms"], || bench.startup());
+    sections.run(&["jvm_startup_ratio"], || bench.jvm());
+    sections.run(&["supervisor_rss_mb_1k_conns"], || bench.memory());
+    sections.run(&["steal_rtt_overhead_us"], || bench.steal());
+    sections.run(&["mirror_fidelity"], || bench.mirror());
+    let Sections { mut figures, failed, .. } = sections;
     let root = bench.root.clone();
     let plan = Plan::new(quick);
     bench.step("tearing down the pod");
