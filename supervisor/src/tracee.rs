@@ -41,21 +41,23 @@ pub fn read_cstring(tid: u32, addr: u64, max: usize) -> std::io::Result<Vec<u8>>
     if addr == 0 {
         return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
     }
+    // One buffer, read into in place: this runs for every trapped path, on the notify thread.
     let mut out = Vec::new();
     let mut at = addr;
     // A string of `max` bytes plus its NUL fits; one byte more cannot.
     while out.len() <= max {
-        let chunk = ((PAGE - at % PAGE) as usize).min(max + 1 - out.len());
-        let mut buf = vec![0u8; chunk];
-        let n = read_into(tid, at, &mut buf)?;
+        let start = out.len();
+        let chunk = ((PAGE - at % PAGE) as usize).min(max + 1 - start);
+        out.resize(start + chunk, 0);
+        let n = read_into(tid, at, &mut out[start..])?;
         if n == 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
         }
-        if let Some(end) = buf[..n].iter().position(|&b| b == 0) {
-            out.extend_from_slice(&buf[..end]);
+        if let Some(end) = out[start..start + n].iter().position(|&b| b == 0) {
+            out.truncate(start + end);
             return Ok(out);
         }
-        out.extend_from_slice(&buf[..n]);
+        out.truncate(start + n);
         at += n as u64;
     }
     Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG))

@@ -35,11 +35,11 @@ struct Resolved {
 fn resolve_path(ctx: &Context, tid: u32, dirfd: i32, path_ptr: u64) -> Option<Resolved> {
     let raw = tracee::read_cstring(tid, path_ptr, PATH_MAX).ok()?;
     if raw.first() == Some(&b'/') {
-        let path = files::normalize(&raw);
+        let kernel_would_differ = ctx.files.climbs_out_of_pod_dir(&raw);
+        let path = if files::is_normal(&raw) { raw } else { files::normalize(&raw) };
         if let Some(pod_path) = ctx.files.pod_path_of_materialized(&path) {
             return Some(Resolved { path: pod_path, kernel_would_differ: true });
         }
-        let kernel_would_differ = ctx.files.climbs_out_of_pod_dir(&raw);
         return Some(Resolved { path, kernel_would_differ });
     }
     if raw.is_empty() || dirfd == libc::AT_FDCWD {

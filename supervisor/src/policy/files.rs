@@ -136,6 +136,9 @@ impl FilePolicy {
     /// True when an absolute path climbs (`..`) out of a directory that comes from the pod: the
     /// local kernel cannot resolve such a path, so kmirror must resolve it lexically.
     pub fn climbs_out_of_pod_dir(&self, raw: &[u8]) -> bool {
+        if !raw.windows(2).any(|w| w == b"..") {
+            return false;
+        }
         let mut so_far: Vec<&[u8]> = Vec::new();
         for part in raw.split(|&b| b == b'/') {
             match part {
@@ -162,6 +165,14 @@ impl FilePolicy {
         let rest = &local[self.materialized_root.len()..];
         Some(if rest.is_empty() { b"/".to_vec() } else { rest.to_vec() })
     }
+}
+
+/// Whether `normalize` would return `path` unchanged: absolute, no empty, `.` or `..` part
+/// and no trailing slash. Most paths apps open are; they skip the rebuild.
+pub fn is_normal(path: &[u8]) -> bool {
+    path == b"/"
+        || (path.first() == Some(&b'/')
+            && path[1..].split(|&b| b == b'/').all(|part| !matches!(part, b"" | b"." | b"..")))
 }
 
 /// Lexically normalises an absolute path: collapses `//`, removes `.`, resolves `..` (never
@@ -261,6 +272,30 @@ mod tests {
     fn normalisation_and_materialized_mapping() {
         assert_eq!(normalize(b"//etc/./x/../hosts"), b"/etc/hosts");
         assert_eq!(normalize(b"/../.."), b"/");
+    }
+
+    #[test]
+    fn normal_paths_are_exactly_those_normalize_leaves_alone() {
+        let samples: [&[u8]; 14] = [
+            b"/",
+            b"/etc/hosts",
+            b"/a",
+            b"//",
+            b"/a//b",
+            b"/a/./b",
+            b"/a/../b",
+            b"/a/",
+            b"/.",
+            b"/..",
+            b"/a/.hidden",
+            b"/a/..b",
+            b"/a/b.",
+            b"",
+        ];
+        for path in samples {
+            let unchanged = path.first() == Some(&b'/') && normalize(path) == path;
+            assert_eq!(is_normal(path), unchanged, "{}", String::from_utf8_lossy(path));
+        }
         assert_eq!(join(b"/etc", b"../data/./a"), b"/data/a");
         let p = policy(FsMode::Read);
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod/etc/x"), Some(b"/etc/x".to_vec()));
