@@ -6,10 +6,13 @@
  * any failure prints `error=...` on stderr and exits 1. Times are nanoseconds.
  *
  * Clients:
- *   notifyfloor N          getppid N times plainly, then N times trapped by a seccomp
+ *   notifyfloor N [PATH]   getppid N times plainly, then N times trapped by a seccomp
  *                          user-notify filter whose supervisor (a thread of the parent)
- *                          answers CONTINUE with SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP set
+ *                          answers CONTINUE with SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP set;
+ *                          with PATH, open(PATH) + close instead, openat being trapped
  *   openloop N PATH        open(PATH) + close, N times
+ *   vmread N PATH          process_vm_readv of PATH's 256-byte buffer from a forked child,
+ *                          N times: what reading a trapped call's path costs a supervisor
  *   pipeloop N [allow-all-filter]  write 1 byte + read 1 byte on a pipe, N times
  *                          (optionally under a seccomp filter that allows everything)
  *   connectloop N IP PORT  connect, write 1 byte, read the echo, close; N times
@@ -253,18 +256,28 @@ static void *answer_loop(void *arg) {
     }
 }
 
-static void time_getppid(uint64_t *s, size_t n) {
+/* The call being timed: getppid, or open(floor_path) + close when a path is given. */
+static const char *floor_path;
+
+static void time_calls(uint64_t *s, size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint64_t t0 = now_ns();
-        syscall(SYS_getppid);
+        if (floor_path) {
+            int fd = open(floor_path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) die("open");
+            close(fd);
+        } else {
+            syscall(SYS_getppid);
+        }
         s[i] = now_ns() - t0;
     }
 }
 
-static int notifyfloor(size_t n) {
+static int notifyfloor(size_t n, const char *path) {
+    floor_path = path;
     uint64_t *plain = samples(n);
-    time_getppid(plain, n / 10 + 1); /* warm-up */
-    time_getppid(plain, n);
+    time_calls(plain, n / 10 + 1); /* warm-up */
+    time_calls(plain, n);
     report("plain_", plain, n);
     fflush(stdout);
 
@@ -279,7 +292,7 @@ static int notifyfloor(size_t n) {
             BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
             BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, path ? SYS_openat : SYS_getppid, 0, 1),
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         };
@@ -293,8 +306,8 @@ static int notifyfloor(size_t n) {
         char go;
         if (read(sv[1], &go, 1) != 1) fail("supervisor did not start");
         uint64_t *trapped = samples(n);
-        time_getppid(trapped, n / 10 + 1);
-        time_getppid(trapped, n);
+        time_calls(trapped, n / 10 + 1);
+        time_calls(trapped, n);
         report("notify_", trapped, n);
         fflush(stdout);
         _exit(0);
@@ -330,6 +343,30 @@ static int openloop(size_t n, const char *path) {
         close(fd);
         s[i] = now_ns() - t0;
     }
+    report("", s, n);
+    return 0;
+}
+
+static int vmread(size_t n, const char *path) {
+    static char buf[256];
+    snprintf(buf, sizeof buf, "%s", path);
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        pause();
+        _exit(0);
+    }
+    uint64_t *s = samples(n);
+    char copy[256];
+    for (size_t i = 0; i < n / 10 + 1 + n; i++) {
+        struct iovec local = {copy, sizeof copy}, remote = {buf, sizeof buf};
+        uint64_t t0 = now_ns();
+        if (process_vm_readv(child, &local, 1, &remote, 1, 0) != (ssize_t)sizeof copy) die("process_vm_readv");
+        uint64_t took = now_ns() - t0;
+        if (i > n / 10) s[i - n / 10 - 1] = took;
+    }
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
     report("", s, n);
     return 0;
 }
@@ -696,8 +733,10 @@ int main(int argc, char **argv) {
     if (argc < 2) fail("usage: benchclient MODE ARGS... (see the source)");
     const char *m = argv[1];
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (!strcmp(m, "notifyfloor") && argc == 3) return notifyfloor((size_t)parse_num(argv[2], "bad N"));
+    if (!strcmp(m, "notifyfloor") && (argc == 3 || argc == 4))
+        return notifyfloor((size_t)parse_num(argv[2], "bad N"), argc == 4 ? argv[3] : NULL);
     if (!strcmp(m, "openloop") && argc == 4) return openloop((size_t)parse_num(argv[2], "bad N"), argv[3]);
+    if (!strcmp(m, "vmread") && argc == 4) return vmread((size_t)parse_num(argv[2], "bad N"), argv[3]);
     if (!strcmp(m, "pipeloop") && (argc == 3 || (argc == 4 && !strcmp(argv[3], "allow-all-filter"))))
         return pipeloop((size_t)parse_num(argv[2], "bad N"), argc == 4);
     if (!strcmp(m, "connectloop") && argc == 5)
