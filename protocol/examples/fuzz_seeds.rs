@@ -83,5 +83,7 @@ fn main() {
     codec::encode(&Frame::Data { stream: 5, bytes: b"payload".to_vec() }, &mut data).unwrap();
     write("frame", "data", &data[4..]);
     stream.extend_from_slice(&data);
-    write("stream", "session", &stream);
+    // The stream target's first byte sets how the rest is split across reads.
+    write("stream", "session", &[&[1u8][..], &stream].concat());
+    write("stream", "session-big-reads", &[&[255u8][..], &stream].concat());
 }
