@@ -1,0 +1,25 @@
+//! `cargo run --example pod [INDEX]`: builds local pod INDEX (default 230) and keeps it until
+//! stdin closes or Enter is pressed, for trying kmirror by hand or profiling it:
+//! `kmirror run --target pid/<printed pid> -- ...`.
+
+use kmirror_suite::pod::LocalPod;
+
+fn main() {
+    kmirror_suite::pod::require_root();
+    let index = match std::env::args().nth(1).map(|a| a.parse::<u8>()) {
+        None => 230,
+        Some(Ok(i)) => i,
+        Some(Err(e)) => {
+            eprintln!("pod: INDEX must be a number in 1..=254: {e}");
+            std::process::exit(2);
+        }
+    };
+    let pod = LocalPod::start(index);
+    println!("target_pid={}", pod.target_pid);
+    println!("netns={}", pod.netns);
+    println!("pod_ip={}", pod.pod_ip);
+    println!("service_ip={} (echo 7777, udp 7778, http 8080)", pod.service_ip);
+    println!("ready: Enter or end of input removes the pod");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
