@@ -6,8 +6,9 @@
 //! harmless because the socket already belongs to the pod's stack.
 //!
 //! A hop to that thread and back costs two cross-CPU wake-ups on every pod connection, so the
-//! thread keeps a small stock of fresh sockets per kind and refills it after each one taken.
-//! An unused socket in stock is just an unbound descriptor.
+//! thread keeps a small stock of fresh sockets per kind. It is refilled once half of it is
+//! used, not after each socket taken: waking the thread mid-connect competes with the connect
+//! itself for the CPU. An unused socket in stock is just an unbound descriptor.
 
 use crate::target::Target;
 use anyhow::{Context, Result};
@@ -17,7 +18,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
 /// Sockets kept ready per (domain, type).
-const STOCK: usize = 8;
+const STOCK: usize = 16;
+/// The stock is topped up when it falls to this many.
+const LOW_WATER: usize = STOCK / 2;
 
 type Stock = Arc<Mutex<HashMap<(i32, i32), Vec<OwnedFd>>>>;
 
@@ -69,9 +72,14 @@ impl NetnsWorker {
 
     /// A new non-blocking, close-on-exec socket that lives in the target's network namespace.
     pub async fn socket(&self, domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
-        let stocked = lock(&self.stock).get_mut(&(domain, kind)).and_then(Vec::pop);
-        // Either way, make sure the next one is ready.
-        let _ = self.jobs.send(Job::Refill { domain, kind });
+        let (stocked, left) = {
+            let mut stock = lock(&self.stock);
+            let kind_stock = stock.entry((domain, kind)).or_default();
+            (kind_stock.pop(), kind_stock.len())
+        };
+        if left <= LOW_WATER {
+            let _ = self.jobs.send(Job::Refill { domain, kind });
+        }
         if let Some(fd) = stocked {
             return Ok(fd);
         }
