@@ -266,3 +266,36 @@ fn udp_control_messages_and_mixed_batches_reach_their_destinations() {
         )
     );
 }
+
+/// TCP Fast Open (`sendto` with MSG_FASTOPEN) to a pod address connects through the pod like
+/// `connect` + `send`: a blocking socket's data is sent at once, a non-blocking one answers
+/// EINPROGRESS as fast open without a cookie does and sends once writable.
+#[test]
+fn tcp_fast_open_sends_reach_the_pod() {
+    let pod = LocalPod::start(26);
+    let script = format!(
+        "import select, socket\n\
+         b = socket.socket()\n\
+         print('sent=%d' % b.sendto(b'tfo\\n', socket.MSG_FASTOPEN, ('{ip}', 7777)))\n\
+         print('reply=' + b.makefile().readline().strip())\n\
+         print('peer=%s:%d' % b.getpeername())\n\
+         n = socket.socket(); n.setblocking(False)\n\
+         try:\n\
+         \x20   n.sendto(b'x\\n', socket.MSG_FASTOPEN, ('{ip}', 7777)); print('nonblocking=sent')\n\
+         except BlockingIOError as e:\n\
+         \x20   print('nonblocking=%s' % e.errno)\n\
+         select.select([], [n], [], 5); n.setblocking(True); n.settimeout(5)\n\
+         n.send(b'later\\n'); print('reply=' + n.makefile().readline().strip())\n",
+        ip = pod.service_ip
+    );
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let n = pod.index;
+    assert_eq!(
+        out,
+        format!(
+            "sent=4\nreply=pod-echo {n}: tfo\npeer={ip}:7777\nnonblocking={einprogress}\nreply=pod-echo {n}: later\n",
+            ip = pod.service_ip,
+            einprogress = libc::EINPROGRESS
+        )
+    );
+}

@@ -143,6 +143,20 @@ fn sockaddr_out(
     Ok((rc, raw.to_vec()))
 }
 
+/// `send` that never blocks the caller (our thread): a full buffer gives a short count or EAGAIN.
+pub fn send(fd: BorrowedFd<'_>, payload: &[u8]) -> Result<usize, i32> {
+    // SAFETY: `payload` is valid for its length; the kernel only reads it.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 { Err(last()) } else { Ok(n as usize) }
+}
+
 /// `sendmsg` of one buffer with the given control bytes and, if any, destination address.
 pub fn send_msg(
     fd: BorrowedFd<'_>,

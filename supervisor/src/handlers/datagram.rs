@@ -1,4 +1,5 @@
-//! `sendto`, `sendmsg` and `sendmmsg` that name a destination on a UDP socket.
+//! `sendto`, `sendmsg` and `sendmmsg` that name a destination on a UDP socket (and `sendto`
+//! with MSG_FASTOPEN on a TCP one, handed to the connect code).
 //!
 //! A datagram for a pod address goes through a relay for that (socket, destination) pair. It
 //! is sent by the app's own socket (through our duplicate) to the relay, so the kernel binds
@@ -76,15 +77,26 @@ fn read_name(tid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
     (addr != 0 && (2..=128).contains(&len)).then(|| tracee::read_bytes(tid, addr, len).ok()).flatten()
 }
 
+/// The transports whose sends to a pod address kmirror takes over.
+#[derive(PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+fn transport_of(socket: &OwnedFd) -> Option<Transport> {
+    match (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())) {
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) => Some(Transport::Udp),
+        (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) => Some(Transport::Tcp),
+        _ => None,
+    }
+}
+
 /// The app's socket when it is UDP: TCP ignores the address on a connected socket, and the
 /// rest stays the kernel's.
 fn udp_socket(ctx: &Context, n: &Notification, fd: i32) -> Option<OwnedFd> {
     let socket = ctx.threads.take_fd(n.tid, fd).ok()?;
-    let udp = matches!(
-        (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())),
-        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP))
-    );
-    udp.then_some(socket)
+    (transport_of(&socket) == Some(Transport::Udp)).then_some(socket)
 }
 
 pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
@@ -96,9 +108,17 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let Some(pod) = pod_destination(ctx, &name) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Some(socket) = udp_socket(ctx, &n, fd) else {
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
+    match transport_of(&socket) {
+        Some(Transport::Udp) => {}
+        // TCP Fast Open: connect and send in one call.
+        Some(Transport::Tcp) if flags & libc::MSG_FASTOPEN != 0 => {
+            return super::net::on_fastopen(ctx, n, socket, pod.0, pod.1);
+        }
+        _ => return ctx.listener.continue_call(n.id),
+    }
     if len > MAX_DATAGRAM {
         return ctx.listener.return_errno(n.id, libc::EMSGSIZE);
     }

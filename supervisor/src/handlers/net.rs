@@ -65,29 +65,31 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     }
 }
 
-/// Connects the app's socket (through our duplicate) to the local proxy and answers with that
-/// connect's own result, so blocking, non-blocking and repeated connects behave natively.
-fn connect_to_proxy(ctx: &Context, n: Notification, socket: &OwnedFd, proxy: SocketAddr, family: i32) {
-    let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy, family));
-    if !ctx.listener.is_valid(n.id) {
-        return;
-    }
-    match result {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
+async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
+    let result = redirect_tcp(ctx, &socket, dest, family).await;
+    if ctx.listener.is_valid(n.id) {
+        match result {
+            Ok(()) => ctx.listener.return_value(n.id, 0),
+            Err(errno) => ctx.listener.return_errno(n.id, errno),
+        }
     }
 }
 
-async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
+/// Dials `dest` in the pod, then connects the app's socket (through our duplicate) to the
+/// local proxy; the result is what the app's connect reports.
+async fn redirect_tcp(
+    ctx: &Arc<Context>,
+    socket: &OwnedFd,
+    dest: SocketAddr,
+    family: i32,
+) -> Result<(), i32> {
     let proxy_addr = ctx.proxy.tcp_addr();
     // A connect on a socket that is already connecting or connected is forwarded as is: the
     // kernel answers EALREADY / EISCONN for the same socket the first connect used.
     if !sockets::tcp_is_fresh(socket.as_fd()) {
-        return connect_to_proxy(ctx, n, &socket, proxy_addr, family);
+        return sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy_addr, family));
     }
-    let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
-    };
+    let inode = sockets::socket_inode(socket.as_fd()).ok_or(libc::ENOTSOCK)?;
     let opening = {
         let tunnel = ctx.tunnel.clone();
         let limit = sockets::send_timeout(socket.as_fd()).unwrap_or(BLOCKING_CONNECT_LIMIT);
@@ -109,10 +111,7 @@ async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
             e => tunnel_errno(e),
         };
         tracing::debug!(%dest, errno, "pod-side connect failed");
-        if ctx.listener.is_valid(n.id) {
-            ctx.listener.return_errno(n.id, errno);
-        }
-        return;
+        return Err(errno);
     }
     let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy_addr, family));
     let port = match result {
@@ -123,14 +122,43 @@ async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
         Some(port) => ctx.proxy.register(port, upstream, inode, dest),
         None => Proxy::discard(upstream),
     }
-    if !ctx.listener.is_valid(n.id) {
-        return;
-    }
-    match result {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
-    }
+    result
 }
+
+/// `sendto` with MSG_FASTOPEN to a pod address on a fresh TCP socket: a connect followed by
+/// the send, as the kernel does it. A blocking socket gets the bytes sent once connected; a
+/// non-blocking one gets EINPROGRESS with nothing sent, as TCP Fast Open without a cookie
+/// answers (the app writes again once the socket is writable). A socket that is already
+/// connected (to the proxy) is the kernel's: it ignores the address.
+pub fn on_fastopen(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
+    if !sockets::tcp_is_fresh(socket.as_fd()) {
+        return ctx.listener.continue_call(n.id);
+    }
+    let (buf, len) = (n.args[1], n.args[2] as usize);
+    let payload = match tracee::read_bytes(n.tid, buf, len.min(MAX_FASTOPEN_PAYLOAD)) {
+        Ok(payload) => payload,
+        Err(_) => return ctx.listener.return_errno(n.id, libc::EFAULT),
+    };
+    let ctx = ctx.clone();
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let nonblocking = sockets::is_nonblocking(socket.as_fd());
+        let result = match redirect_tcp(&ctx, &socket, dest, family).await {
+            Ok(()) if nonblocking => Err(libc::EINPROGRESS),
+            Ok(()) => sockets::send(socket.as_fd(), &payload).map(|sent| sent as i64),
+            Err(errno) => Err(errno),
+        };
+        if ctx.listener.is_valid(n.id) {
+            match result {
+                Ok(sent) => ctx.listener.return_value(n.id, sent),
+                Err(errno) => ctx.listener.return_errno(n.id, errno),
+            }
+        }
+    });
+}
+
+/// Most bytes a fast-open send carries here; the app sends the rest with later writes, as a
+/// short write allows.
+const MAX_FASTOPEN_PAYLOAD: usize = 64 * 1024;
 
 fn closed(e: tokio::task::JoinError) -> TunnelError {
     TunnelError::Closed(format!("connect task failed: {e}"))
