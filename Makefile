@@ -16,12 +16,15 @@ fixtures: setup
 demo: build fixtures
 	$(CARGO) run -q --example demo
 
-# Format, clippy, and cargo deny's offline checks (licences, bans, sources; see deny.toml).
+# Format, clippy, and cargo deny (licences, bans, sources; see deny.toml), plus its advisories
+# check wherever the RustSec database on GitHub can be reached (scripts/advisories.sh says so
+# loudly where it cannot).
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
 	$(CARGO) deny --workspace check licenses bans sources
+	@scripts/advisories.sh
 
 # Everything cargo deny checks, security advisories included (needs the RustSec database,
 # fetched from GitHub).

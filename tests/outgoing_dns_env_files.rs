@@ -267,8 +267,8 @@ fn udp_control_messages_and_mixed_batches_reach_their_destinations() {
     );
 }
 
-/// TCP Fast Open (`sendto` with MSG_FASTOPEN) to a pod address connects through the pod like
-/// `connect` + `send`: a blocking socket's data is sent at once, a non-blocking one answers
+/// TCP Fast Open (`sendto` or `sendmsg` with MSG_FASTOPEN) to a pod address connects through
+/// the pod like `connect` + `send`: a blocking socket's data is sent at once, a non-blocking one answers
 /// EINPROGRESS as fast open without a cookie does and sends once writable.
 #[test]
 fn tcp_fast_open_sends_reach_the_pod() {
@@ -285,7 +285,10 @@ fn tcp_fast_open_sends_reach_the_pod() {
          except BlockingIOError as e:\n\
          \x20   print('nonblocking=%s' % e.errno)\n\
          select.select([], [n], [], 5); n.setblocking(True); n.settimeout(5)\n\
-         n.send(b'later\\n'); print('reply=' + n.makefile().readline().strip())\n",
+         n.send(b'later\\n'); print('reply=' + n.makefile().readline().strip())\n\
+         m = socket.socket()\n\
+         print('sendmsg=%d' % m.sendmsg([b'via', b'msg\\n'], [], socket.MSG_FASTOPEN, ('{ip}', 7777)))\n\
+         print('reply=' + m.makefile().readline().strip())\n",
         ip = pod.service_ip
     );
     let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
@@ -293,7 +296,8 @@ fn tcp_fast_open_sends_reach_the_pod() {
     assert_eq!(
         out,
         format!(
-            "sent=4\nreply=pod-echo {n}: tfo\npeer={ip}:7777\nnonblocking={einprogress}\nreply=pod-echo {n}: later\n",
+            "sent=4\nreply=pod-echo {n}: tfo\npeer={ip}:7777\nnonblocking={einprogress}\nreply=pod-echo {n}: later\n\
+             sendmsg=7\nreply=pod-echo {n}: viamsg\n",
             ip = pod.service_ip,
             einprogress = libc::EINPROGRESS
         )

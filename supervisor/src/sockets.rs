@@ -143,6 +143,20 @@ fn sockaddr_out(
     Ok((rc, raw.to_vec()))
 }
 
+/// Waits up to `timeout` for `fd` to be readable (a listener: to have a connection queued).
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool, i32> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    match n {
+        n if n < 0 && last() == libc::EINTR => Ok(false),
+        n if n < 0 => Err(last()),
+        0 => Ok(false),
+        _ if pfd.revents & libc::POLLNVAL != 0 => Err(libc::EBADF),
+        _ => Ok(pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0),
+    }
+}
+
 /// `send` that never blocks the caller (our thread): a full buffer gives a short count or EAGAIN.
 pub fn send(fd: BorrowedFd<'_>, payload: &[u8]) -> Result<usize, i32> {
     // SAFETY: `payload` is valid for its length; the kernel only reads it.

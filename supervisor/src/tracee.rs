@@ -143,9 +143,61 @@ pub fn proc_link(tid: u32, what: &str) -> std::io::Result<Vec<u8>> {
     Ok(std::fs::read_link(format!("/proc/{tid}/{what}"))?.into_os_string().into_vec())
 }
 
+/// Whether thread `tid` has a signal pending that it does not block (from
+/// `/proc/<tid>/status`): one the kernel would deliver as soon as the thread ran.
+pub fn signal_pending(tid: u32) -> std::io::Result<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    Ok(deliverable_signals(&status).is_some_and(|set| set != 0))
+}
+
+/// Pending (thread or process-wide) and not blocked, from a `/proc/<tid>/status` text.
+fn deliverable_signals(status: &str) -> Option<u64> {
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    };
+    Some((mask("SigPnd:")? | mask("ShdPnd:")?) & !mask("SigBlk:")?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliverable_signals_are_pending_and_unblocked() {
+        let status = "Name:\tapp\nSigQ:\t1/63\nSigPnd:\t0000000000000200\nShdPnd:\t0000000000004000\n\
+                      SigBlk:\t0000000000004000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000000200\n";
+        // SIGUSR1 (bit 9) pending for the thread; SIGTERM (bit 14) pending but blocked.
+        assert_eq!(deliverable_signals(status), Some(0x200));
+        assert_eq!(deliverable_signals("SigPnd:\t0\nShdPnd:\t0\nSigBlk:\t0\n"), Some(0));
+        assert_eq!(deliverable_signals("SigPnd:\t0\n"), None);
+    }
+
+    #[test]
+    fn a_signal_sent_to_a_thread_is_seen_pending() {
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() } as u32;
+        // SAFETY: SIGUSR2 is blocked for this test thread only and then sent to it, so it stays
+        // pending (never delivered) until sigwait consumes it; the mask is restored after.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            assert!(!signal_pending(me).unwrap());
+            libc::syscall(libc::SYS_tgkill, libc::getpid(), me, libc::SIGUSR2);
+            // Blocked: pending, but not deliverable.
+            assert!(!signal_pending(me).unwrap());
+            let status = std::fs::read_to_string(format!("/proc/{me}/status")).unwrap();
+            assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end().ends_with("800")));
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            assert_eq!(sig, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
 
     #[test]
     fn reads_and_writes_own_memory() {

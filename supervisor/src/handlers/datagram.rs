@@ -92,13 +92,6 @@ fn transport_of(socket: &OwnedFd) -> Option<Transport> {
     }
 }
 
-/// The app's socket when it is UDP: TCP ignores the address on a connected socket, and the
-/// rest stays the kernel's.
-fn udp_socket(ctx: &Context, n: &Notification, fd: i32) -> Option<OwnedFd> {
-    let socket = ctx.threads.take_fd(n.tid, fd).ok()?;
-    (transport_of(&socket) == Some(Transport::Udp)).then_some(socket)
-}
-
 pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let (fd, buf, len, flags, addr, addr_len) =
         (n.args[0] as i32, n.args[1], n.args[2] as usize, n.args[3] as i32, n.args[4], n.args[5] as usize);
@@ -113,9 +106,14 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     };
     match transport_of(&socket) {
         Some(Transport::Udp) => {}
-        // TCP Fast Open: connect and send in one call.
-        Some(Transport::Tcp) if flags & libc::MSG_FASTOPEN != 0 => {
-            return super::net::on_fastopen(ctx, n, socket, pod.0, pod.1);
+        // TCP Fast Open: connect and send in one call. A socket already connected (to the
+        // proxy) is the kernel's: it ignores the address.
+        Some(Transport::Tcp) if flags & libc::MSG_FASTOPEN != 0 && sockets::tcp_is_fresh(socket.as_fd()) => {
+            let Ok(payload) = tracee::read_bytes(n.tid, buf, len.min(super::net::MAX_FASTOPEN_PAYLOAD))
+            else {
+                return ctx.listener.return_errno(n.id, libc::EFAULT);
+            };
+            return super::net::on_fastopen(ctx, n, socket, pod, payload);
         }
         _ => return ctx.listener.continue_call(n.id),
     }
@@ -157,14 +155,29 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     if destinations.iter().all(|(_, pod)| pod.is_none()) {
         return ctx.listener.continue_call(n.id);
     }
-    let Some(socket) = udp_socket(ctx, &n, fd) else {
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
+    match transport_of(&socket) {
+        Some(Transport::Udp) => {}
+        Some(Transport::Tcp)
+            if !is_batch && flags & libc::MSG_FASTOPEN != 0 && sockets::tcp_is_fresh(socket.as_fd()) =>
+        {
+            let (hdr, (_, pod)) = (&headers[0], &destinations[0]);
+            let pod = (*pod).expect("the only message names the pod");
+            return match gather(n.tid, hdr, super::net::MAX_FASTOPEN_PAYLOAD, Overflow::Truncate) {
+                // Control messages mean nothing to a TCP connect; they are dropped.
+                Ok((payload, _)) => super::net::on_fastopen(ctx, n, socket, pod, payload),
+                Err(errno) => ctx.listener.return_errno(n.id, errno),
+            };
+        }
+        _ => return ctx.listener.continue_call(n.id),
+    }
     // As the kernel does, a message that cannot be read ends the batch there; only a failure
     // on the first one is the call's error.
     let mut datagrams = Vec::with_capacity(count);
     for (hdr, (name, pod)) in headers.iter().zip(destinations) {
-        match gather(n.tid, hdr) {
+        match gather(n.tid, hdr, MAX_DATAGRAM, Overflow::Fail) {
             Ok((payload, control)) => datagrams.push(Datagram { payload, control, name, pod }),
             Err(errno) if datagrams.is_empty() => return ctx.listener.return_errno(n.id, errno),
             Err(_) => break,
@@ -188,8 +201,17 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     });
 }
 
-/// The payload (gathered from its iovecs) and control bytes of one message.
-fn gather(tid: u32, hdr: &MsgHeader) -> Result<(Vec<u8>, Vec<u8>), i32> {
+/// What [`gather`] does with a payload longer than its limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    /// EMSGSIZE, as for a datagram.
+    Fail,
+    /// Keep the first bytes, as a short write on a stream.
+    Truncate,
+}
+
+/// The payload (gathered from its iovecs, at most `max` bytes) and control bytes of one message.
+fn gather(tid: u32, hdr: &MsgHeader, max: usize, overflow: Overflow) -> Result<(Vec<u8>, Vec<u8>), i32> {
     if hdr.iov_len > MAX_IOV {
         return Err(libc::EMSGSIZE);
     }
@@ -202,9 +224,12 @@ fn gather(tid: u32, hdr: &MsgHeader) -> Result<(Vec<u8>, Vec<u8>), i32> {
             tracee::read_bytes(tid, hdr.iov, hdr.iov_len as usize * IOVEC_SIZE).map_err(|_| libc::EFAULT)?;
         for v in vecs.chunks_exact(IOVEC_SIZE) {
             let base = u64::from_ne_bytes(v[..8].try_into().expect("8 bytes"));
-            let len = u64::from_ne_bytes(v[8..].try_into().expect("8 bytes")) as usize;
-            if payload.len() + len > MAX_DATAGRAM {
-                return Err(libc::EMSGSIZE);
+            let mut len = u64::from_ne_bytes(v[8..].try_into().expect("8 bytes")) as usize;
+            if payload.len() + len > max {
+                if overflow == Overflow::Fail {
+                    return Err(libc::EMSGSIZE);
+                }
+                len = max - payload.len();
             }
             payload.extend(tracee::read_bytes(tid, base, len).map_err(|_| libc::EFAULT)?);
         }

@@ -130,15 +130,14 @@ async fn redirect_tcp(
 /// non-blocking one gets EINPROGRESS with nothing sent, as TCP Fast Open without a cookie
 /// answers (the app writes again once the socket is writable). A socket that is already
 /// connected (to the proxy) is the kernel's: it ignores the address.
-pub fn on_fastopen(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
-    if !sockets::tcp_is_fresh(socket.as_fd()) {
-        return ctx.listener.continue_call(n.id);
-    }
-    let (buf, len) = (n.args[1], n.args[2] as usize);
-    let payload = match tracee::read_bytes(n.tid, buf, len.min(MAX_FASTOPEN_PAYLOAD)) {
-        Ok(payload) => payload,
-        Err(_) => return ctx.listener.return_errno(n.id, libc::EFAULT),
-    };
+/// `payload` is what the app's call carries, up to [`MAX_FASTOPEN_PAYLOAD`].
+pub fn on_fastopen(
+    ctx: &Arc<Context>,
+    n: Notification,
+    socket: OwnedFd,
+    (dest, family): (SocketAddr, i32),
+    payload: Vec<u8>,
+) {
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
         let nonblocking = sockets::is_nonblocking(socket.as_fd());
@@ -158,7 +157,7 @@ pub fn on_fastopen(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: S
 
 /// Most bytes a fast-open send carries here; the app sends the rest with later writes, as a
 /// short write allows.
-const MAX_FASTOPEN_PAYLOAD: usize = 64 * 1024;
+pub const MAX_FASTOPEN_PAYLOAD: usize = 64 * 1024;
 
 fn closed(e: tokio::task::JoinError) -> TunnelError {
     TunnelError::Closed(format!("connect task failed: {e}"))
@@ -263,33 +262,85 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
     }
 }
 
-/// accept/accept4 on a non-blocking listener that receives connections kmirror delivers from
-/// the pod: performed here so the address the app gets is the pod client's. Blocking listeners
-/// are left to the kernel (emulating a blocking accept would hold the app's signals until a
-/// client arrives) and show kmirror's loopback address.
+/// accept/accept4 on a listener that receives connections kmirror delivers from the pod:
+/// performed here so the address the app gets is the pod client's.
 pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
-    let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
-    // Nothing to show when no connection was delivered yet or the app does not ask who it is.
-    if addr_ptr == 0 || ctx.incoming_peers.is_empty() {
-        return ctx.listener.continue_call(n.id);
-    }
+    let (fd, addr_ptr) = (n.args[0] as i32, n.args[1]);
     let flags = if n.nr == libc::SYS_accept4 { n.args[3] as i32 } else { 0 };
-    let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
-    };
-    if !sockets::is_nonblocking(listening.as_fd()) || flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0
+    // Nothing to show when the app does not ask who connected, or when it serves no port that
+    // receives pod traffic (incoming off, say).
+    if addr_ptr == 0
+        || !ctx.incoming.receives_pod_traffic()
+        || flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0
     {
         return ctx.listener.continue_call(n.id);
     }
+    let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
     let Ok(family) = sockets::socket_domain(listening.as_fd()) else {
         return ctx.listener.continue_call(n.id);
     };
+    if sockets::is_nonblocking(listening.as_fd()) {
+        if ctx.incoming_peers.is_empty() {
+            return ctx.listener.continue_call(n.id);
+        }
+        return deliver_accepted(ctx, &n, &listening, flags, family);
+    }
+    let serves_pod_port =
+        sockets::local_port(listening.as_fd()).is_ok_and(|port| ctx.incoming.subscription(port).is_some());
+    if !serves_pod_port {
+        return ctx.listener.continue_call(n.id);
+    }
+    // The wait can be long: never on the notify thread.
+    let ctx = ctx.clone();
+    ctx.runtime.clone().spawn_blocking(move || {
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_and_accept(&ctx, &n, &listening, flags, family)
+        }));
+        if answered.is_err() {
+            tracing::error!("the accept handler failed; the app's call gets EIO");
+            ctx.listener.return_errno(n.id, libc::EIO);
+        }
+    });
+}
+
+/// How often a blocking accept emulated here looks for signals sent to the waiting thread.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A blocking accept, performed here. Meanwhile the app's thread waits in its trapped call,
+/// where only fatal signals reach it, so the wait also watches the thread's pending signals:
+/// once one is pending, the call goes back to the kernel (CONTINUE), whose accept sees the
+/// signal and returns as a native one would: restarted after an SA_RESTART handler (and
+/// trapped again), EINTR otherwise. Signals so reach a thread blocked in accept within
+/// [`SIGNAL_CHECK_INTERVAL`].
+fn wait_and_accept(ctx: &Context, n: &Notification, listening: &OwnedFd, flags: i32, family: i32) {
+    loop {
+        if !ctx.listener.is_valid(n.id) {
+            return;
+        }
+        if tracee::signal_pending(n.tid).unwrap_or(false) {
+            return ctx.listener.continue_call(n.id);
+        }
+        match sockets::wait_readable(listening.as_fd(), SIGNAL_CHECK_INTERVAL) {
+            Ok(true) => return deliver_accepted(ctx, n, listening, flags, family),
+            Ok(false) => {}
+            // Not a listener any more (or never was): the kernel reports it.
+            Err(_) => return ctx.listener.continue_call(n.id),
+        }
+    }
+}
+
+/// Accepts on the app's listener and answers with the new descriptor and the pod client's
+/// address (the loopback peer's, for connections kmirror did not deliver).
+fn deliver_accepted(ctx: &Context, n: &Notification, listening: &OwnedFd, flags: i32, family: i32) {
+    let (addr_ptr, len_ptr) = (n.args[1], n.args[2]);
     let (conn, raw_peer) = match sockets::accept(listening.as_fd(), flags & libc::SOCK_NONBLOCK) {
         Ok(accepted) => accepted,
         Err(errno) => return ctx.listener.return_errno(n.id, errno),
     };
     let encoded = incoming_client(ctx, &raw_peer, family).unwrap_or(raw_peer);
-    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
+    match write_sockaddr_out(ctx, n, addr_ptr, len_ptr, &encoded) {
         Ok(()) => {}
         Err(0) => return,
         Err(errno) => return ctx.listener.return_errno(n.id, errno),

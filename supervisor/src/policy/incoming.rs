@@ -41,6 +41,11 @@ impl IncomingPolicy {
         Some((self.port_map.get(&local_port).copied().unwrap_or(local_port), mode))
     }
 
+    /// Whether any listener of the app may receive connections from the pod.
+    pub fn receives_pod_traffic(&self) -> bool {
+        self.setting != IncomingSetting::Off
+    }
+
     /// The local port that serves connections to `pod_port`.
     pub fn local_port(&self, pod_port: u16) -> u16 {
         self.port_map.iter().find(|&(_, &p)| p == pod_port).map_or(pod_port, |(&local, _)| local)
