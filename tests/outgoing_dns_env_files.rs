@@ -142,7 +142,9 @@ fn dual_stack_socket_sees_the_original_peer() {
          u.connect(('::ffff:{ip}', 7778))\n\
          u.send(b'd')\n\
          print('udp=' + u.recv(100).decode())\n\
-         print('udppeer=%s:%d' % u.getpeername()[:2])\n",
+         print('udppeer=%s:%d' % u.getpeername()[:2])\n\
+         u.send(b'e')\n\
+         print('udpfrom=%s:%d' % u.recvfrom(100)[1][:2])\n",
         ip = pod.service_ip
     );
     let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
@@ -150,6 +152,7 @@ fn dual_stack_socket_sees_the_original_peer() {
     assert_eq!(field(&out, "echo"), Some(format!("pod-echo {}: v6", pod.index).as_str()));
     assert_eq!(field(&out, "udp"), Some(format!("pod-udp {}: d", pod.index).as_str()));
     assert_eq!(field(&out, "udppeer"), Some(format!("::ffff:{}:7778", pod.service_ip).as_str()));
+    assert_eq!(field(&out, "udpfrom"), Some(format!("::ffff:{}:7778", pod.service_ip).as_str()));
 }
 
 /// Errors are the pod's: an address the pod cannot route gives EHOSTUNREACH (the host, which
@@ -189,7 +192,8 @@ fn errors_and_access_checks_come_from_the_pod() {
     assert_eq!(out, "/data/pod-only.txt True True\n/data/missing False False\n/data/dir True True\n");
 }
 
-/// Unconnected UDP: `sendto` with a pod destination goes through the pod (replies come back),
+/// Unconnected UDP: `sendto` with a pod destination goes through the pod (replies come back,
+/// and `recvfrom` names the pod address as their sender, on non-blocking and blocking sockets),
 /// for IPv4 and dual-stack sockets, while a local destination stays local.
 #[test]
 fn unconnected_udp_sendto_reaches_the_pod() {
@@ -198,18 +202,26 @@ fn unconnected_udp_sendto_reaches_the_pod() {
     let script = format!(
         "import socket\n\
          u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
+         show = lambda key, got: print('%s=%s from %s:%d' % (key, got[0].decode(), got[1][0], got[1][1]))\n\
          for m in (b'a', b'b'):\n\
-         \x20   u.sendto(m, ('{ip}', 7778)); print('reply=' + u.recvfrom(100)[0].decode())\n\
-         u.sendto(b'l', ('127.0.0.1', {local_port})); print('local=' + u.recvfrom(100)[0].decode())\n\
+         \x20   u.sendto(m, ('{ip}', 7778)); show('reply', u.recvfrom(100))\n\
+         u.sendto(b'l', ('127.0.0.1', {local_port})); show('local', u.recvfrom(100))\n\
          v = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); v.settimeout(5)\n\
-         v.sendto(b'c', ('::ffff:{ip}', 7778)); print('reply6=' + v.recvfrom(100)[0].decode())\n",
+         v.sendto(b'c', ('::ffff:{ip}', 7778)); show('reply6', v.recvfrom(100))\n\
+         w = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         w.sendto(b'd', ('{ip}', 7778)); show('blocking', w.recvfrom(100))\n",
         ip = pod.service_ip
     );
     let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
     let n = pod.index;
     assert_eq!(
         out,
-        format!("reply=pod-udp {n}: a\nreply=pod-udp {n}: b\nlocal=local:l\nreply6=pod-udp {n}: c\n")
+        format!(
+            "reply=pod-udp {n}: a from {ip}:7778\nreply=pod-udp {n}: b from {ip}:7778\n\
+             local=local:l from 127.0.0.1:{local_port}\nreply6=pod-udp {n}: c from ::ffff:{ip}:7778\n\
+             blocking=pod-udp {n}: d from {ip}:7778\n",
+            ip = pod.service_ip
+        )
     );
 }
 

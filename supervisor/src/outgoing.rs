@@ -58,6 +58,8 @@ pub struct Proxy {
     redirected: Mutex<HashMap<u64, SocketAddr>>,
     /// Relays of unconnected UDP sockets, by (socket inode, pod destination).
     sendto_relays: Mutex<HashMap<(u64, SocketAddr), SocketAddr>>,
+    /// Live UDP relays (connected flows and sendto relays).
+    udp_flows: std::sync::atomic::AtomicUsize,
 }
 
 /// A UDP relay socket with its pod-side flow, before the app's socket is connected to it.
@@ -83,6 +85,7 @@ impl Proxy {
             registered: Notify::new(),
             redirected: Mutex::default(),
             sendto_relays: Mutex::default(),
+            udp_flows: Default::default(),
         });
         tokio::spawn(proxy.clone().accept_loop(listener));
         Ok(proxy)
@@ -182,7 +185,9 @@ impl Proxy {
     pub fn start_udp(self: &Arc<Self>, flow: UdpFlow, port: u16, inode: u64, dest: SocketAddr) {
         lock(&self.redirected).insert(inode, dest);
         let this = self.clone();
+        let _counted = this.count_udp_flow();
         tokio::spawn(async move {
+            let _counted = _counted;
             if flow.relay.connect((Ipv4Addr::LOCALHOST, port)).await.is_ok() {
                 flow.stream.relay_udp(flow.relay, UDP_IDLE).await;
             }
@@ -193,6 +198,26 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// Whether any UDP datagrams of the app go through a relay (no relay: nothing to rewrite).
+    pub fn relays_datagrams(&self) -> bool {
+        self.udp_flows.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    /// Whether the app's unconnected socket `inode` sent datagrams to the pod through a relay.
+    pub fn has_sendto_relay(&self, inode: u64) -> bool {
+        lock(&self.sendto_relays).keys().any(|&(owner, _)| owner == inode)
+    }
+
+    /// The pod address behind `source`, a relay that sends datagrams to the app's socket
+    /// `inode`: what the app's `recvfrom` should report instead of the relay.
+    pub fn pod_source_of(&self, inode: u64, source: SocketAddr) -> Option<SocketAddr> {
+        let unconnected = lock(&self.sendto_relays)
+            .iter()
+            .find_map(|(&(owner, dest), &relay)| (owner == inode && relay == source).then_some(dest));
+        // A connected socket talks to one relay only.
+        unconnected.or_else(|| self.redirect_of(inode))
+    }
+
     /// The local relay that carries datagrams of an unconnected socket to `dest` in the pod,
     /// created on first use: it is bound to the app socket's port (binding the socket first if
     /// it has none yet, as a send would) and ends after an idle period.
@@ -214,11 +239,29 @@ impl Proxy {
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         lock(&self.sendto_relays).insert((inode, dest), relay);
         let this = self.clone();
+        let counted = self.count_udp_flow();
         tokio::spawn(async move {
+            let _counted = counted;
             flow.stream.relay_udp(flow.relay, UDP_IDLE).await;
             lock(&this.sendto_relays).remove(&(inode, dest));
         });
         Ok(relay)
+    }
+}
+
+impl Proxy {
+    fn count_udp_flow(self: &Arc<Self>) -> UdpFlowCount {
+        self.udp_flows.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        UdpFlowCount(self.clone())
+    }
+}
+
+/// One live UDP relay, counted for [`Proxy::relays_datagrams`] until dropped.
+struct UdpFlowCount(Arc<Proxy>);
+
+impl Drop for UdpFlowCount {
+    fn drop(&mut self) {
+        self.0.udp_flows.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

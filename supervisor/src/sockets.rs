@@ -87,14 +87,23 @@ pub fn tcp_is_fresh(fd: BorrowedFd<'_>) -> bool {
 
 /// The send timeout the app set (SO_SNDTIMEO), which also bounds a blocking connect.
 pub fn send_timeout(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    timeout_option(fd, libc::SO_SNDTIMEO)
+}
+
+/// SO_RCVTIMEO, if set.
+pub fn recv_timeout(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    timeout_option(fd, libc::SO_RCVTIMEO)
+}
+
+fn timeout_option(fd: BorrowedFd<'_>, name: libc::c_int) -> Option<std::time::Duration> {
     let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
     let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-    // SAFETY: SO_SNDTIMEO writes one timeval.
+    // SAFETY: SO_SNDTIMEO and SO_RCVTIMEO write one timeval.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
+            name,
             (&mut tv as *mut libc::timeval).cast(),
             &mut len,
         )
@@ -141,6 +150,24 @@ fn sockaddr_out(
     let raw =
         unsafe { std::slice::from_raw_parts((&addr as *const libc::sockaddr_storage).cast::<u8>(), len) };
     Ok((rc, raw.to_vec()))
+}
+
+/// recvfrom(2) that never blocks; the byte count (the datagram's full length under
+/// MSG_TRUNC) and the sender's raw sockaddr.
+pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<(usize, Vec<u8>), i32> {
+    // SAFETY: recvfrom writes at most `buf.len()` bytes into `buf` and at most `len` bytes into
+    // the storage `sockaddr_out` provides.
+    let (n, raw) = sockaddr_out(|addr, len| unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+            addr,
+            len,
+        ) as libc::c_int
+    })?;
+    Ok((n as usize, raw))
 }
 
 /// Waits up to `timeout` for `fd` to be readable (a listener: to have a connection queued).

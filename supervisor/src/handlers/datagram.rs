@@ -131,6 +131,93 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     });
 }
 
+/// Largest datagram `recvfrom` is emulated for in one call (UDP GRO can coalesce up to 64 KiB).
+const MAX_RECEIVE: usize = 256 * 1024;
+
+/// `recvfrom` asking for the sender on a socket whose datagrams come through a pod relay: the
+/// receive is made here so that the sender reported is the pod address the app talks to, not
+/// kmirror's relay. Every other `recvfrom` costs only the check that no relay exists.
+pub fn on_recvfrom(ctx: &Arc<Context>, n: Notification) {
+    if !ctx.proxy.relays_datagrams() {
+        return ctx.listener.continue_call(n.id);
+    }
+    let (fd, flags) = (n.args[0] as i32, n.args[3] as i32);
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let relayed = ctx.proxy.redirect_of(inode).is_some() || ctx.proxy.has_sendto_relay(inode);
+    if !relayed || transport_of(&socket) != Some(Transport::Udp) {
+        return ctx.listener.continue_call(n.id);
+    }
+    if flags & libc::MSG_DONTWAIT != 0 || sockets::is_nonblocking(socket.as_fd()) {
+        receive_now(ctx, &n, &socket, inode);
+        return;
+    }
+    // A blocking receive can wait long: never on the notify thread.
+    let deadline = sockets::recv_timeout(socket.as_fd()).map(|t| std::time::Instant::now() + t);
+    let ctx2 = ctx.clone();
+    super::spawn_blocking_answering(ctx, n.id, move || {
+        loop {
+            match super::wait_for_data(&ctx2, &n, &socket, deadline) {
+                super::Waited::Ready => {
+                    // Another thread of the app may have taken the datagram: wait again.
+                    if receive_now(&ctx2, &n, &socket, inode) != Some(libc::EAGAIN) {
+                        return;
+                    }
+                }
+                super::Waited::TimedOut => return ctx2.listener.return_errno(n.id, libc::EAGAIN),
+                super::Waited::Answered => return,
+            }
+        }
+    });
+}
+
+/// Receives one datagram without blocking and answers the call with it, the sender rewritten
+/// to the pod address behind a relay. Returns the errno when nothing was there (EAGAIN) or the
+/// receive failed, having answered with it unless it is EAGAIN on a blocking socket.
+fn receive_now(ctx: &Context, n: &Notification, socket: &OwnedFd, inode: u64) -> Option<i32> {
+    let (buf, len, flags, addr_ptr, len_ptr) =
+        (n.args[1], n.args[2] as usize, n.args[3] as i32, n.args[4], n.args[5]);
+    let mut data = vec![0u8; len.min(MAX_RECEIVE)];
+    let (received, raw_source) = match sockets::recv_from(socket.as_fd(), &mut data, flags) {
+        Ok(received) => received,
+        Err(errno) => {
+            let blocking = flags & libc::MSG_DONTWAIT == 0 && !sockets::is_nonblocking(socket.as_fd());
+            if !(errno == libc::EAGAIN && blocking) {
+                ctx.listener.return_errno(n.id, errno);
+            }
+            return Some(errno);
+        }
+    };
+    let family = sockets::socket_domain(socket.as_fd()).unwrap_or(libc::AF_INET);
+    let source = match net::parse_sockaddr(&raw_source) {
+        Some(Destination::Inet(from)) => {
+            ctx.proxy.pod_source_of(inode, net::canonical(from)).map(|pod| net::encode_sockaddr(pod, family))
+        }
+        _ => None,
+    };
+    let source = source.unwrap_or(raw_source);
+    if tracee::write_bytes(n.tid, buf, &data[..received.min(data.len())]).is_err() {
+        ctx.listener.return_errno(n.id, libc::EFAULT);
+        return Some(libc::EFAULT);
+    }
+    if addr_ptr != 0 && len_ptr != 0 {
+        match super::net::write_sockaddr_out(ctx, n, addr_ptr, len_ptr, &source) {
+            Ok(()) => {}
+            Err(0) => return None,
+            Err(errno) => {
+                ctx.listener.return_errno(n.id, errno);
+                return Some(errno);
+            }
+        }
+    }
+    ctx.listener.return_value(n.id, received as i64);
+    None
+}
+
 /// `sendmsg`/`sendmmsg`: emulated when any message names a pod destination. Messages without
 /// one (connected sockets, glibc's resolver) cost only the header read here.
 pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {

@@ -48,8 +48,9 @@ pub const TRAPPED: &[&str] = &[
     "llistxattr",
 ];
 
-/// Calls trapped only when an argument is set: `sendto` with a destination address (argument 4).
-pub const TRAPPED_WITH_ARG: &[(&str, u32)] = &[("sendto", 4)];
+/// Calls trapped only when an argument is set: `sendto` with a destination address and
+/// `recvfrom` asking for the sender's (both argument 4).
+pub const TRAPPED_WITH_ARG: &[(&str, u32)] = &[("sendto", 4), ("recvfrom", 4)];
 
 /// Calls failed with ENOSYS inside the filter: io_uring would bypass every trap, and runtimes
 /// (libuv, tokio-uring, liburing users) fall back to plain system calls when it is missing.
@@ -101,6 +102,69 @@ pub fn spawn_answering(
     });
 }
 
+/// How often a blocking call emulated here looks for signals sent to the waiting thread.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How a wait in [`wait_for_data`] ended.
+pub enum Waited {
+    /// `fd` is readable: perform the call.
+    Ready,
+    /// The deadline passed first.
+    TimedOut,
+    /// The notification is answered (handed back to the kernel) or gone.
+    Answered,
+}
+
+/// Waits, for a blocking call performed here, until `fd` is readable or `deadline` passes.
+/// Meanwhile the app's thread waits in its trapped call, where only fatal signals reach it, so
+/// this also watches the thread's pending signals: once one is pending, the call goes back to
+/// the kernel (CONTINUE), whose own call sees the signal and returns as a native one would,
+/// restarted after an SA_RESTART handler (and trapped again) or failing with EINTR. Signals so
+/// reach a thread blocked here within [`SIGNAL_CHECK_INTERVAL`]. Runs on a blocking thread.
+pub fn wait_for_data(
+    ctx: &Context,
+    n: &Notification,
+    fd: &std::os::fd::OwnedFd,
+    deadline: Option<std::time::Instant>,
+) -> Waited {
+    use std::os::fd::AsFd;
+    loop {
+        if !ctx.listener.is_valid(n.id) {
+            return Waited::Answered;
+        }
+        if crate::tracee::signal_pending(n.tid).unwrap_or(false) {
+            ctx.listener.continue_call(n.id);
+            return Waited::Answered;
+        }
+        let slice = match deadline.map(|d| d.saturating_duration_since(std::time::Instant::now())) {
+            Some(left) if left.is_zero() => return Waited::TimedOut,
+            Some(left) => left.min(SIGNAL_CHECK_INTERVAL),
+            None => SIGNAL_CHECK_INTERVAL,
+        };
+        match crate::sockets::wait_readable(fd.as_fd(), slice) {
+            Ok(true) => return Waited::Ready,
+            Ok(false) => {}
+            // Not a socket we can wait on after all: the kernel reports it.
+            Err(_) => {
+                ctx.listener.continue_call(n.id);
+                return Waited::Answered;
+            }
+        }
+    }
+}
+
+/// Runs `handler` for notification `n` on a blocking thread (for calls that may wait). Should
+/// it panic, the call fails with EIO.
+pub fn spawn_blocking_answering(ctx: &Arc<Context>, id: u64, handler: impl FnOnce() + Send + 'static) {
+    let listener = ctx.listener.clone();
+    ctx.runtime.spawn_blocking(move || {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).is_err() {
+            tracing::error!("a blocking handler failed; the app's call gets EIO");
+            listener.return_errno(id, libc::EIO);
+        }
+    });
+}
+
 /// Routes one notification to its handler.
 pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
     crate::stats::count(n.nr);
@@ -110,6 +174,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_listen => net::on_listen(ctx, n),
         libc::SYS_accept | libc::SYS_accept4 => net::on_accept(ctx, n),
         libc::SYS_sendto => datagram::on_sendto(ctx, n),
+        libc::SYS_recvfrom => datagram::on_recvfrom(ctx, n),
         libc::SYS_sendmsg | libc::SYS_sendmmsg => datagram::on_sendmsg(ctx, n),
         libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),

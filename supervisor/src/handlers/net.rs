@@ -194,7 +194,7 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
 /// Writes a sockaddr result with the kernel's value-result rules: `*len_ptr` says how much room
 /// the caller has, at most that much is copied, and the full length is written back.
 /// `Err(0)` means the caller went away meanwhile (nothing to answer).
-fn write_sockaddr_out(
+pub(super) fn write_sockaddr_out(
     ctx: &Context,
     n: &Notification,
     addr_ptr: u64,
@@ -293,41 +293,17 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
         return ctx.listener.continue_call(n.id);
     }
     // The wait can be long: never on the notify thread.
-    let ctx = ctx.clone();
-    ctx.runtime.clone().spawn_blocking(move || {
-        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_and_accept(&ctx, &n, &listening, flags, family)
-        }));
-        if answered.is_err() {
-            tracing::error!("the accept handler failed; the app's call gets EIO");
-            ctx.listener.return_errno(n.id, libc::EIO);
-        }
-    });
+    let ctx2 = ctx.clone();
+    super::spawn_blocking_answering(ctx, n.id, move || wait_and_accept(&ctx2, &n, &listening, flags, family));
 }
 
-/// How often a blocking accept emulated here looks for signals sent to the waiting thread.
-const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(20);
-
-/// A blocking accept, performed here. Meanwhile the app's thread waits in its trapped call,
-/// where only fatal signals reach it, so the wait also watches the thread's pending signals:
-/// once one is pending, the call goes back to the kernel (CONTINUE), whose accept sees the
-/// signal and returns as a native one would: restarted after an SA_RESTART handler (and
-/// trapped again), EINTR otherwise. Signals so reach a thread blocked in accept within
-/// [`SIGNAL_CHECK_INTERVAL`].
+/// A blocking accept, performed here (see [`super::wait_for_data`] for how signals still reach
+/// the waiting thread).
 fn wait_and_accept(ctx: &Context, n: &Notification, listening: &OwnedFd, flags: i32, family: i32) {
-    loop {
-        if !ctx.listener.is_valid(n.id) {
-            return;
-        }
-        if tracee::signal_pending(n.tid).unwrap_or(false) {
-            return ctx.listener.continue_call(n.id);
-        }
-        match sockets::wait_readable(listening.as_fd(), SIGNAL_CHECK_INTERVAL) {
-            Ok(true) => return deliver_accepted(ctx, n, listening, flags, family),
-            Ok(false) => {}
-            // Not a listener any more (or never was): the kernel reports it.
-            Err(_) => return ctx.listener.continue_call(n.id),
-        }
+    match super::wait_for_data(ctx, n, listening, None) {
+        super::Waited::Ready => deliver_accepted(ctx, n, listening, flags, family),
+        super::Waited::TimedOut => ctx.listener.return_errno(n.id, libc::EAGAIN),
+        super::Waited::Answered => {}
     }
 }
 
