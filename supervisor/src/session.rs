@@ -57,26 +57,38 @@ async fn session(
     signal_pipe: i32,
 ) -> Result<ExitStatus> {
     let target::Target::Pid(pid) = target;
+    // Start-up work that needs no agent runs while the agent starts, and the pod's environment
+    // and resolv.conf are asked for together: every step here delays the app's start.
+    let filter = tokio::task::spawn_blocking(|| {
+        filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
+    });
     let agent =
         agent::start_local(pid).await.with_context(|| format!("cannot start a session with {target}"))?;
     let tunnel = agent.tunnel.clone();
 
-    let local_env = std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec()));
-    let pod_env = if args.no_env {
-        Vec::new()
-    } else {
+    let pod_env = async {
+        if args.no_env {
+            return Ok(Vec::new());
+        }
         match tunnel.request(Request::Environ, REMOTE_TIMEOUT).await? {
-            Response::Environ(vars) => vars,
+            Response::Environ(vars) => Ok(vars),
             other => anyhow::bail!("cannot read the environment of {target}: {other:?}"),
         }
     };
+    let pod_resolv = async {
+        match args.no_remote_dns {
+            true => Vec::new(),
+            false => read_pod_file(&tunnel, b"/etc/resolv.conf").await.unwrap_or_default(),
+        }
+    };
+    let (pod_env, pod_resolv) = tokio::join!(pod_env, pod_resolv);
+    let local_env = std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec()));
     let env = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
-        .merge(local_env, pod_env);
+        .merge(local_env, pod_env?);
 
     let mut virtual_files = HashMap::new();
     if !args.no_remote_dns {
         let forwarder = dns_server::start(tunnel.clone()).await?;
-        let pod_resolv = read_pod_file(&tunnel, b"/etc/resolv.conf").await.unwrap_or_default();
         let resolv =
             policy::dns::resolv_conf_for_app(&String::from_utf8_lossy(&pod_resolv), forwarder.addr, false);
         virtual_files.insert(VirtualFile::ResolvConf, sealed_file("resolv.conf", resolv.as_bytes())?);
@@ -111,8 +123,7 @@ async fn session(
         kmirror_protocol::HttpFilter { header: args.steal_header.clone(), path: args.steal_path.clone() }
     });
     let proxy = Proxy::start(tunnel.clone()).await.context("cannot start the outgoing proxy")?;
-    let filter = filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
-        .context("cannot build the seccomp filter")?;
+    let filter = filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = args.command[1..].to_vec();
     let app = tokio::task::spawn_blocking(move || {
         launch::launch(program, app_args, env, filter, |listener| {
