@@ -265,24 +265,27 @@ fn the_app_sees_the_pod_client_as_its_peer() {
     assert!(lines.contains(&format!("peer={client}")), "{lines:?}");
 }
 
-/// A *blocking* accept gets the pod client's address too, and a signal sent to the app while
-/// it waits in that accept still reaches its handler at once (kmirror hands the call back to
-/// the kernel when a signal is pending).
+/// A *blocking* accept gets the pod client's address too, also with two threads waiting on one
+/// listener, and a signal sent to the app while it waits in that accept still reaches its
+/// handler (kmirror hands the call back to the kernel when a signal is pending).
 #[test]
 fn a_blocking_accept_shows_the_pod_client_and_lets_signals_through() {
     let pod = LocalPod::start(49);
     let script = format!(
-        "import os, signal, socket\n\
+        "import os, signal, socket, threading\n\
          signal.signal(signal.SIGUSR1, lambda *_: print('usr1', flush=True))\n\
          l = socket.socket()\n\
          l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          l.bind(('0.0.0.0', {port})); l.listen(8)\n\
+         def serve():\n\
+         \x20   c, addr = l.accept()\n\
+         \x20   print('accepted=%s' % addr[0], flush=True)\n\
+         \x20   c.recv(4096)\n\
+         \x20   c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n')\n\
+         \x20   c.close()\n\
+         second = threading.Thread(target=serve); second.start()\n\
          print('listening pid=%d' % os.getpid(), flush=True)\n\
-         c, addr = l.accept()\n\
-         print('accepted=%s' % addr[0], flush=True)\n\
-         c.recv(4096)\n\
-         c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n')\n\
-         c.close()\n",
+         serve(); second.join()\n",
         port = local_port(&pod)
     );
     let app = start(&pod, &["--incoming", "steal"], &["python3".to_string(), "-c".into(), script]);
@@ -297,12 +300,15 @@ fn a_blocking_accept_shows_the_pod_client_and_lets_signals_through() {
     // SAFETY: kill(2) with a plain pid and signal number.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
     app.wait_stdout("the signal handler's line", Duration::from_secs(5), |l| l.iter().any(|l| l == "usr1"));
+    // Two threads wait in accept on the same listener: each gets one connection.
     assert_eq!(get(pod_addr(&pod), "/blocking"), "ok\n");
-    app.wait_stdout("the accepted line", Duration::from_secs(10), |l| {
-        l.iter().any(|l| l.starts_with("accepted="))
+    assert_eq!(get(pod_addr(&pod), "/blocking-too"), "ok\n");
+    app.wait_stdout("both accepted lines", Duration::from_secs(10), |l| {
+        l.iter().filter(|l| l.starts_with("accepted=")).count() == 2
     });
     let lines = app.stdout_lines();
-    assert!(lines.contains(&format!("accepted={}", pod.host_ip)), "{lines:?}");
+    let accepted = format!("accepted={}", pod.host_ip);
+    assert_eq!(lines.iter().filter(|l| **l == accepted).count(), 2, "{lines:?}");
 }
 
 /// Stealing works for IPv6 clients too (the agent's listener is dual-stack).

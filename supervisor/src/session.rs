@@ -123,7 +123,8 @@ async fn session(
         kmirror_protocol::HttpFilter { header: args.steal_header.clone(), path: args.steal_path.clone() }
     });
     let proxy = Proxy::start(tunnel.clone()).await.context("cannot start the outgoing proxy")?;
-    let filter = filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
+    let filter =
+        filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = args.command[1..].to_vec();
     let app = tokio::task::spawn_blocking(move || {
         launch::launch(program, app_args, env, filter, |listener| {

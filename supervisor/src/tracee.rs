@@ -143,22 +143,24 @@ pub fn proc_link(tid: u32, what: &str) -> std::io::Result<Vec<u8>> {
     Ok(std::fs::read_link(format!("/proc/{tid}/{what}"))?.into_os_string().into_vec())
 }
 
-/// Whether thread `tid` has a signal pending that it does not block (from
-/// `/proc/<tid>/status`): one the kernel would deliver as soon as the thread ran.
+/// Whether thread `tid` has a signal pending that it does not block and that is most likely
+/// its to handle (from `/proc/<tid>/status`): one the kernel would deliver as soon as the
+/// thread ran.
 pub fn signal_pending(tid: u32) -> std::io::Result<bool> {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
     Ok(deliverable_signals(&status).is_some_and(|set| set != 0))
 }
 
-/// Pending (thread or process-wide) and not blocked, from a `/proc/<tid>/status` text.
+/// Signals pending for this thread and not blocked, from a `/proc/<tid>/status` text. A
+/// process-wide signal (`kill`, a terminal's Ctrl-C) counts only for the thread-group leader:
+/// the kernel offers it to the leader first, and every other waiting thread that handed its
+/// call back for it would then sit in the kernel's call instead, out of kmirror's reach.
 fn deliverable_signals(status: &str) -> Option<u64> {
-    let mask = |key: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(key))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-    };
-    Some((mask("SigPnd:")? | mask("ShdPnd:")?) & !mask("SigBlk:")?)
+    let field = |key: &str| status.lines().find_map(|line| line.strip_prefix(key)).map(str::trim);
+    let mask = |key: &str| field(key).and_then(|hex| u64::from_str_radix(hex, 16).ok());
+    let leader = field("Tgid:")? == field("Pid:")?;
+    let shared = if leader { mask("ShdPnd:")? } else { 0 };
+    Some((mask("SigPnd:")? | shared) & !mask("SigBlk:")?)
 }
 
 #[cfg(test)]
@@ -167,11 +169,18 @@ mod tests {
 
     #[test]
     fn deliverable_signals_are_pending_and_unblocked() {
-        let status = "Name:\tapp\nSigQ:\t1/63\nSigPnd:\t0000000000000200\nShdPnd:\t0000000000004000\n\
-                      SigBlk:\t0000000000004000\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000000200\n";
-        // SIGUSR1 (bit 9) pending for the thread; SIGTERM (bit 14) pending but blocked.
-        assert_eq!(deliverable_signals(status), Some(0x200));
-        assert_eq!(deliverable_signals("SigPnd:\t0\nShdPnd:\t0\nSigBlk:\t0\n"), Some(0));
+        let status = |tid: u32| {
+            format!(
+                "Name:\tapp\nTgid:\t100\nPid:\t{tid}\nSigQ:\t1/63\nSigPnd:\t0000000000000200\n\
+                 ShdPnd:\t0000000000006000\nSigBlk:\t0000000000004000\nSigIgn:\t0000000000001000\n"
+            )
+        };
+        // The leader: SIGUSR1 (bit 9) pending for it and process-wide SIGALRM (bit 13);
+        // SIGTERM (bit 14) is pending but blocked.
+        assert_eq!(deliverable_signals(&status(100)), Some(0x2200));
+        // Another thread: only what was sent to it.
+        assert_eq!(deliverable_signals(&status(101)), Some(0x200));
+        assert_eq!(deliverable_signals("Tgid:\t1\nPid:\t1\nSigPnd:\t0\nShdPnd:\t0\nSigBlk:\t0\n"), Some(0));
         assert_eq!(deliverable_signals("SigPnd:\t0\n"), None);
     }
 

@@ -297,13 +297,26 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
     super::spawn_blocking_answering(ctx, n.id, move || wait_and_accept(&ctx2, &n, &listening, flags, family));
 }
 
+/// Blocking accepts performed here take a queued connection one at a time: with several app
+/// threads waiting on one listener, all see it readable, and the losers' accept would block
+/// where no signal check runs.
+static BLOCKING_ACCEPT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A blocking accept, performed here (see [`super::wait_for_data`] for how signals still reach
 /// the waiting thread).
 fn wait_and_accept(ctx: &Context, n: &Notification, listening: &OwnedFd, flags: i32, family: i32) {
-    match super::wait_for_data(ctx, n, listening, None) {
-        super::Waited::Ready => deliver_accepted(ctx, n, listening, flags, family),
-        super::Waited::TimedOut => ctx.listener.return_errno(n.id, libc::EAGAIN),
-        super::Waited::Answered => {}
+    loop {
+        match super::wait_for_data(ctx, n, listening, None) {
+            super::Waited::Ready => {
+                let _one_at_a_time = super::lock(&BLOCKING_ACCEPT);
+                if sockets::wait_readable(listening.as_fd(), Duration::ZERO) == Ok(true) {
+                    return deliver_accepted(ctx, n, listening, flags, family);
+                }
+                // Another waiter took the connection: wait for the next.
+            }
+            super::Waited::TimedOut => return ctx.listener.return_errno(n.id, libc::EAGAIN),
+            super::Waited::Answered => return,
+        }
     }
 }
 
