@@ -167,6 +167,10 @@ async fn session(
     let mut exited = app.exited;
     let mut agent_child = agent.child;
     let mut agent_running = true;
+    // Our own flag, not `tunnel.is_closed()`: when the agent dies, its exit can wake this loop
+    // first, and by the next turn the tunnel is already closed; a guard on the tunnel's state
+    // would then skip the report of the loss.
+    let mut tunnel_up = true;
     let mut from_agent = agent.incoming;
     // Why the session failed while the app ran, if it did: kmirror then exits non-zero.
     let mut failure: Option<String> = None;
@@ -193,7 +197,8 @@ async fn session(
                     tunnel.respond(id, Response::Error(kmirror_protocol::Errno(libc::ENOSYS)));
                 }
             },
-            reason = tunnel.closed(), if !tunnel.is_closed() => {
+            reason = tunnel.closed(), if tunnel_up => {
+                tunnel_up = false;
                 if failure.is_none() {
                     eprintln!(
                         "kmirror: lost the connection to the pod agent ({reason}); the app keeps running, \
