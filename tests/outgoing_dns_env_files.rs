@@ -315,3 +315,30 @@ fn tcp_fast_open_sends_reach_the_pod() {
         )
     );
 }
+
+/// A redirected socket's own address (`getsockname`) is the one its connection has in the pod,
+/// as the same script run inside the pod shows: for TCP, for a connected UDP socket (the usual
+/// "which address do I go out from" lookup) and for a dual-stack socket.
+#[test]
+fn getsockname_shows_the_pod_side_address() {
+    let pod = LocalPod::start(27);
+    let script = format!(
+        "import socket\n\
+         t = socket.create_connection(('{ip}', 7777), timeout=5)\n\
+         print('tcp=' + t.getsockname()[0])\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('{ip}', 7778))\n\
+         print('udp=' + u.getsockname()[0])\n\
+         d = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); d.settimeout(5)\n\
+         d.connect(('::ffff:{ip}', 7777))\n\
+         print('dual=' + d.getsockname()[0])\n\
+         l = socket.socket(); l.bind(('127.0.0.1', 0))\n\
+         print('local=' + l.getsockname()[0])\n",
+        ip = pod.service_ip
+    );
+    let in_pod = pod.exec_in_pod("python3", &["-c", &script]);
+    assert!(in_pod.status.success(), "{}", String::from_utf8_lossy(&in_pod.stderr));
+    let expected = String::from_utf8_lossy(&in_pod.stdout).into_owned();
+    assert!(expected.contains("tcp=10."), "{expected}");
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    assert_eq!(out, expected);
+}

@@ -19,6 +19,15 @@ fn errno_of(e: &std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// Answers the open with success and, so the app's `getsockname` can show it, the pod-side
+/// socket's own address.
+fn opened_at(stream: &Stream, local: std::io::Result<std::net::SocketAddr>) {
+    match local {
+        Ok(local) => stream.opened_at(local),
+        Err(_) => stream.opened(Ok(())),
+    }
+}
+
 pub async fn open(netns: NetnsWorker, stream: Stream, target: OpenTarget) {
     match target {
         OpenTarget::Tcp(addr) => {
@@ -33,7 +42,7 @@ pub async fn open(netns: NetnsWorker, stream: Stream, target: OpenTarget) {
             match connected.await {
                 Ok(socket) => {
                     let _ = socket.set_nodelay(true);
-                    stream.opened(Ok(()));
+                    opened_at(&stream, socket.local_addr());
                     let end = stream.relay_tcp(socket).await;
                     tracing::debug!(%addr, ?end, "outgoing tcp relay finished");
                 }
@@ -56,7 +65,7 @@ pub async fn open(netns: NetnsWorker, stream: Stream, target: OpenTarget) {
             };
             match connected.await {
                 Ok(socket) => {
-                    stream.opened(Ok(()));
+                    opened_at(&stream, socket.local_addr());
                     stream.relay_udp(socket, UDP_IDLE).await;
                 }
                 Err(e) => stream.opened(Err(errno_of(&e))),

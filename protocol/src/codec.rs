@@ -302,7 +302,7 @@ mod tests {
             id: 3,
             body: Response::Stat(FileStat { size: -1, mode: 0o100644, ..Default::default() }),
         }));
-        round_trip(Frame::Control(Control::Opened { stream: 5, result: Err(Errno(111)) }));
+        round_trip(Frame::Control(Control::Opened { stream: 5, result: Err(Errno(111)), local: None }));
         round_trip(Frame::Control(Control::Open {
             stream: 7,
             target: OpenTarget::Udp("[::ffff:10.0.0.1]:53".parse().unwrap()),

@@ -13,9 +13,9 @@ pub mod tunnel;
 pub use message::*;
 
 /// The protocol version this build speaks natively.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest protocol version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still accepts (2 added `Opened::local`).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Negotiates the version both sides use: the highest one both support.
 pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {
@@ -37,7 +37,8 @@ mod tests {
 
     #[test]
     fn version_negotiation_picks_highest_common() {
-        assert_eq!(negotiate_version(1, 1), Some(1));
+        assert_eq!(negotiate_version(1, 1), None);
+        assert_eq!(negotiate_version(2, 2), Some(2));
         assert_eq!(negotiate_version(1, 9), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
         assert_eq!(negotiate_version(0, 0), None);

@@ -181,6 +181,9 @@ pub enum Control {
     Opened {
         stream: StreamId,
         result: Result<(), Errno>,
+        /// On success, the address of the opener's socket at its own end (the pod-side
+        /// connection's local address, say), when there is one: what `getsockname` shows.
+        local: Option<std::net::SocketAddr>,
     },
     /// The receiver may send `bytes` more payload bytes on the stream.
     Credit {

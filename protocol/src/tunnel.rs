@@ -9,6 +9,7 @@
 use crate::codec::{self, CodecError, Frame, MAX_DATA_CHUNK};
 use crate::message::*;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,7 +82,7 @@ struct Shared {
     out: mpsc::UnboundedSender<Frame>,
     streams: Mutex<HashMap<StreamId, Slot>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
-    opening: Mutex<HashMap<StreamId, oneshot::Sender<Result<(), Errno>>>>,
+    opening: Mutex<HashMap<StreamId, oneshot::Sender<OpenVerdict>>>,
     next_request: AtomicU64,
     next_stream: AtomicU32,
     closed: watch::Sender<Option<String>>,
@@ -151,7 +152,7 @@ impl Tunnel {
     /// Asks the peer to open a stream to `target` and waits for its verdict, at most `timeout`.
     pub async fn open(&self, target: OpenTarget, timeout: Duration) -> Result<Stream, TunnelError> {
         let id = self.shared.next_stream.fetch_add(2, Ordering::Relaxed);
-        let stream = self.register(id);
+        let mut stream = self.register(id);
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.opening).insert(id, tx);
         if self.is_closed() {
@@ -160,7 +161,10 @@ impl Tunnel {
         }
         self.send(Control::Open { stream: id, target });
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(stream),
+            Ok(Ok(Ok(local))) => {
+                stream.far_local = local;
+                Ok(stream)
+            }
             Ok(Ok(Err(errno))) => Err(TunnelError::Refused(errno)),
             Ok(Err(_)) => Err(self.closed_error()),
             Err(_) => {
@@ -208,7 +212,15 @@ impl Tunnel {
         } else {
             lock(&self.shared.streams).insert(id, slot);
         }
-        Stream { id, tunnel: self.clone(), inbound: rx, credit, unacked, ungranted: AtomicUsize::new(0) }
+        Stream {
+            id,
+            tunnel: self.clone(),
+            inbound: rx,
+            credit,
+            unacked,
+            ungranted: AtomicUsize::new(0),
+            far_local: None,
+        }
     }
 
     fn shut_down(&self, reason: String) {
@@ -259,9 +271,9 @@ impl Tunnel {
                 let stream = self.register(stream);
                 let _ = incoming.send(Incoming::Open { stream, target });
             }
-            Control::Opened { stream, result } => {
+            Control::Opened { stream, result, local } => {
                 if let Some(waiter) = lock(&self.shared.opening).remove(&stream) {
-                    let _ = waiter.send(result);
+                    let _ = waiter.send(result.map(|()| local));
                 }
             }
             Control::Credit { stream, bytes } => {
@@ -298,6 +310,9 @@ impl Tunnel {
         self.send(Control::Reset { stream: id });
     }
 }
+
+/// The peer's answer to an open: its socket's own address (if it told), or why it failed.
+type OpenVerdict = Result<Option<SocketAddr>, Errno>;
 
 /// Payloads at least this long are written from their own buffer (a vectored write) instead
 /// of being copied into the batch.
@@ -419,6 +434,8 @@ pub struct Stream {
     unacked: Arc<AtomicUsize>,
     /// Consumed bytes whose credit is not returned yet (see [`CREDIT_BATCH`]).
     ungranted: AtomicUsize,
+    /// For a stream this side opened: the peer's socket address at its own end, if it told.
+    far_local: Option<SocketAddr>,
 }
 
 /// Credit goes back in batches: a credit frame per consumed chunk would double the frames, and
@@ -461,7 +478,18 @@ impl Stream {
 
     /// Answers an [`Incoming::Open`]: the stream is usable when `result` is Ok.
     pub fn opened(&self, result: Result<(), Errno>) {
-        self.tunnel.send(Control::Opened { stream: self.id, result });
+        self.tunnel.send(Control::Opened { stream: self.id, result, local: None });
+    }
+
+    /// Answers an [`Incoming::Open`] with success, telling the opener where this side's socket
+    /// is bound.
+    pub fn opened_at(&self, local: SocketAddr) {
+        self.tunnel.send(Control::Opened { stream: self.id, result: Ok(()), local: Some(local) });
+    }
+
+    /// For a stream opened with [`Tunnel::open`]: where the peer's socket is bound, if it said.
+    pub fn far_local(&self) -> Option<SocketAddr> {
+        self.far_local
     }
 
     /// Sends bytes, waiting for credit; splits large writes. Fails once the stream is reset.
@@ -516,7 +544,7 @@ impl Stream {
 
     /// Copies `rd` into the stream and the stream into `wr`, returning credit as bytes leave.
     async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(&mut self, mut rd: R, mut wr: W) -> RelayEnd {
-        let Stream { id, tunnel, inbound, credit, unacked, ungranted } = self;
+        let Stream { id, tunnel, inbound, credit, unacked, ungranted, .. } = self;
         let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
         let upstream = async move {
             // Each read lands in the buffer that becomes the frame's payload (no copy). Its size

@@ -45,6 +45,14 @@ impl Upstream {
     }
 }
 
+/// A redirected socket of the app: the destination it asked for and, once the pod side is
+/// connected, that connection's own address in the pod.
+#[derive(Clone, Copy)]
+struct Redirect {
+    dest: SocketAddr,
+    pod_local: Option<SocketAddr>,
+}
+
 struct Registration {
     upstream: Upstream,
     inode: u64,
@@ -55,7 +63,7 @@ pub struct Proxy {
     tcp_addr: SocketAddr,
     waiting: Mutex<HashMap<u16, Registration>>,
     registered: Notify,
-    redirected: Mutex<HashMap<u64, SocketAddr>>,
+    redirected: Mutex<HashMap<u64, Redirect>>,
     /// Relays of unconnected UDP sockets, by (socket inode, pod destination).
     sendto_relays: Mutex<HashMap<(u64, SocketAddr), SocketAddr>>,
     /// Live UDP relays (connected flows and sendto relays).
@@ -98,12 +106,32 @@ impl Proxy {
 
     /// The destination the app asked for on a redirected socket.
     pub fn redirect_of(&self, inode: u64) -> Option<SocketAddr> {
-        lock(&self.redirected).get(&inode).copied()
+        lock(&self.redirected).get(&inode).map(|r| r.dest)
+    }
+
+    /// The pod-side address of a redirected socket's connection: what `getsockname` shows.
+    pub fn pod_local_of(&self, inode: u64) -> Option<SocketAddr> {
+        lock(&self.redirected).get(&inode).and_then(|r| r.pod_local)
+    }
+
+    /// Whether any socket of the app is redirected (most `getsockname` calls need no lookup).
+    pub fn has_redirects(&self) -> bool {
+        !lock(&self.redirected).is_empty()
+    }
+
+    fn set_pod_local(&self, inode: u64, pod_local: Option<SocketAddr>) {
+        if let Some(redirect) = lock(&self.redirected).get_mut(&inode) {
+            redirect.pod_local = pod_local;
+        }
     }
 
     /// Announces the app connection coming from local `port`.
     pub fn register(&self, port: u16, upstream: Upstream, inode: u64, dest: SocketAddr) {
-        lock(&self.redirected).insert(inode, dest);
+        let pod_local = match &upstream {
+            Upstream::Ready(Ok(stream)) => stream.far_local(),
+            _ => None,
+        };
+        lock(&self.redirected).insert(inode, Redirect { dest, pod_local });
         lock(&self.waiting).insert(port, Registration { upstream, inode });
         self.registered.notify_waiters();
     }
@@ -152,6 +180,7 @@ impl Proxy {
         };
         match upstream.resolve().await {
             Ok(stream) => {
+                self.set_pod_local(inode, stream.far_local());
                 let _ = conn.set_nodelay(true);
                 let end = stream.relay_tcp(conn).await;
                 tracing::debug!(port, ?end, "outgoing relay finished");
@@ -183,7 +212,7 @@ impl Proxy {
 
     /// Starts relaying once the app's socket (local `port`) is connected to the flow's relay.
     pub fn start_udp(self: &Arc<Self>, flow: UdpFlow, port: u16, inode: u64, dest: SocketAddr) {
-        lock(&self.redirected).insert(inode, dest);
+        lock(&self.redirected).insert(inode, Redirect { dest, pod_local: flow.stream.far_local() });
         let this = self.clone();
         let _counted = this.count_udp_flow();
         tokio::spawn(async move {

@@ -30,6 +30,7 @@ pub const TRAPPED: &[&str] = &[
     "sendmsg",
     "sendmmsg",
     "getpeername",
+    "getsockname",
     "open",
     "openat",
     "openat2",
@@ -171,6 +172,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
     match n.nr {
         libc::SYS_connect => net::on_connect(ctx, n),
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
+        libc::SYS_getsockname => net::on_getsockname(ctx, n),
         libc::SYS_listen => net::on_listen(ctx, n),
         libc::SYS_accept | libc::SYS_accept4 => net::on_accept(ctx, n),
         libc::SYS_sendto => datagram::on_sendto(ctx, n),

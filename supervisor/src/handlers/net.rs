@@ -1,4 +1,4 @@
-//! `connect`, `getpeername`, `listen` and `accept`.
+//! `connect`, `getpeername`, `getsockname`, `listen` and `accept`.
 
 use super::{Context, tunnel_errno};
 use crate::outgoing::{Proxy, Upstream};
@@ -256,6 +256,33 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
         }
     };
     match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
+        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Err(0) => {}
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
+}
+
+/// getsockname: a redirected socket shows the address its pod-side connection has in the pod
+/// (the pod's IP and that connection's port) instead of kmirror's loopback end, as it would
+/// inside the pod; "which address do I go out from" lookups (connect a UDP socket, read its
+/// name) then learn the pod's IP. Every other socket is the kernel's.
+pub fn on_getsockname(ctx: &Arc<Context>, n: Notification) {
+    if !ctx.proxy.has_redirects() {
+        return ctx.listener.continue_call(n.id);
+    }
+    let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(pod_local) =
+        sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.pod_local_of(inode))
+    else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &net::encode_sockaddr(pod_local, family)) {
         Ok(()) => ctx.listener.return_value(n.id, 0),
         Err(0) => {}
         Err(errno) => ctx.listener.return_errno(n.id, errno),
