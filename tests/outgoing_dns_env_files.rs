@@ -342,3 +342,24 @@ fn getsockname_shows_the_pod_side_address() {
     let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
     assert_eq!(out, expected);
 }
+
+/// The host name is the pod's: `gethostname` and `uname` (glibc asks the kernel with `uname`)
+/// and `/proc/sys/kernel/hostname` (Go's `os.Hostname` reads it) answer as inside the pod,
+/// while the rest of `uname` (the shared kernel) is unchanged.
+#[test]
+fn the_host_name_is_the_pods() {
+    let pod = LocalPod::start(28);
+    let script = "import os, socket\n\
+                  print('gethostname=' + socket.gethostname())\n\
+                  u = os.uname(); print('uname=%s %s %s %s' % (u.sysname, u.nodename, u.release, u.machine))\n\
+                  print('proc=' + open('/proc/sys/kernel/hostname').read().strip())\n";
+    let in_pod = pod.exec_in_pod("python3", &["-c", script]);
+    assert!(in_pod.status.success(), "{}", String::from_utf8_lossy(&in_pod.stderr));
+    let expected = String::from_utf8_lossy(&in_pod.stdout).into_owned();
+    assert!(expected.contains(&format!("gethostname={}\n", pod.pod_hostname())), "{expected}");
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", script]));
+    assert_eq!(out, expected);
+    let go = go_fixtures()[0].to_str().unwrap().to_string();
+    let go_out = ok(&kmirror(pod.target_pid, &[], &[&go, "cat", "/proc/sys/kernel/hostname"]));
+    assert_eq!(go_out.trim(), pod.pod_hostname());
+}

@@ -81,12 +81,18 @@ async fn session(
             false => read_pod_file(&tunnel, b"/etc/resolv.conf").await.unwrap_or_default(),
         }
     };
-    let (pod_env, pod_resolv) = tokio::join!(pod_env, pod_resolv);
+    let pod_hostname = async { read_pod_file(&tunnel, b"/etc/hostname").await.unwrap_or_default() };
+    let (pod_env, pod_resolv, pod_hostname) = tokio::join!(pod_env, pod_resolv, pod_hostname);
+    let pod_hostname = policy::host::pod_hostname(&pod_hostname);
     let local_env = std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec()));
     let env = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
         .merge(local_env, pod_env?);
 
     let mut virtual_files = HashMap::new();
+    if let Some(name) = &pod_hostname {
+        let content = policy::host::proc_hostname_file(name);
+        virtual_files.insert(VirtualFile::Hostname, sealed_file("hostname", content.as_bytes())?);
+    }
     if !args.no_remote_dns {
         let forwarder = dns_server::start(tunnel.clone()).await?;
         let resolv =
@@ -111,6 +117,7 @@ async fn session(
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
+        pod_hostname: pod_hostname.is_some(),
         extra_local: local_only_paths(&program, &env),
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
     };
@@ -160,6 +167,7 @@ async fn session(
         incoming_filter,
         subscribed: Default::default(),
         incoming_peers: Default::default(),
+        pod_hostname,
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
     });
     start_notify_thread(ctx.clone());

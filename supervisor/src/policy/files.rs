@@ -22,6 +22,8 @@ pub enum VirtualFile {
     /// The local nsswitch.conf with `hosts: files dns`, so glibc asks neither nscd, nor
     /// systemd-resolved, nor mDNS on the developer's machine.
     NsSwitch,
+    /// `/proc/sys/kernel/hostname` with the pod's host name.
+    Hostname,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,8 @@ pub struct FilePolicy {
     pub mode: FsMode,
     /// Resolver configuration comes from the pod (DNS feature on).
     pub remote_dns: bool,
+    /// The app sees the pod's host name (it was found in the pod's `/etc/hostname`).
+    pub pod_hostname: bool,
     /// Extra local-only prefixes found at start: the app's own directory, the working
     /// directory, runtime homes (JAVA_HOME, GOROOT).
     pub extra_local: Vec<Vec<u8>>,
@@ -97,6 +101,9 @@ fn under(path: &[u8], prefix: &[u8]) -> bool {
 impl FilePolicy {
     /// Decides for an absolute, normalised path. `write` is set for opens that may modify.
     pub fn route(&self, path: &[u8], write: bool) -> FileRoute {
+        if self.pod_hostname && !write && path == b"/proc/sys/kernel/hostname" {
+            return FileRoute::Virtual(VirtualFile::Hostname);
+        }
         if self.remote_dns {
             match path {
                 b"/etc/resolv.conf" if !write => return FileRoute::Virtual(VirtualFile::ResolvConf),
@@ -215,6 +222,7 @@ mod tests {
         FilePolicy {
             mode,
             remote_dns: true,
+            pod_hostname: true,
             extra_local: vec![b"/work/app".to_vec()],
             materialized_root: b"/tmp/kmirror-1/pod".to_vec(),
         }
@@ -266,6 +274,19 @@ mod tests {
         assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Virtual(VirtualFile::ResolvConf));
         p.remote_dns = false;
         assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Local);
+    }
+
+    #[test]
+    fn the_kernel_hostname_file_is_the_pods_in_every_mode() {
+        for mode in [FsMode::Local, FsMode::LocalWithOverrides, FsMode::Read] {
+            let mut p = policy(mode);
+            let hostname = b"/proc/sys/kernel/hostname";
+            assert_eq!(p.route(hostname, false), FileRoute::Virtual(VirtualFile::Hostname));
+            assert_eq!(p.route(hostname, true), FileRoute::Local, "writes stay local");
+            assert_eq!(p.route(b"/proc/sys/kernel/domainname", false), FileRoute::Local);
+            p.pod_hostname = false;
+            assert_eq!(p.route(hostname, false), FileRoute::Local);
+        }
     }
 
     #[test]

@@ -4,5 +4,6 @@
 pub mod dns;
 pub mod env;
 pub mod files;
+pub mod host;
 pub mod incoming;
 pub mod net;
