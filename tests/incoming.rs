@@ -237,7 +237,8 @@ fn clsact_fallback_steals_cleans_up_and_fails_open() {
 }
 
 /// A stolen connection reaches the app's (non-blocking) listener with the pod client as its
-/// peer, both in accept's address and in getpeername, on a dual-stack socket.
+/// peer, both in accept's address and in getpeername, and the pod address it reached as its own
+/// (getsockname), on a dual-stack socket.
 #[test]
 fn the_app_sees_the_pod_client_as_its_peer() {
     let pod = LocalPod::start(47);
@@ -251,6 +252,7 @@ fn the_app_sees_the_pod_client_as_its_peer() {
          c, addr = l.accept()\n\
          print('accepted=%s' % addr[0], flush=True)\n\
          print('peer=%s' % c.getpeername()[0], flush=True)\n\
+         print('local=%s:%d' % c.getsockname()[:2], flush=True)\n\
          c.recv(4096)\n\
          c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n')\n\
          c.close()\n",
@@ -258,11 +260,15 @@ fn the_app_sees_the_pod_client_as_its_peer() {
     );
     let app = start(&pod, &["--incoming", "steal"], &["python3".to_string(), "-c".into(), script]);
     assert_eq!(get(pod_addr(&pod), "/who"), "ok\n");
-    app.wait_stdout("the peer lines", Duration::from_secs(10), |l| l.iter().any(|l| l.starts_with("peer=")));
+    app.wait_stdout("the address lines", Duration::from_secs(10), |l| {
+        l.iter().any(|l| l.starts_with("local="))
+    });
     let lines = app.stdout_lines();
     let client = format!("::ffff:{}", pod.host_ip);
     assert!(lines.contains(&format!("accepted={client}")), "{lines:?}");
     assert!(lines.contains(&format!("peer={client}")), "{lines:?}");
+    // Its own end is the pod address and port the client reached, not kmirror's loopback.
+    assert!(lines.contains(&format!("local=::ffff:{}:8080", pod.pod_ip)), "{lines:?}");
 }
 
 /// A *blocking* accept gets the pod client's address too, also with two threads waiting on one

@@ -49,7 +49,7 @@ fn main() {
         Control::Open {
             stream: 2,
             target: OpenTarget::Incoming {
-                port: 80,
+                server: "10.0.0.2:80".parse().unwrap(),
                 client: "[::1]:5".parse().unwrap(),
                 mode: IncomingMode::Mirror,
             },

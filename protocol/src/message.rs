@@ -155,8 +155,9 @@ pub enum OpenTarget {
     Tcp(SocketAddr),
     /// A connected UDP socket in the pod's network namespace; each data frame is one datagram.
     Udp(SocketAddr),
-    /// (agent → supervisor) A connection a pod client opened to `port`, for the local app.
-    Incoming { port: u16, client: SocketAddr, mode: IncomingMode },
+    /// (agent → supervisor) A connection a pod client opened to `server` (the pod's address
+    /// and port it reached), for the local app.
+    Incoming { server: SocketAddr, client: SocketAddr, mode: IncomingMode },
 }
 
 /// Control frames. Stream payload bytes do not appear here: they travel in data frames

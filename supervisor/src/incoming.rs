@@ -27,6 +27,15 @@ pub struct IncomingPeers {
     table: Mutex<PeerTable>,
 }
 
+/// Who a delivered connection is from and what it reached in the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The pod client: what `accept` and `getpeername` show.
+    pub client: SocketAddr,
+    /// The pod address and port the client connected to: what `getsockname` shows.
+    pub server: SocketAddr,
+}
+
 /// kmirror's end of one delivered connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LocalEnd {
@@ -38,7 +47,7 @@ pub enum LocalEnd {
 
 #[derive(Default)]
 struct PeerTable {
-    clients: HashMap<LocalEnd, SocketAddr>,
+    clients: HashMap<LocalEnd, Delivered>,
     /// Where the search for a free source address resumes.
     cursor: u32,
 }
@@ -50,7 +59,7 @@ const SOURCE_COUNT: u32 = 1 << 19;
 
 impl PeerTable {
     /// Reserves a source address no live connection uses.
-    fn reserve_v4(&mut self, client: SocketAddr) -> Option<Ipv4Addr> {
+    fn reserve_v4(&mut self, client: Delivered) -> Option<Ipv4Addr> {
         for _ in 0..SOURCE_COUNT {
             self.cursor = (self.cursor + 1) % SOURCE_COUNT;
             let ip = Ipv4Addr::from(SOURCE_BASE + self.cursor);
@@ -68,8 +77,8 @@ impl PeerTable {
 }
 
 impl IncomingPeers {
-    /// The pod client behind a loopback peer address the app sees.
-    pub fn client_of(&self, peer: SocketAddr) -> Option<SocketAddr> {
+    /// The delivered connection behind a loopback peer address the app sees.
+    pub fn delivered_from(&self, peer: SocketAddr) -> Option<Delivered> {
         let end = match peer {
             SocketAddr::V4(v4) => LocalEnd::V4(*v4.ip()),
             SocketAddr::V6(v6) => LocalEnd::V6Port(v6.port()),
@@ -92,7 +101,7 @@ const PEER_GRACE: Duration = Duration::from_secs(30);
 /// Connects to the app from a source reserved for `client` (see [`IncomingPeers`]).
 async fn connect_local(
     port: u16,
-    client: SocketAddr,
+    client: Delivered,
     peers: &IncomingPeers,
 ) -> std::io::Result<(TcpStream, LocalEnd)> {
     match connect_local_v4(port, client, peers).await {
@@ -104,7 +113,7 @@ async fn connect_local(
 
 async fn connect_local_v4(
     port: u16,
-    client: SocketAddr,
+    client: Delivered,
     peers: &IncomingPeers,
 ) -> std::io::Result<(TcpStream, LocalEnd)> {
     let socket = TcpSocket::new_v4()?;
@@ -128,7 +137,7 @@ async fn connect_local_v4(
 
 async fn connect_local_v6(
     port: u16,
-    client: SocketAddr,
+    client: Delivered,
     peers: &IncomingPeers,
 ) -> std::io::Result<(TcpStream, LocalEnd)> {
     let socket = TcpSocket::new_v6()?;
@@ -153,12 +162,12 @@ pub async fn serve(
     policy: Arc<IncomingPolicy>,
     peers: Arc<IncomingPeers>,
     stream: Stream,
-    pod_port: u16,
-    client: SocketAddr,
+    delivered: Delivered,
     mode: IncomingMode,
 ) {
+    let (pod_port, client) = (delivered.server.port(), delivered.client);
     let local_port = policy.local_port(pod_port);
-    let (conn, ours) = match connect_local(local_port, client, &peers).await {
+    let (conn, ours) = match connect_local(local_port, delivered, &peers).await {
         Ok(connected) => connected,
         Err(e) => {
             tracing::info!(%client, local_port, "the app does not accept on its port: {e}");
@@ -213,8 +222,11 @@ async fn relay_mirror(mut stream: Stream, conn: TcpStream) {
 mod tests {
     use super::*;
 
-    fn client(port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)), port)
+    fn client(port: u16) -> Delivered {
+        Delivered {
+            client: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)), port),
+            server: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 8080),
+        }
     }
 
     #[test]

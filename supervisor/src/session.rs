@@ -193,10 +193,11 @@ async fn session(
                 }
                 kmirror_protocol::tunnel::Incoming::Open {
                     stream,
-                    target: kmirror_protocol::OpenTarget::Incoming { port, client, mode },
+                    target: kmirror_protocol::OpenTarget::Incoming { server, client, mode },
                 } => {
                     let peers = ctx.incoming_peers.clone();
-                    tokio::spawn(crate::incoming::serve(incoming.clone(), peers, stream, port, client, mode));
+                    let delivered = crate::incoming::Delivered { client, server };
+                    tokio::spawn(crate::incoming::serve(incoming.clone(), peers, stream, delivered, mode));
                 }
                 kmirror_protocol::tunnel::Incoming::Open { stream, .. } => {
                     stream.opened(Err(kmirror_protocol::Errno(libc::EINVAL)));

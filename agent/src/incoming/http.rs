@@ -252,7 +252,7 @@ pub async fn serve_filtered(
         let backend = if to_local { &mut local } else { &mut pod };
         if backend.is_none() {
             *backend = if to_local {
-                open_local(&tunnel, original.port(), client).await
+                open_local(&tunnel, original, client).await
             } else {
                 open_pod(&netns, original).await
             };
@@ -267,8 +267,9 @@ pub async fn serve_filtered(
     }
 }
 
-async fn open_local(tunnel: &Tunnel, port: u16, client: SocketAddr) -> Option<Backend> {
-    let target = OpenTarget::Incoming { port, client, mode: IncomingMode::Steal };
+async fn open_local(tunnel: &Tunnel, original: SocketAddr, client: SocketAddr) -> Option<Backend> {
+    let server = SocketAddr::new(original.ip().to_canonical(), original.port());
+    let target = OpenTarget::Incoming { server, client, mode: IncomingMode::Steal };
     let stream = tunnel.open(target, Duration::from_secs(10)).await.ok()?;
     let (ours, theirs) = tokio::io::duplex(256 * 1024);
     tokio::spawn(stream.relay_io(theirs));

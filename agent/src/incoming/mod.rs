@@ -183,7 +183,8 @@ impl IncomingService {
                 .await;
             return;
         }
-        let target = OpenTarget::Incoming { port, client, mode: IncomingMode::Steal };
+        let server = SocketAddr::new(original.ip().to_canonical(), original.port());
+        let target = OpenTarget::Incoming { server, client, mode: IncomingMode::Steal };
         match self.tunnel.open(target, OPEN_TIMEOUT).await {
             Ok(stream) => {
                 stream.relay_tcp(conn).await;
@@ -282,8 +283,7 @@ async fn mirror_flow(
     mut rx: mpsc::UnboundedReceiver<FlowMessage>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let target =
-        OpenTarget::Incoming { port: key.server.port(), client: key.client, mode: IncomingMode::Mirror };
+    let target = OpenTarget::Incoming { server: key.server, client: key.client, mode: IncomingMode::Mirror };
     let stream: Stream = match tunnel.open(target, OPEN_TIMEOUT).await {
         Ok(stream) => stream,
         Err(e) => {

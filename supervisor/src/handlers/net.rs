@@ -214,14 +214,19 @@ pub(super) fn write_sockaddr_out(
     tracee::write_bytes(n.tid, len_ptr, &(encoded.len() as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
 }
 
-/// The pod client behind a loopback connection kmirror made to the app, in the socket's family.
-fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8>> {
+/// The delivered connection behind a loopback peer address kmirror connected to the app from.
+fn delivered_from(ctx: &Context, raw_peer: &[u8]) -> Option<crate::incoming::Delivered> {
     let Some(Destination::Inet(peer)) = net::parse_sockaddr(raw_peer) else { return None };
     let peer = net::canonical(peer);
     if !peer.ip().is_loopback() {
         return None;
     }
-    ctx.incoming_peers.client_of(peer).map(|client| net::encode_sockaddr(client, family))
+    ctx.incoming_peers.delivered_from(peer)
+}
+
+/// The pod client behind a loopback connection kmirror made to the app, in the socket's family.
+fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8>> {
+    delivered_from(ctx, raw_peer).map(|d| net::encode_sockaddr(d.client, family))
 }
 
 /// getpeername: a redirected socket shows the destination the app asked for instead of the
@@ -265,18 +270,27 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
 /// getsockname: a redirected socket shows the address its pod-side connection has in the pod
 /// (the pod's IP and that connection's port) instead of kmirror's loopback end, as it would
 /// inside the pod; "which address do I go out from" lookups (connect a UDP socket, read its
-/// name) then learn the pod's IP. Every other socket is the kernel's.
+/// name) then learn the pod's IP. A connection delivered from the pod shows the pod address
+/// its client reached. Every other socket is the kernel's.
 pub fn on_getsockname(ctx: &Arc<Context>, n: Notification) {
-    if !ctx.proxy.has_redirects() {
+    let (redirects, deliveries) = (ctx.proxy.has_redirects(), !ctx.incoming_peers.is_empty());
+    if !redirects && !deliveries {
         return ctx.listener.continue_call(n.id);
     }
     let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Some(pod_local) =
-        sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.pod_local_of(inode))
-    else {
+    let redirected = redirects
+        .then(|| sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.pod_local_of(inode)))
+        .flatten();
+    let delivered = || {
+        deliveries
+            .then(|| sockets::peer_addr(socket.as_fd()).ok().and_then(|raw| delivered_from(ctx, &raw)))
+            .flatten()
+            .map(|d| d.server)
+    };
+    let Some(pod_local) = redirected.or_else(delivered) else {
         return ctx.listener.continue_call(n.id);
     };
     let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
