@@ -214,9 +214,9 @@ impl Proxy {
     pub fn start_udp(self: &Arc<Self>, flow: UdpFlow, port: u16, inode: u64, dest: SocketAddr) {
         lock(&self.redirected).insert(inode, Redirect { dest, pod_local: flow.stream.far_local() });
         let this = self.clone();
-        let _counted = this.count_udp_flow();
+        let counted = this.count_udp_flow();
         tokio::spawn(async move {
-            let _counted = _counted;
+            let _counted = counted;
             if flow.relay.connect((Ipv4Addr::LOCALHOST, port)).await.is_ok() {
                 flow.stream.relay_udp(flow.relay, UDP_IDLE).await;
             }
@@ -276,9 +276,7 @@ impl Proxy {
         });
         Ok(relay)
     }
-}
 
-impl Proxy {
     fn count_udp_flow(self: &Arc<Self>) -> UdpFlowCount {
         self.udp_flows.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         UdpFlowCount(self.clone())
