@@ -19,6 +19,7 @@ mod sockets;
 mod stats;
 mod target;
 mod tracee;
+mod uts;
 
 use clap::Parser;
 

@@ -11,7 +11,7 @@
 //! A batch that mixes pod and other destinations is sent here message by message, in order,
 //! the others with their own address, because the kernel cannot be given back half a batch.
 
-use super::Context;
+use super::{Context, answer};
 use crate::policy::net::{self, Destination, Route};
 use crate::seccomp::Notification;
 use crate::{sockets, tracee};
@@ -355,15 +355,6 @@ async fn send_all(
         }
     }
     Ok(sent)
-}
-
-fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
-    if ctx.listener.is_valid(n.id) {
-        match result {
-            Ok(value) => ctx.listener.return_value(n.id, value),
-            Err(errno) => ctx.listener.return_errno(n.id, errno),
-        }
-    }
 }
 
 #[cfg(test)]

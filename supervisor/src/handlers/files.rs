@@ -6,7 +6,7 @@
 //! names and types) so `getdents` works, and lookups relative to such a directory map back to
 //! the pod. Metadata calls are answered with the pod's own `stat` data.
 
-use super::{Context, tunnel_errno};
+use super::{Context, answer, tunnel_errno};
 use crate::policy::files::{self, FileRoute, VirtualFile};
 use crate::seccomp::Notification;
 use crate::{abi, localfs, tracee};
@@ -68,16 +68,6 @@ fn plan(ctx: &Context, n: &Notification, dirfd: i32, path_ptr: u64, write: bool)
         FileRoute::Local => Plan::Local,
         FileRoute::Virtual(v) => Plan::Virtual(v),
         FileRoute::Remote => Plan::Remote(path),
-    }
-}
-
-fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
-    if !ctx.listener.is_valid(n.id) {
-        return;
-    }
-    match result {
-        Ok(value) => ctx.listener.return_value(n.id, value),
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
     }
 }
 

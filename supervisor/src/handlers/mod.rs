@@ -107,6 +107,16 @@ pub fn spawn_answering(
     });
 }
 
+/// Answers `n` with `result` (a value or an errno), unless its caller went away meanwhile.
+pub fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
+    if ctx.listener.is_valid(n.id) {
+        match result {
+            Ok(value) => ctx.listener.return_value(n.id, value),
+            Err(errno) => ctx.listener.return_errno(n.id, errno),
+        }
+    }
+}
+
 /// How often a blocking call emulated here looks for signals sent to the waiting thread.
 const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 

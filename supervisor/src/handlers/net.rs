@@ -67,12 +67,7 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
 
 async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
     let result = redirect_tcp(ctx, &socket, dest, family).await;
-    if ctx.listener.is_valid(n.id) {
-        match result {
-            Ok(()) => ctx.listener.return_value(n.id, 0),
-            Err(errno) => ctx.listener.return_errno(n.id, errno),
-        }
-    }
+    super::answer(ctx, &n, result.map(|()| 0));
 }
 
 /// Dials `dest` in the pod, then connects the app's socket (through our duplicate) to the
@@ -146,12 +141,7 @@ pub fn on_fastopen(
             Ok(()) => sockets::send(socket.as_fd(), &payload).map(|sent| sent as i64),
             Err(errno) => Err(errno),
         };
-        if ctx.listener.is_valid(n.id) {
-            match result {
-                Ok(sent) => ctx.listener.return_value(n.id, sent),
-                Err(errno) => ctx.listener.return_errno(n.id, errno),
-            }
-        }
+        super::answer(&ctx, &n, result);
     });
 }
 
