@@ -200,7 +200,7 @@ fn unconnected_udp_sendto_reaches_the_pod() {
     let pod = LocalPod::start(19);
     let local_port = local_udp_echo();
     let script = format!(
-        "import socket\n\
+        "import socket, struct\n\
          u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
          show = lambda key, got: print('%s=%s from %s:%d' % (key, got[0].decode(), got[1][0], got[1][1]))\n\
          for m in (b'a', b'b'):\n\
@@ -209,7 +209,12 @@ fn unconnected_udp_sendto_reaches_the_pod() {
          v = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); v.settimeout(5)\n\
          v.sendto(b'c', ('::ffff:{ip}', 7778)); show('reply6', v.recvfrom(100))\n\
          w = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         w.sendto(b'd', ('{ip}', 7778)); show('blocking', w.recvfrom(100))\n",
+         w.sendto(b'd', ('{ip}', 7778)); show('blocking', w.recvfrom(100))\n\
+         w.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack('ll', 0, 200000))\n\
+         try:\n\
+         \x20   w.recvfrom(100); print('quiet=data')\n\
+         except BlockingIOError:\n\
+         \x20   print('quiet=timed out')\n",
         ip = pod.service_ip
     );
     let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
@@ -219,7 +224,7 @@ fn unconnected_udp_sendto_reaches_the_pod() {
         format!(
             "reply=pod-udp {n}: a from {ip}:7778\nreply=pod-udp {n}: b from {ip}:7778\n\
              local=local:l from 127.0.0.1:{local_port}\nreply6=pod-udp {n}: c from ::ffff:{ip}:7778\n\
-             blocking=pod-udp {n}: d from {ip}:7778\n",
+             blocking=pod-udp {n}: d from {ip}:7778\nquiet=timed out\n",
             ip = pod.service_ip
         )
     );
