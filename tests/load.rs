@@ -39,6 +39,15 @@ impl Steps {
         Steps { child, out }
     }
 
+    /// Starts the app and waits for its `start` line; returns it with kmirror's and the
+    /// agent's process ids.
+    fn start_at_mark(pod: &LocalPod, script: &str) -> (Steps, u32, u32) {
+        let mut app = Steps::start(pod, script);
+        assert_eq!(app.line(), "start");
+        let kmirror = app.child.id();
+        (app, kmirror, agent_of(kmirror))
+    }
+
     fn line(&mut self) -> String {
         let mut line = String::new();
         self.out.read_line(&mut line).unwrap();
@@ -71,10 +80,7 @@ fn thousands_of_tunnelled_connections_leave_no_descriptors_behind() {
          print('sequential=%d' % done, flush=True); sys.stdin.readline()\n",
         ip = pod.service_ip
     );
-    let mut app = Steps::start(&pod, &script);
-    assert_eq!(app.line(), "start");
-    let kmirror = app.child.id();
-    let agent = agent_of(kmirror);
+    let (mut app, kmirror, agent) = Steps::start_at_mark(&pod, &script);
     let (sup_fds, agent_fds) = (fd_count(kmirror), fd_count(agent));
     app.next();
     assert_eq!(app.line(), "concurrent=1000");
@@ -97,6 +103,57 @@ fn thousands_of_tunnelled_connections_leave_no_descriptors_behind() {
     );
     assert!(
         fd_count(agent) <= agent_fds + 2,
+        "agent descriptors: {} before, {} after",
+        agent_fds,
+        fd_count(agent)
+    );
+    app.next();
+    assert!(app.child.wait().unwrap().success());
+}
+
+/// Bulk bytes both ways at once, which the tunnel splices rather than copies, arrive exact, and
+/// the relay pipes are closed with the connection.
+#[test]
+fn bulk_bytes_through_the_tunnel_arrive_exact_both_ways() {
+    let pod = LocalPod::start(63);
+    let script = format!(
+        "import socket, threading, hashlib, random, sys\n\
+         data = random.Random(5).randbytes(48 << 20)\n\
+         s = socket.create_connection(('{ip}', 7780), timeout=60)\n\
+         print('start', flush=True); sys.stdin.readline()\n\
+         def send():\n\
+         \x20   s.sendall(data); s.shutdown(socket.SHUT_WR)\n\
+         t = threading.Thread(target=send); t.start()\n\
+         h = hashlib.sha256(); got = 0\n\
+         while True:\n\
+         \x20   b = s.recv(1 << 20)\n\
+         \x20   if not b: break\n\
+         \x20   h.update(b); got += len(b)\n\
+         t.join(); s.close()\n\
+         same = h.digest() == hashlib.sha256(data).digest()\n\
+         print('received=%d' % got); print('same=%d' % same, flush=True); sys.stdin.readline()\n",
+        ip = pod.service_ip
+    );
+    let (mut app, kmirror, agent) = Steps::start_at_mark(&pod, &script);
+    let (sup_fds, agent_fds) = (fd_count(kmirror), fd_count(agent));
+    app.next();
+    let line = app.line();
+    assert_eq!(field(&line, "received"), Some((48u64 << 20).to_string().as_str()), "{line}");
+    let line = app.line();
+    assert_eq!(field(&line, "same"), Some("1"), "the echoed bytes differ from those sent");
+    // The app's connection was open when the baseline was taken; now it and its pipes are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (fd_count(kmirror) >= sup_fds || fd_count(agent) >= agent_fds) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        fd_count(kmirror) < sup_fds,
+        "supervisor descriptors: {} before, {} after",
+        sup_fds,
+        fd_count(kmirror)
+    );
+    assert!(
+        fd_count(agent) < agent_fds,
         "agent descriptors: {} before, {} after",
         agent_fds,
         fd_count(agent)

@@ -175,12 +175,25 @@ pub struct FrameReader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Read no further ahead than the next data header: the caller splices payloads straight
+    /// from the stream, and any payload bytes read ahead would have to be copied instead.
+    lean: bool,
 }
 
 impl Default for FrameReader {
     fn default() -> Self {
-        FrameReader { buf: vec![0u8; READ_AHEAD].into_boxed_slice(), start: 0, end: 0 }
+        FrameReader { buf: vec![0u8; READ_AHEAD].into_boxed_slice(), start: 0, end: 0, lean: false }
     }
+}
+
+/// Bytes in front of a data frame's payload: length, kind, stream.
+pub const DATA_HEADER: usize = 9;
+
+/// A frame read up to its payload: control frames whole, data frames as their header only.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    Control(Control),
+    Data { stream: StreamId, len: usize },
 }
 
 impl FrameReader {
@@ -200,7 +213,12 @@ impl FrameReader {
             (self.start, self.end) = (0, self.buffered());
         }
         while self.buffered() < want {
-            match reader.read(&mut self.buf[self.end..]).await? {
+            let limit = if self.lean {
+                (self.end + (want - self.buffered()).max(DATA_HEADER)).min(self.buf.len())
+            } else {
+                self.buf.len()
+            };
+            match reader.read(&mut self.buf[self.end..limit]).await? {
                 0 => return Ok(false),
                 n => self.end += n,
             }
@@ -226,11 +244,32 @@ impl FrameReader {
         Ok(())
     }
 
+    /// Sets whether reads stop at the next data header (see the `lean` field).
+    pub fn set_lean(&mut self, lean: bool) {
+        self.lean = lean;
+    }
+
     /// The next frame; `Ok(None)` on an end of stream between frames.
     pub async fn read_frame<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
     ) -> Result<Option<Frame>, CodecError> {
+        Ok(match self.read_head(reader).await? {
+            None => None,
+            Some(Head::Control(control)) => Some(Frame::Control(control)),
+            Some(Head::Data { stream, len }) => {
+                Some(Frame::Data { stream, bytes: self.read_payload(reader, len).await? })
+            }
+        })
+    }
+
+    /// The next control frame, or the next data frame's header; its payload, `len` bytes, must
+    /// be consumed next with [`FrameReader::read_payload`] or [`FrameReader::take_buffered`]
+    /// and a direct read of the rest from the stream.
+    pub async fn read_head<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<Option<Head>, CodecError> {
         if !self.fill(reader, 4).await? {
             return Ok(None);
         }
@@ -255,21 +294,51 @@ impl FrameReader {
             }
             let head = self.take(5);
             let stream = u32::from_be_bytes(head[1..].try_into().expect("4 bytes"));
-            let mut bytes = vec![0u8; len - 5];
-            self.read_into(reader, &mut bytes).await?;
-            return Ok(Some(Frame::Data { stream, bytes }));
+            return Ok(Some(Head::Data { stream, len: len - 5 }));
         }
-        if len <= READ_AHEAD {
+        let control = if len <= READ_AHEAD {
             if !self.fill(reader, len).await? {
                 return Err(eof());
             }
             let at = self.start;
             self.start += len;
-            return decode(&self.buf[at..at + len]).map(Some);
+            decode(&self.buf[at..at + len])?
+        } else {
+            let mut body = vec![0u8; len];
+            self.read_into(reader, &mut body).await?;
+            decode(&body)?
+        };
+        match control {
+            Frame::Control(control) => Ok(Some(Head::Control(control))),
+            Frame::Data { .. } => unreachable!("the kind byte said control"),
         }
-        let mut body = vec![0u8; len];
-        self.read_into(reader, &mut body).await?;
-        decode(&body).map(Some)
+    }
+
+    /// A data payload of `len` bytes whose header [`FrameReader::read_head`] returned.
+    pub async fn read_payload<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        len: usize,
+    ) -> Result<Vec<u8>, CodecError> {
+        let mut bytes = Vec::with_capacity(len);
+        bytes.extend_from_slice(self.take_buffered(len));
+        // Read into uninitialised capacity: zeroing a large payload first showed up in profiles.
+        let mut rest = (&mut *reader).take((len - bytes.len()) as u64);
+        while bytes.len() < len {
+            if rest.read_buf(&mut bytes).await? == 0 {
+                return Err(CodecError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "early eof",
+                )));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Up to `max` payload bytes that were already read ahead.
+    pub fn take_buffered(&mut self, max: usize) -> &[u8] {
+        let n = max.min(self.buffered());
+        self.take(n)
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod message;
+pub mod splice;
 pub mod tunnel;
 
 pub use message::*;

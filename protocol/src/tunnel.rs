@@ -5,16 +5,22 @@
 //! may have at most [`STREAM_WINDOW`] unacknowledged payload bytes in flight per stream, and the
 //! receiver returns credit only after the bytes left its buffer (written to the local socket). So
 //! one slow consumer stalls only its own stream, and memory per stream is bounded.
+//!
+//! Over a Unix-socket tunnel, TCP relays that move bulk data splice their payloads: from the
+//! local socket into a pipe and from the pipe into the tunnel on the sending side, and from the
+//! tunnel into a pipe and on into the local socket on the receiving side, so payload bytes are
+//! not copied through user space at either end (see [`crate::splice`]).
 
-use crate::codec::{self, CodecError, Frame, MAX_DATA_CHUNK};
+use crate::codec::{self, CodecError, Frame, Head, MAX_DATA_CHUNK};
 use crate::message::*;
+use crate::splice::{Pipe, SpliceIn, splice_in, splice_out};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 /// Payload bytes a sender may have unacknowledged on one stream.
@@ -35,6 +41,70 @@ fn next_read_size(size: usize, read: usize) -> usize {
 
 /// Frames are coalesced into writes of up to this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
+
+/// Largest payload a bulk relay splices into one frame (see [`crate::splice`]).
+const SPLICE_CHUNK: usize = 512 * 1024;
+/// Smallest incoming payload worth splicing out of the tunnel: below it, a copy costs less
+/// than the extra system calls.
+const SPLICE_MIN: usize = 32 * 1024;
+
+/// The tunnel's read half. A Unix socket lets bulk payloads be spliced out of it.
+pub trait TunnelRead: AsyncRead + Unpin + Send + 'static {
+    fn unix(&self) -> Option<&UnixStream> {
+        None
+    }
+}
+
+/// The tunnel's write half. A Unix socket lets bulk payloads be spliced into it.
+pub trait TunnelWrite: AsyncWrite + Unpin + Send + 'static {
+    fn unix(&self) -> Option<&UnixStream> {
+        None
+    }
+}
+
+impl TunnelRead for tokio::net::unix::OwnedReadHalf {
+    fn unix(&self) -> Option<&UnixStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl TunnelWrite for tokio::net::unix::OwnedWriteHalf {
+    fn unix(&self) -> Option<&UnixStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncRead + Send + 'static> TunnelRead for tokio::io::ReadHalf<T> {}
+impl<T: AsyncWrite + Send + 'static> TunnelWrite for tokio::io::WriteHalf<T> {}
+
+/// One side of a relayed connection. A TCP socket lets bulk payloads be spliced.
+pub trait RelayRead: AsyncRead + Unpin {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// The other side of a relayed connection; see [`RelayRead`].
+pub trait RelayWrite: AsyncWrite + Unpin {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl RelayRead for tokio::net::tcp::ReadHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl RelayWrite for tokio::net::tcp::WriteHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncRead> RelayRead for tokio::io::ReadHalf<T> {}
+impl<T: AsyncWrite> RelayWrite for tokio::io::WriteHalf<T> {}
 
 /// Which end of the tunnel this is; decides the parity of stream ids it allocates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,15 +141,44 @@ pub enum Inbound {
     Reset,
 }
 
+/// What the reader hands a stream's consumer.
+#[derive(Debug)]
+enum Event {
+    Inbound(Inbound),
+    /// This many payload bytes wait in the pipe, in order with the other events.
+    Spliced(Arc<Pipe>, usize),
+}
+
+/// What the writer puts on the tunnel.
+enum Outgoing {
+    Frame(Frame),
+    /// A data frame whose `len`-byte payload waits in `pipe`; `drained` fires once it left.
+    Spliced {
+        stream: StreamId,
+        pipe: Arc<Pipe>,
+        len: usize,
+        drained: oneshot::Sender<()>,
+    },
+}
+
 struct Slot {
-    inbound: mpsc::UnboundedSender<Inbound>,
+    inbound: mpsc::UnboundedSender<Event>,
     credit: Arc<Semaphore>,
     /// Payload bytes received but not yet granted back; a peer exceeding the window is cut off.
     unacked: Arc<AtomicUsize>,
+    /// Whether the consumer can take spliced payloads, and the pipe they go through.
+    splice: Option<Option<Arc<Pipe>>>,
 }
 
 struct Shared {
-    out: mpsc::UnboundedSender<Frame>,
+    out: mpsc::UnboundedSender<Outgoing>,
+    /// Whether payloads can be spliced into the tunnel (its write half is a Unix socket).
+    splice_out: bool,
+    /// Whether payloads can be spliced out of the tunnel (its read half is a Unix socket).
+    splice_in: bool,
+    /// Payload bytes spliced out of the tunnel, and payloads copied because a pipe was full.
+    spliced_in: AtomicU64,
+    pipe_full_copies: AtomicU64,
     streams: Mutex<HashMap<StreamId, Slot>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     opening: Mutex<HashMap<StreamId, oneshot::Sender<OpenVerdict>>>,
@@ -97,15 +196,19 @@ pub struct Tunnel {
 impl Tunnel {
     /// Starts the reader and writer tasks on the current tokio runtime. Call after the
     /// handshake. Requests and stream opens from the peer arrive on the returned receiver.
-    pub fn start<R, W>(reader: R, writer: W, side: Side) -> (Tunnel, mpsc::UnboundedReceiver<Incoming>)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    pub fn start<R: TunnelRead, W: TunnelWrite>(
+        reader: R,
+        writer: W,
+        side: Side,
+    ) -> (Tunnel, mpsc::UnboundedReceiver<Incoming>) {
         let (out, out_rx) = mpsc::unbounded_channel();
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             out,
+            splice_out: writer.unix().is_some(),
+            splice_in: reader.unix().is_some(),
+            spliced_in: AtomicU64::new(0),
+            pipe_full_copies: AtomicU64::new(0),
             streams: Mutex::default(),
             pending: Mutex::default(),
             opening: Mutex::default(),
@@ -199,14 +302,14 @@ impl Tunnel {
     fn send(&self, msg: Control) {
         // A send after the writer stopped is harmless: the tunnel is closed and every waiter
         // learns that through `closed`.
-        let _ = self.shared.out.send(Frame::Control(msg));
+        let _ = self.shared.out.send(Outgoing::Frame(Frame::Control(msg)));
     }
 
     fn register(&self, id: StreamId) -> Stream {
         let (tx, rx) = mpsc::unbounded_channel();
         let credit = Arc::new(Semaphore::new(STREAM_WINDOW));
         let unacked = Arc::new(AtomicUsize::new(0));
-        let slot = Slot { inbound: tx, credit: credit.clone(), unacked: unacked.clone() };
+        let slot = Slot { inbound: tx, credit: credit.clone(), unacked: unacked.clone(), splice: None };
         if self.is_closed() {
             credit.close();
         } else {
@@ -234,30 +337,52 @@ impl Tunnel {
         });
         for (_, slot) in lock(&self.shared.streams).drain() {
             slot.credit.close();
-            let _ = slot.inbound.send(Inbound::Reset);
+            let _ = slot.inbound.send(Event::Inbound(Inbound::Reset));
         }
         lock(&self.shared.pending).clear();
         lock(&self.shared.opening).clear();
     }
 
-    fn route(&self, frame: Frame, incoming: &mpsc::UnboundedSender<Incoming>) -> Result<(), String> {
-        let control = match frame {
-            Frame::Data { stream, bytes } => {
-                let streams = lock(&self.shared.streams);
-                if let Some(slot) = streams.get(&stream) {
-                    let unacked = slot.unacked.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
-                    if unacked > STREAM_WINDOW {
-                        drop(streams);
-                        tracing::warn!(stream, unacked, "peer overran the stream window; resetting");
-                        self.reset_stream(stream);
-                    } else {
-                        let _ = slot.inbound.send(Inbound::Data(bytes));
-                    }
-                }
-                return Ok(());
+    /// Hands `len` received payload bytes of `stream` to its consumer, unless they overrun
+    /// the window.
+    fn deliver(&self, stream: StreamId, len: usize, event: Event) {
+        let streams = lock(&self.shared.streams);
+        if let Some(slot) = streams.get(&stream) {
+            let unacked = slot.unacked.fetch_add(len, Ordering::AcqRel) + len;
+            if unacked > STREAM_WINDOW {
+                drop(streams);
+                tracing::warn!(stream, unacked, "peer overran the stream window; resetting");
+                self.reset_stream(stream);
+            } else {
+                let _ = slot.inbound.send(event);
             }
-            Frame::Control(control) => control,
-        };
+        }
+    }
+
+    /// The pipe to splice a `len`-byte payload of `stream` into, if its consumer takes spliced
+    /// payloads and the payload is large enough to be worth it.
+    fn splice_pipe(&self, stream: StreamId, len: usize) -> Option<Arc<Pipe>> {
+        if !self.shared.splice_in || len < SPLICE_MIN {
+            return None;
+        }
+        let mut streams = lock(&self.shared.streams);
+        let pipe = streams.get_mut(&stream)?.splice.as_mut()?;
+        if pipe.is_none() {
+            *pipe = Some(Arc::new(Pipe::new().ok()?));
+        }
+        pipe.clone()
+    }
+
+    /// Lets the reader splice `stream`'s large payloads, for a consumer that can take them.
+    fn accept_spliced(&self, stream: StreamId) {
+        if self.shared.splice_in
+            && let Some(slot) = lock(&self.shared.streams).get_mut(&stream)
+        {
+            slot.splice.get_or_insert(None);
+        }
+    }
+
+    fn route(&self, control: Control, incoming: &mpsc::UnboundedSender<Incoming>) -> Result<(), String> {
         match control {
             Control::Request { id, body } => {
                 let _ = incoming.send(Incoming::Request { id, body });
@@ -283,13 +408,13 @@ impl Tunnel {
             }
             Control::Shutdown { stream } => {
                 if let Some(slot) = lock(&self.shared.streams).get(&stream) {
-                    let _ = slot.inbound.send(Inbound::Shutdown);
+                    let _ = slot.inbound.send(Event::Inbound(Inbound::Shutdown));
                 }
             }
             Control::Reset { stream } => {
                 if let Some(slot) = lock(&self.shared.streams).remove(&stream) {
                     slot.credit.close();
-                    let _ = slot.inbound.send(Inbound::Reset);
+                    let _ = slot.inbound.send(Event::Inbound(Inbound::Reset));
                 }
             }
             Control::Goodbye { reason } => {
@@ -305,7 +430,7 @@ impl Tunnel {
     fn reset_stream(&self, id: StreamId) {
         if let Some(slot) = lock(&self.shared.streams).remove(&id) {
             slot.credit.close();
-            let _ = slot.inbound.send(Inbound::Reset);
+            let _ = slot.inbound.send(Event::Inbound(Inbound::Reset));
         }
         self.send(Control::Reset { stream: id });
     }
@@ -324,29 +449,35 @@ enum Piece {
     Encoded(std::ops::Range<usize>),
     /// The payload of the batch's frame at this index.
     Payload(usize),
+    /// The spliced payload of the batch's item at this index.
+    Pipe(usize),
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: TunnelWrite>(
     mut writer: W,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
     tunnel: Tunnel,
 ) {
     let mut encoded = Vec::with_capacity(WRITE_BATCH);
     let mut batch = Vec::new();
     let mut pieces = Vec::new();
-    while let Some(frame) = frames.recv().await {
+    while let Some(item) = queue.recv().await {
         encoded.clear();
         batch.clear();
         pieces.clear();
         let mut size = 0;
-        let mut next = Some(frame);
-        while let Some(frame) = next.take() {
+        let mut next = Some(item);
+        while let Some(item) = next.take() {
             let start = encoded.len();
-            let written = match &frame {
-                Frame::Data { stream, bytes } if bytes.len() >= INLINE_LIMIT => {
-                    codec::encode_data_header(*stream, bytes.len(), &mut encoded)
+            let (written, payload) = match &item {
+                Outgoing::Frame(Frame::Data { stream, bytes }) if bytes.len() >= INLINE_LIMIT => (
+                    codec::encode_data_header(*stream, bytes.len(), &mut encoded),
+                    Some(Piece::Payload(batch.len())),
+                ),
+                Outgoing::Frame(frame) => (codec::encode(frame, &mut encoded), None),
+                Outgoing::Spliced { stream, len, .. } => {
+                    (codec::encode_data_header(*stream, *len, &mut encoded), Some(Piece::Pipe(batch.len())))
                 }
-                other => codec::encode(other, &mut encoded),
             };
             if let Err(e) = written {
                 tracing::error!("dropping unencodable frame: {e}");
@@ -358,32 +489,61 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 _ => pieces.push(Piece::Encoded(start..encoded.len())),
             }
             size += encoded.len() - start;
-            if let Frame::Data { bytes, .. } = &frame
-                && bytes.len() >= INLINE_LIMIT
-            {
-                pieces.push(Piece::Payload(batch.len()));
-                size += bytes.len();
+            if let Some(payload) = payload {
+                size += match &item {
+                    Outgoing::Frame(Frame::Data { bytes, .. }) => bytes.len(),
+                    Outgoing::Spliced { len, .. } => *len,
+                    Outgoing::Frame(Frame::Control(_)) => 0,
+                };
+                pieces.push(payload);
             }
-            batch.push(frame);
+            batch.push(item);
             if size < WRITE_BATCH {
-                next = frames.try_recv().ok();
+                next = queue.try_recv().ok();
             }
         }
-        let mut slices: Vec<std::io::IoSlice<'_>> = pieces
-            .iter()
-            .map(|piece| match piece {
-                Piece::Encoded(range) => std::io::IoSlice::new(&encoded[range.clone()]),
-                Piece::Payload(i) => match &batch[*i] {
-                    Frame::Data { bytes, .. } => std::io::IoSlice::new(bytes),
-                    Frame::Control(_) => unreachable!("only data frames have payload pieces"),
-                },
-            })
-            .collect();
-        if let Err(e) = write_all_vectored(&mut writer, &mut slices).await.and(writer.flush().await) {
+        if let Err(e) = write_batch(&mut writer, &pieces, &encoded, &batch).await {
             tunnel.shut_down(format!("write failed: {e}"));
             return;
         }
+        for item in batch.drain(..) {
+            if let Outgoing::Spliced { drained, .. } = item {
+                let _ = drained.send(());
+            }
+        }
     }
+}
+
+/// Writes a batch's pieces in order: runs of in-memory pieces as one vectored write each,
+/// spliced payloads straight from their pipes.
+async fn write_batch<W: TunnelWrite>(
+    writer: &mut W,
+    pieces: &[Piece],
+    encoded: &[u8],
+    batch: &[Outgoing],
+) -> std::io::Result<()> {
+    let mut run: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match piece {
+            Piece::Encoded(range) => run.push(std::io::IoSlice::new(&encoded[range.clone()])),
+            Piece::Payload(i) => match &batch[*i] {
+                Outgoing::Frame(Frame::Data { bytes, .. }) => run.push(std::io::IoSlice::new(bytes)),
+                _ => unreachable!("only data frames have payload pieces"),
+            },
+            Piece::Pipe(i) => {
+                let Outgoing::Spliced { pipe, len, .. } = &batch[*i] else {
+                    unreachable!("only spliced items have pipe pieces")
+                };
+                write_all_vectored(writer, &mut run).await?;
+                writer.flush().await?;
+                run.clear();
+                let socket = writer.unix().expect("payloads are spliced only into a Unix socket");
+                splice_out(pipe, socket, *len).await?;
+            }
+        }
+    }
+    write_all_vectored(writer, &mut run).await?;
+    writer.flush().await
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
@@ -400,24 +560,80 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
-    mut reader: R,
-    incoming: mpsc::UnboundedSender<Incoming>,
-    tunnel: Tunnel,
-) {
+async fn read_loop<R: TunnelRead>(mut reader: R, incoming: mpsc::UnboundedSender<Incoming>, tunnel: Tunnel) {
     let mut frames = codec::FrameReader::default();
     let reason = loop {
-        match frames.read_frame(&mut reader).await {
-            Ok(Some(frame)) => {
-                if let Err(reason) = tunnel.route(frame, &incoming) {
-                    break format!("protocol violation: {reason}");
-                }
-            }
+        let head = match frames.read_head(&mut reader).await {
+            Ok(Some(head)) => head,
             Ok(None) => break "the peer closed the tunnel".to_string(),
             Err(e) => break format!("{e}"),
+        };
+        let routed = match head {
+            Head::Control(control) => {
+                frames.set_lean(false);
+                tunnel.route(control, &incoming).map_err(|reason| format!("protocol violation: {reason}"))
+            }
+            Head::Data { stream, len } => match tunnel.splice_pipe(stream, len) {
+                Some(pipe) => {
+                    frames.set_lean(true);
+                    tunnel.receive_spliced(&mut frames, &mut reader, stream, len, pipe).await
+                }
+                None => {
+                    frames.set_lean(false);
+                    match frames.read_payload(&mut reader, len).await {
+                        Ok(bytes) => {
+                            tunnel.deliver(stream, len, Event::Inbound(Inbound::Data(bytes)));
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("{e}")),
+                    }
+                }
+            },
+        };
+        if let Err(reason) = routed {
+            break reason;
         }
     };
     tunnel.shut_down(reason);
+}
+
+impl Tunnel {
+    /// Moves a `len`-byte payload of `stream` from the tunnel into `pipe` without copying it;
+    /// the part already read ahead, or any part the pipe has no room for, goes as a copy.
+    async fn receive_spliced<R: TunnelRead>(
+        &self,
+        frames: &mut codec::FrameReader,
+        reader: &mut R,
+        stream: StreamId,
+        len: usize,
+        pipe: Arc<Pipe>,
+    ) -> Result<(), String> {
+        let buffered = frames.take_buffered(len).to_vec();
+        let mut left = len - buffered.len();
+        if !buffered.is_empty() {
+            self.deliver(stream, buffered.len(), Event::Inbound(Inbound::Data(buffered)));
+        }
+        while left > 0 {
+            let socket = reader.unix().expect("splicing is enabled only on a Unix socket");
+            let step = splice_in(socket, &pipe, left).await.map_err(|e| format!("tunnel i/o: {e}"))?;
+            match step {
+                SpliceIn::Moved(n) => {
+                    self.shared.spliced_in.fetch_add(n as u64, Ordering::Relaxed);
+                    self.deliver(stream, n, Event::Spliced(pipe.clone(), n));
+                    left -= n;
+                }
+                SpliceIn::PipeFull => {
+                    // The consumer is behind; copying keeps the other streams moving.
+                    self.shared.pipe_full_copies.fetch_add(1, Ordering::Relaxed);
+                    let bytes = frames.read_payload(reader, left).await.map_err(|e| format!("{e}"))?;
+                    self.deliver(stream, left, Event::Inbound(Inbound::Data(bytes)));
+                    left = 0;
+                }
+                SpliceIn::Eof => return Err("tunnel i/o: early eof".into()),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -429,7 +645,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Stream {
     id: StreamId,
     tunnel: Tunnel,
-    inbound: mpsc::UnboundedReceiver<Inbound>,
+    inbound: mpsc::UnboundedReceiver<Event>,
     credit: Arc<Semaphore>,
     unacked: Arc<AtomicUsize>,
     /// Consumed bytes whose credit is not returned yet (see [`CREDIT_BATCH`]).
@@ -499,7 +715,7 @@ impl Stream {
 
     /// Next event from the peer. Data must be acknowledged with [`Stream::grant`] once consumed.
     pub async fn recv(&mut self) -> Inbound {
-        self.inbound.recv().await.unwrap_or(Inbound::Reset)
+        next_inbound(&mut self.inbound).await
     }
 
     /// Marks `n` received bytes consumed, so the peer may send that much more.
@@ -543,15 +759,49 @@ impl Stream {
     }
 
     /// Copies `rd` into the stream and the stream into `wr`, returning credit as bytes leave.
-    async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(&mut self, mut rd: R, mut wr: W) -> RelayEnd {
+    /// Between TCP sockets and a Unix-socket tunnel, bulk payloads are spliced instead.
+    async fn pump<R: RelayRead, W: RelayWrite>(&mut self, mut rd: R, mut wr: W) -> RelayEnd {
+        if wr.tcp().is_some() {
+            self.tunnel.accept_spliced(self.id);
+        }
         let Stream { id, tunnel, inbound, credit, unacked, ungranted, .. } = self;
         let (id, tunnel, credit): (StreamId, &Tunnel, &Semaphore) = (*id, tunnel, credit);
         let upstream = async move {
             // Each read lands in the buffer that becomes the frame's payload (no copy). Its size
             // adapts: small while the connection is idle or chatty (a thousand idle
             // connections must not pin a full chunk each), growing to a full chunk for bulk.
+            // Once reads fill full chunks, the connection is moving bulk data and payloads are
+            // spliced, until a splice moves little again.
             let mut size = MIN_READ_BUFFER;
+            let mut pipe: Option<Arc<Pipe>> = None;
             loop {
+                if size == MAX_DATA_CHUNK
+                    && tunnel.shared.splice_out
+                    && let Some(socket) = rd.tcp()
+                {
+                    if pipe.is_none() {
+                        pipe = Pipe::new().ok().map(Arc::new);
+                    }
+                    if let Some(pipe) = &pipe {
+                        match splice_in(socket, pipe, SPLICE_CHUNK).await {
+                            Ok(SpliceIn::Moved(n)) => {
+                                if n < MIN_READ_BUFFER {
+                                    size = MIN_READ_BUFFER;
+                                }
+                                if send_spliced(tunnel, credit, id, pipe.clone(), n).await.is_err() {
+                                    return RelayEnd::Reset;
+                                }
+                                continue;
+                            }
+                            Ok(SpliceIn::Eof) => {
+                                tunnel.send(Control::Shutdown { stream: id });
+                                return RelayEnd::Closed;
+                            }
+                            // The pipe is drained before every splice; a full one is a bug.
+                            Ok(SpliceIn::PipeFull) | Err(_) => return RelayEnd::Reset,
+                        }
+                    }
+                }
                 // Read into uninitialised capacity: zeroing a 128 KiB buffer per read showed up
                 // in bulk-transfer profiles.
                 let mut buf = Vec::with_capacity(size);
@@ -572,18 +822,24 @@ impl Stream {
         };
         let downstream = async move {
             loop {
-                match inbound.recv().await.unwrap_or(Inbound::Reset) {
-                    Inbound::Data(bytes) => {
-                        if wr.write_all(&bytes).await.is_err() {
-                            return RelayEnd::Reset;
-                        }
-                        consumed(tunnel, id, unacked, ungranted, bytes.len());
-                    }
-                    Inbound::Shutdown => {
+                let written = match inbound.recv().await.unwrap_or(Event::Inbound(Inbound::Reset)) {
+                    Event::Inbound(Inbound::Data(bytes)) => wr.write_all(&bytes).await.map(|()| bytes.len()),
+                    Event::Spliced(pipe, n) => match wr.tcp() {
+                        Some(socket) => splice_out(&pipe, socket, n).await.map(|()| n),
+                        None => match pipe.read_exact(n) {
+                            Ok(bytes) => wr.write_all(&bytes).await.map(|()| n),
+                            Err(e) => Err(e),
+                        },
+                    },
+                    Event::Inbound(Inbound::Shutdown) => {
                         let _ = wr.shutdown().await;
                         return RelayEnd::Closed;
                     }
-                    Inbound::Reset => return RelayEnd::Reset,
+                    Event::Inbound(Inbound::Reset) => return RelayEnd::Reset,
+                };
+                match written {
+                    Ok(n) => consumed(tunnel, id, unacked, ungranted, n),
+                    Err(_) => return RelayEnd::Reset,
                 }
             }
         };
@@ -601,7 +857,7 @@ impl Stream {
                     Err(e) if is_transient_udp_error(&e) => continue,
                     Err(_) => break,
                 },
-                event = self.inbound.recv() => match event.unwrap_or(Inbound::Reset) {
+                event = next_inbound(&mut self.inbound) => match event {
                     Inbound::Data(datagram) => {
                         let _ = socket.send(&datagram).await;
                         self.grant(datagram.len());
@@ -631,6 +887,31 @@ async fn send_data(
     Ok(())
 }
 
+/// The next event of a consumer that takes no spliced payloads: any that arrive anyway are
+/// read out of their pipe.
+async fn next_inbound(events: &mut mpsc::UnboundedReceiver<Event>) -> Inbound {
+    match events.recv().await {
+        Some(Event::Inbound(inbound)) => inbound,
+        Some(Event::Spliced(pipe, n)) => pipe.read_exact(n).map(Inbound::Data).unwrap_or(Inbound::Reset),
+        None => Inbound::Reset,
+    }
+}
+
+/// Hands `len` payload bytes waiting in `pipe` to the writer once the peer granted the credit,
+/// and waits until they left the pipe (the next splice into it must find it empty).
+async fn send_spliced(
+    tunnel: &Tunnel,
+    credit: &Semaphore,
+    id: StreamId,
+    pipe: Arc<Pipe>,
+    len: usize,
+) -> Result<(), TunnelError> {
+    credit.acquire_many(len as u32).await.map_err(|_| TunnelError::Closed("stream reset".into()))?.forget();
+    let (drained, done) = oneshot::channel();
+    let _ = tunnel.shared.out.send(Outgoing::Spliced { stream: id, pipe, len, drained });
+    done.await.map_err(|_| TunnelError::Closed("tunnel writer stopped".into()))
+}
+
 /// Sends one payload of at most [`MAX_DATA_CHUNK`] bytes once the peer granted the credit.
 async fn send_chunk(
     tunnel: &Tunnel,
@@ -644,7 +925,7 @@ async fn send_chunk(
         .await
         .map_err(|_| TunnelError::Closed("stream reset".into()))?
         .forget();
-    let _ = tunnel.shared.out.send(Frame::Data { stream: id, bytes });
+    let _ = tunnel.shared.out.send(Outgoing::Frame(Frame::Data { stream: id, bytes }));
     Ok(())
 }
 
@@ -716,6 +997,145 @@ mod tests {
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
         (Tunnel::start(ar, aw, Side::Supervisor), Tunnel::start(br, bw, Side::Agent))
+    }
+
+    /// Two tunnel ends over a Unix socket pair, where bulk payloads are spliced.
+    fn unix_pair()
+    -> ((Tunnel, mpsc::UnboundedReceiver<Incoming>), (Tunnel, mpsc::UnboundedReceiver<Incoming>)) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (ar, aw) = a.into_split();
+        let (br, bw) = b.into_split();
+        (Tunnel::start(ar, aw, Side::Supervisor), Tunnel::start(br, bw, Side::Agent))
+    }
+
+    /// Serves opens on `incoming` by connecting to the target with `send_buffer` (if any) and
+    /// relaying.
+    fn serve_opens(mut incoming: mpsc::UnboundedReceiver<Incoming>, send_buffer: Option<u32>) {
+        tokio::spawn(async move {
+            while let Some(Incoming::Open { stream, target: OpenTarget::Tcp(addr) }) = incoming.recv().await {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                if let Some(size) = send_buffer {
+                    socket.set_send_buffer_size(size).unwrap();
+                }
+                let sock = socket.connect(addr).await.unwrap();
+                stream.opened(Ok(()));
+                tokio::spawn(stream.relay_tcp(sock));
+            }
+        });
+    }
+
+    /// A client connection relayed through `tunnel` to `target`: what the app would hold.
+    async fn relayed_client(
+        tunnel: &Tunnel,
+        target: SocketAddr,
+    ) -> (TcpStream, tokio::task::JoinHandle<RelayEnd>) {
+        let stream = tunnel.open(OpenTarget::Tcp(target), Duration::from_secs(5)).await.unwrap();
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = local.local_addr().unwrap();
+        let relay = tokio::spawn(async move {
+            let (s, _) = local.accept().await.unwrap();
+            stream.relay_tcp(s).await
+        });
+        (TcpStream::connect(addr).await.unwrap(), relay)
+    }
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
+    }
+
+    /// Bulk bytes in both directions at once through a Unix-socket tunnel arrive intact and in
+    /// order while most of them are spliced, and the half-closes still propagate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spliced_bulk_transfer_keeps_bytes_and_order() {
+        let ((sup, _), (agent, agent_in)) = unix_pair();
+        serve_opens(agent_in, None);
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = server.local_addr().unwrap();
+        let down = pattern(24 << 20, 7);
+        let up = pattern(24 << 20, 11);
+        let (down2, up_len) = (down.clone(), up.len());
+        let server_task = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let (mut r, mut w) = s.split();
+            let send = async {
+                w.write_all(&down2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::with_capacity(up_len);
+            let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
+            n.unwrap();
+            got
+        });
+        let (mut client, relay) = relayed_client(&sup, target).await;
+        let (mut r, mut w) = client.split();
+        let send = async {
+            w.write_all(&up).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
+        n.unwrap();
+        assert!(got == down, "bytes from the server differ ({} of {} received)", got.len(), down.len());
+        assert!(server_task.await.unwrap() == up, "bytes to the server differ");
+        assert_eq!(relay.await.unwrap(), RelayEnd::Closed);
+        let spliced =
+            sup.shared.spliced_in.load(Ordering::Relaxed) + agent.shared.spliced_in.load(Ordering::Relaxed);
+        assert!(spliced > (up.len() + down.len()) as u64 / 2, "only {spliced} bytes were spliced");
+    }
+
+    /// A consumer too slow to drain its pipe: the reader copies instead of blocking, the other
+    /// stream keeps moving, and no byte is lost or reordered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_pipe_falls_back_to_copies_without_stalling_others() {
+        let ((sup, _), (agent, agent_in)) = unix_pair();
+        serve_opens(agent_in, Some(4096));
+        let slow = tokio::net::TcpSocket::new_v4().unwrap();
+        slow.set_recv_buffer_size(4096).unwrap();
+        slow.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let slow = slow.listen(1).unwrap();
+        let fast = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (slow_addr, fast_addr) = (slow.local_addr().unwrap(), fast.local_addr().unwrap());
+        let payload = pattern(12 << 20, 3);
+        let drain = |listener: TcpListener, pace: bool| {
+            tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break got;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if pace && got.len() < 4 << 20 {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            })
+        };
+        let (slow_rx, fast_rx) = (drain(slow, true), drain(fast, false));
+        let (mut slow_client, _) = relayed_client(&sup, slow_addr).await;
+        let (mut fast_client, _) = relayed_client(&sup, fast_addr).await;
+        let slow_send = async {
+            slow_client.write_all(&payload).await.unwrap();
+            slow_client.shutdown().await.unwrap();
+        };
+        let fast_done = async {
+            fast_client.write_all(&payload).await.unwrap();
+            fast_client.shutdown().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(20), fast_rx)
+                .await
+                .expect("fast stream stalled")
+                .unwrap()
+        };
+        let (_, fast_got) = tokio::join!(slow_send, fast_done);
+        assert!(fast_got == payload, "fast stream bytes differ");
+        assert!(slow_rx.await.unwrap() == payload, "slow stream bytes differ");
+        assert!(
+            agent.shared.pipe_full_copies.load(Ordering::Relaxed) > 0,
+            "the slow consumer never filled its pipe"
+        );
+        assert!(agent.shared.spliced_in.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
@@ -840,7 +1260,7 @@ mod tests {
         assert!(blocked.is_err(), "sender must wait for credit");
         // A peer that ignores credit gets its stream reset instead of growing the buffer.
         let rogue = Frame::Data { stream: sup_stream.id(), bytes: vec![0; 8] };
-        sup_stream.tunnel.shared.out.send(rogue).unwrap();
+        sup_stream.tunnel.shared.out.send(Outgoing::Frame(rogue)).unwrap();
         let mut events = Vec::new();
         loop {
             let event = stream.recv().await;

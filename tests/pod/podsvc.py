@@ -9,8 +9,9 @@ answered" apart from "the host answered":
   every query so tests can prove a lookup really reached the pod's server;
 * HTTP/1.1 on port 8080 of every pod address, echoing the path and the pod index (GET,
   HEAD, POST and PUT; request bodies are read and ignored);
-* a TCP line echo on --service-ip:7777, a UDP echo on --service-ip:7778 and a TCP byte source
-  on --service-ip:7779 (writes as many bytes as its first line asks for).
+* a TCP line echo on --service-ip:7777, a UDP echo on --service-ip:7778, a TCP byte source
+  on --service-ip:7779 (writes as many bytes as its first line asks for) and a TCP byte echo
+  on --service-ip:7780 (returns every byte unchanged, for bulk-integrity tests).
 
 Port 1 on the service IP is deliberately left closed (connection refused).
 Only the standard library is used.  Prints ``ready`` once every socket is
@@ -397,6 +398,24 @@ def make_source_handler():
     return Handler
 
 
+def make_byte_echo_handler():
+    """Returns every byte as it arrives, in both directions at full speed."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            try:
+                while True:
+                    data = self.request.recv(1 << 20)
+                    if not data:
+                        break
+                    self.request.sendall(data)
+                self.request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    return Handler
+
+
 def start_thread(target, *args):
     threading.Thread(target=target, args=args, daemon=True).start()
 
@@ -432,6 +451,7 @@ def main():
     udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_echo.bind((args.service_ip, 7778))
     source_server = LineEchoServer((args.service_ip, 7779), make_source_handler())
+    byte_echo_server = LineEchoServer((args.service_ip, 7780), make_byte_echo_handler())
 
     start_thread(serve_dns_udp, dns_udp, zone, dns_log)
     start_thread(serve_dns_tcp, dns_tcp, zone, dns_log)
@@ -439,6 +459,7 @@ def main():
     start_thread(echo_server.serve_forever)
     start_thread(serve_udp_echo, udp_echo, args.index)
     start_thread(source_server.serve_forever)
+    start_thread(byte_echo_server.serve_forever)
     start_thread(watch_parent, os.getppid())
 
     sys.stdout.write("ready\n")
