@@ -18,6 +18,11 @@
  *   connectloop N IP PORT  connect, write 1 byte, read the echo, close; N times
  *   pingpong N IP PORT     one connection, N 1-byte round trips
  *   bulk BYTES IP PORT     stream BYTES to a sink, wait for its close, report bytes/s
+ *   relaychain BYTES IP PORT  `bulk` through a minimal relay chain of the tunnel's shape,
+ *                          built in this process: a loopback TCP hop into a relay thread
+ *                          that splices length-framed payloads into a Unix socket pair, and
+ *                          a relay thread that splices them out to IP:PORT. Blocking threads,
+ *                          no multiplexing, no flow control: an upper bound for kmirror.
  *   hold N IP PORT         open N connections (each checked with a 1-byte echo),
  *                          print `ready`, wait for EOF on stdin
  *   burst RATE SECS IP PORT  short connections at RATE/s for SECS seconds, each sending
@@ -459,6 +464,94 @@ static int bulk(size_t bytes, const char *ip, const char *port) {
     return 0;
 }
 
+/* ---- relaychain (the tunnel's shape, minimal) ---- */
+
+#define CHAIN_CHUNK (512 * 1024)
+
+/* One relay direction: `in` to `out` through a pipe. `frame_out` puts a 4-byte length in
+ * front of each payload; `frame_in` reads payloads behind such lengths. */
+struct chain_relay {
+    int in, out, frame_out, frame_in;
+};
+
+static void splice_exact(int from, int to, size_t len) {
+    while (len) {
+        ssize_t n = splice(from, NULL, to, NULL, len, SPLICE_F_MOVE);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) die("splice");
+        if (n == 0) fail("splice: unexpected EOF");
+        len -= (size_t)n;
+    }
+}
+
+static void *chain_relay_thread(void *arg) {
+    struct chain_relay *r = arg;
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0) die("pipe2");
+    fcntl(p[1], F_SETPIPE_SZ, CHAIN_CHUNK);
+    for (;;) {
+        if (r->frame_in) {
+            uint32_t len;
+            ssize_t got = recv(r->in, &len, sizeof len, MSG_WAITALL);
+            if (got == 0) break;
+            if (got != (ssize_t)sizeof len) die("recv frame length");
+            /* A frame may hold more pieces than the pipe has slots: pass it on piecewise. */
+            for (size_t left = len; left;) {
+                ssize_t n = splice(r->in, NULL, p[1], NULL, left, SPLICE_F_MOVE);
+                if (n < 0 && errno == EINTR) continue;
+                if (n <= 0) die("splice frame");
+                splice_exact(p[0], r->out, (size_t)n);
+                left -= (size_t)n;
+            }
+            continue;
+        }
+        ssize_t n = splice(r->in, NULL, p[1], NULL, CHAIN_CHUNK, SPLICE_F_MOVE);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) die("splice");
+        if (n == 0) break;
+        if (r->frame_out) {
+            uint32_t len = (uint32_t)n;
+            write_all(r->out, &len, sizeof len);
+        }
+        splice_exact(p[0], r->out, (size_t)n);
+    }
+    if (shutdown(r->out, SHUT_WR) != 0) die("shutdown");
+    return NULL;
+}
+
+static int relaychain(size_t bytes, const char *ip, const char *port) {
+    int listener = listen_on("127.0.0.1:0");
+    int blocking = 0;
+    ioctl(listener, FIONBIO, &blocking);
+    struct sockaddr_in local;
+    socklen_t len = sizeof local;
+    if (getsockname(listener, (struct sockaddr *)&local, &len) != 0) die("getsockname");
+    int tunnel[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, tunnel) != 0) die("socketpair");
+    struct sockaddr_in far = addr_of(ip, port);
+    int pod = dial(&far);
+    /* The app's side connects from a thread of its own: `bulk` below. */
+    pthread_t t[4];
+    static struct chain_relay relays[4];
+    char port_str[16];
+    snprintf(port_str, sizeof port_str, "%u", ntohs(local.sin_port));
+    pid_t app = fork();
+    if (app < 0) die("fork");
+    if (app == 0) _exit(bulk(bytes, "127.0.0.1", port_str));
+    int accepted = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (accepted < 0) die("accept");
+    /* Forward (app -> pod) and back (EOF only, so the app sees the sink's close). */
+    relays[0] = (struct chain_relay){accepted, tunnel[0], 1, 0};
+    relays[1] = (struct chain_relay){tunnel[1], pod, 0, 1};
+    relays[2] = (struct chain_relay){pod, tunnel[1], 1, 0};
+    relays[3] = (struct chain_relay){tunnel[0], accepted, 0, 1};
+    for (int i = 0; i < 4; i++)
+        if (pthread_create(&t[i], NULL, chain_relay_thread, &relays[i]) != 0) fail("pthread_create");
+    int status;
+    if (waitpid(app, &status, 0) != app) die("waitpid");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
 static int hold(size_t n, const char *ip, const char *port) {
     raise_nofile();
     struct sockaddr_in a = addr_of(ip, port);
@@ -743,6 +836,8 @@ int main(int argc, char **argv) {
         return connectloop((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "pingpong") && argc == 5) return pingpong((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "bulk") && argc == 5) return bulk((size_t)parse_num(argv[2], "bad BYTES"), argv[3], argv[4]);
+    if (!strcmp(m, "relaychain") && argc == 5)
+        return relaychain((size_t)parse_num(argv[2], "bad BYTES"), argv[3], argv[4]);
     if (!strcmp(m, "hold") && argc == 5) return hold((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "burst") && argc == 6)
         return burst((double)parse_num(argv[2], "bad RATE"), atof(argv[3]), argv[4], argv[5]);

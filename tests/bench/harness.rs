@@ -912,13 +912,22 @@ impl Bench {
         let mut bulk = Series::default();
         for _ in 0..self.plan.repeats {
             let mut rates = BTreeMap::new();
-            for (way, cmd) in self.three_ways("bulk", &bytes, SINK_PORT) {
+            let mut ways: Vec<(&str, Command)> = self.three_ways("bulk", &bytes, SINK_PORT).into();
+            // The tunnel's shape built minimally inside the pod: what any design with these
+            // hops could reach here.
+            ways.push((
+                "chain",
+                self.in_pod(&["relaychain", &bytes, &self.service_ip(), &SINK_PORT.to_string()]),
+            ));
+            for (way, cmd) in ways {
                 let rate = Kv::parse(&run_out(cmd, &format!("bulk ({way})"))?).get("bytes_per_s")?;
                 bulk.add(way, rate / 1e6);
                 rates.insert(way, rate);
             }
             bulk.add("ratio_inpod", rates["km"] / rates["inpod"]);
             bulk.add("ratio_veth", rates["km"] / rates["veth"]);
+            bulk.add("ratio_chain", rates["km"] / rates["chain"]);
+            bulk.add("chain_inpod", rates["chain"] / rates["inpod"]);
         }
 
         let mut figures = Vec::new();
@@ -955,13 +964,20 @@ impl Bench {
                 .base("host_veth_MBps", bulk.med("veth"))
                 .base("kmirror_MBps", bulk.med("km"))
                 .base("ratio_vs_host_veth", bulk.med("ratio_veth"))
+                .base("relay_chain_MBps", bulk.med("chain"))
+                .base("relay_chain_ratio_vs_inpod", bulk.med("chain_inpod"))
+                .base("ratio_vs_relay_chain", bulk.med("ratio_chain"))
                 .met(ratio >= 0.7)
                 .summary(format!(
-                    "MB/s: in-pod {:.0}, veth {:.0}, kmirror {:.0} ({:.2} of veth)",
+                    "MB/s: in-pod {:.0}, veth {:.0}, minimal relay chain {:.0} ({:.2} of in-pod), \
+                     kmirror {:.0} ({:.2} of veth, {:.2} of the chain)",
                     bulk.med("inpod"),
                     bulk.med("veth"),
+                    bulk.med("chain"),
+                    bulk.med("chain_inpod"),
                     bulk.med("km"),
-                    bulk.med("ratio_veth")
+                    bulk.med("ratio_veth"),
+                    bulk.med("ratio_chain")
                 )),
         );
         Ok(figures)
