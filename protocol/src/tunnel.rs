@@ -13,7 +13,7 @@
 
 use crate::codec::{self, CodecError, Frame, Head, MAX_DATA_CHUNK};
 use crate::message::*;
-use crate::splice::{Pipe, SpliceIn, splice_in, splice_out};
+use crate::splice::{PAGE_BUDGET, Pipe, PipeBudget, SpliceIn, splice_in, splice_out};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -176,6 +176,8 @@ struct Shared {
     splice_out: bool,
     /// Whether payloads can be spliced out of the tunnel (its read half is a Unix socket).
     splice_in: bool,
+    /// Bounds the relay pipes of this tunnel end.
+    pipes: Arc<PipeBudget>,
     /// Payload bytes spliced out of the tunnel, and payloads copied because a pipe was full.
     spliced_in: AtomicU64,
     pipe_full_copies: AtomicU64,
@@ -207,6 +209,7 @@ impl Tunnel {
             out,
             splice_out: writer.unix().is_some(),
             splice_in: reader.unix().is_some(),
+            pipes: PipeBudget::new(PAGE_BUDGET),
             spliced_in: AtomicU64::new(0),
             pipe_full_copies: AtomicU64::new(0),
             streams: Mutex::default(),
@@ -368,7 +371,7 @@ impl Tunnel {
         let mut streams = lock(&self.shared.streams);
         let pipe = streams.get_mut(&stream)?.splice.as_mut()?;
         if pipe.is_none() {
-            *pipe = Some(Arc::new(Pipe::new().ok()?));
+            *pipe = Some(Arc::new(Pipe::new(&self.shared.pipes).ok()?));
         }
         pipe.clone()
     }
@@ -780,7 +783,7 @@ impl Stream {
                     && let Some(socket) = rd.tcp()
                 {
                     if pipe.is_none() {
-                        pipe = Pipe::new().ok().map(Arc::new);
+                        pipe = Pipe::new(&tunnel.shared.pipes).ok().map(Arc::new);
                     }
                     if let Some(pipe) = &pipe {
                         match splice_in(socket, pipe, SPLICE_CHUNK).await {
@@ -1043,17 +1046,12 @@ mod tests {
         (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
     }
 
-    /// Bulk bytes in both directions at once through a Unix-socket tunnel arrive intact and in
-    /// order while most of them are spliced, and the half-closes still propagate.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn spliced_bulk_transfer_keeps_bytes_and_order() {
-        let ((sup, _), (agent, agent_in)) = unix_pair();
-        serve_opens(agent_in, None);
+    /// Sends `up` to a server reached through `sup` while the server sends `down` back, both at
+    /// once, and checks both arrive exact; returns how the app-side relay ended.
+    async fn exchange_through(sup: &Tunnel, up: &[u8], down: &[u8]) -> RelayEnd {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = server.local_addr().unwrap();
-        let down = pattern(24 << 20, 7);
-        let up = pattern(24 << 20, 11);
-        let (down2, up_len) = (down.clone(), up.len());
+        let down2 = down.to_vec();
         let server_task = tokio::spawn(async move {
             let (mut s, _) = server.accept().await.unwrap();
             let (mut r, mut w) = s.split();
@@ -1061,15 +1059,15 @@ mod tests {
                 w.write_all(&down2).await.unwrap();
                 w.shutdown().await.unwrap();
             };
-            let mut got = Vec::with_capacity(up_len);
+            let mut got = Vec::new();
             let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
             n.unwrap();
             got
         });
-        let (mut client, relay) = relayed_client(&sup, target).await;
+        let (mut client, relay) = relayed_client(sup, target).await;
         let (mut r, mut w) = client.split();
         let send = async {
-            w.write_all(&up).await.unwrap();
+            w.write_all(up).await.unwrap();
             w.shutdown().await.unwrap();
         };
         let mut got = Vec::new();
@@ -1077,10 +1075,34 @@ mod tests {
         n.unwrap();
         assert!(got == down, "bytes from the server differ ({} of {} received)", got.len(), down.len());
         assert!(server_task.await.unwrap() == up, "bytes to the server differ");
-        assert_eq!(relay.await.unwrap(), RelayEnd::Closed);
+        relay.await.unwrap()
+    }
+
+    /// Bulk bytes in both directions at once through a Unix-socket tunnel arrive intact and in
+    /// order while most of them are spliced, and the half-closes still propagate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spliced_bulk_transfer_keeps_bytes_and_order() {
+        let ((sup, _), (agent, agent_in)) = unix_pair();
+        serve_opens(agent_in, None);
+        let (up, down) = (pattern(24 << 20, 11), pattern(24 << 20, 7));
+        assert_eq!(exchange_through(&sup, &up, &down).await, RelayEnd::Closed);
         let spliced =
             sup.shared.spliced_in.load(Ordering::Relaxed) + agent.shared.spliced_in.load(Ordering::Relaxed);
         assert!(spliced > (up.len() + down.len()) as u64 / 2, "only {spliced} bytes were spliced");
+    }
+
+    /// With its pipe budget spent, a tunnel end relays by copying, and the bytes stay exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spent_pipe_budget_falls_back_to_copies() {
+        let ((sup, _), (agent, agent_in)) = unix_pair();
+        let hoard: Vec<Pipe> =
+            std::iter::from_fn(|| Pipe::new(&sup.shared.pipes).ok()).take(10_000).collect();
+        assert!(!hoard.is_empty() && hoard.len() < 10_000);
+        serve_opens(agent_in, None);
+        let (up, down) = (pattern(8 << 20, 1), pattern(8 << 20, 2));
+        assert_eq!(exchange_through(&sup, &up, &down).await, RelayEnd::Closed);
+        assert_eq!(sup.shared.spliced_in.load(Ordering::Relaxed), 0, "no pipe was left to splice into");
+        assert!(agent.shared.spliced_in.load(Ordering::Relaxed) > 0, "the other end has its own budget");
     }
 
     /// A consumer too slow to drain its pipe: the reader copies instead of blocking, the other
