@@ -230,6 +230,36 @@ fn unconnected_udp_sendto_reaches_the_pod() {
     );
 }
 
+/// Emulated blocking receives wait as tasks, not threads: 600 app threads block at once in
+/// `recvfrom` on relayed sockets (more than a thread pool's 512), and each one is answered,
+/// last to block first.
+#[test]
+fn hundreds_of_blocked_receives_are_all_answered() {
+    let pod = LocalPod::start(29);
+    let script = format!(
+        "import socket, threading, queue, time\n\
+         n = 600; got = queue.Queue(); blocked = threading.Barrier(n + 1)\n\
+         socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]\n\
+         for s in socks: s.sendto(b'x', ('{ip}', 7778))\n\
+         def wait(i):\n\
+         \x20   socks[i].recvfrom(100)\n\
+         \x20   blocked.wait()\n\
+         \x20   got.put((i, socks[i].recvfrom(100)[0]))\n\
+         for i in range(n): threading.Thread(target=wait, args=(i,), daemon=True).start()\n\
+         blocked.wait(); time.sleep(1)\n\
+         poke = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         answered = 0\n\
+         for i in reversed(range(n)):\n\
+         \x20   poke.sendto(b'%d' % i, ('127.0.0.1', socks[i].getsockname()[1]))\n\
+         \x20   j, data = got.get(timeout=10)\n\
+         \x20   answered += j == i and data == b'%d' % i\n\
+         print('answered=%d' % answered)\n",
+        ip = pod.service_ip
+    );
+    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    assert_eq!(out, "answered=600\n");
+}
+
 /// A local UDP echo server that prefixes replies with `local:`; its port.
 fn local_udp_echo() -> u16 {
     let local = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

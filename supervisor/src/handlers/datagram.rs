@@ -159,12 +159,15 @@ pub fn on_recvfrom(ctx: &Arc<Context>, n: Notification) {
     // A blocking receive can wait long: never on the notify thread.
     let deadline = sockets::recv_timeout(socket.as_fd()).map(|t| std::time::Instant::now() + t);
     let ctx2 = ctx.clone();
-    super::spawn_blocking_answering(ctx, n.id, move || {
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let Some(socket) = super::waitable(socket) else {
+            return ctx2.listener.continue_call(n.id);
+        };
         loop {
-            match super::wait_for_data(&ctx2, &n, &socket, deadline) {
+            match super::wait_for_data(&ctx2, &n, &socket, deadline).await {
                 super::Waited::Ready => {
                     // Another thread of the app may have taken the datagram: wait again.
-                    if receive_now(&ctx2, &n, &socket, inode) != Some(libc::EAGAIN) {
+                    if receive_now(&ctx2, &n, socket.get_ref(), inode) != Some(libc::EAGAIN) {
                         return;
                     }
                 }

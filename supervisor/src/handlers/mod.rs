@@ -18,9 +18,11 @@ use crate::policy::net::OutgoingPolicy;
 use crate::seccomp::{Listener, Notification};
 use kmirror_protocol::tunnel::Tunnel;
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
 
 /// Calls the filter sends to the supervisor.
 pub const TRAPPED: &[&str] = &[
@@ -135,14 +137,14 @@ pub enum Waited {
 /// this also watches the thread's pending signals: once one is pending, the call goes back to
 /// the kernel (CONTINUE), whose own call sees the signal and returns as a native one would,
 /// restarted after an SA_RESTART handler (and trapped again) or failing with EINTR. Signals so
-/// reach a thread blocked here within [`SIGNAL_CHECK_INTERVAL`]. Runs on a blocking thread.
-pub fn wait_for_data(
+/// reach a thread blocked here within [`SIGNAL_CHECK_INTERVAL`]. The wait is a task, not a
+/// thread: any number of the app's threads may block in emulated calls at once.
+pub async fn wait_for_data(
     ctx: &Context,
     n: &Notification,
-    fd: &std::os::fd::OwnedFd,
+    fd: &AsyncFd<OwnedFd>,
     deadline: Option<std::time::Instant>,
 ) -> Waited {
-    use std::os::fd::AsFd;
     loop {
         if !ctx.listener.is_valid(n.id) {
             return Waited::Answered;
@@ -156,28 +158,31 @@ pub fn wait_for_data(
             Some(left) => left.min(SIGNAL_CHECK_INTERVAL),
             None => SIGNAL_CHECK_INTERVAL,
         };
-        match crate::sockets::wait_readable(fd.as_fd(), slice) {
-            Ok(true) => return Waited::Ready,
-            Ok(false) => {}
-            // Not a socket we can wait on after all: the kernel reports it.
-            Err(_) => {
-                ctx.listener.continue_call(n.id);
-                return Waited::Answered;
-            }
+        match tokio::time::timeout(slice, fd.readable()).await {
+            // Readiness may be stale (another thread of the app took what arrived): only a
+            // socket that is readable now counts.
+            Ok(Ok(mut ready)) => match crate::sockets::wait_readable(fd.get_ref().as_fd(), Duration::ZERO) {
+                Ok(true) => return Waited::Ready,
+                Ok(false) => ready.clear_ready(),
+                Err(_) => return hand_back(ctx, n),
+            },
+            Ok(Err(_)) => return hand_back(ctx, n),
+            Err(_elapsed) => {}
         }
     }
 }
 
-/// Runs `handler` for notification `n` on a blocking thread (for calls that may wait). Should
-/// it panic, the call fails with EIO.
-pub fn spawn_blocking_answering(ctx: &Arc<Context>, id: u64, handler: impl FnOnce() + Send + 'static) {
-    let listener = ctx.listener.clone();
-    ctx.runtime.spawn_blocking(move || {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).is_err() {
-            tracing::error!("a blocking handler failed; the app's call gets EIO");
-            listener.return_errno(id, libc::EIO);
-        }
-    });
+/// Hands a call back to the kernel, which reports what is wrong with its descriptor.
+fn hand_back(ctx: &Context, n: &Notification) -> Waited {
+    ctx.listener.continue_call(n.id);
+    Waited::Answered
+}
+
+/// Registers a descriptor the app waits on with the runtime, for [`wait_for_data`]; `None` if
+/// it cannot be waited on (the caller hands the call back to the kernel).
+pub fn waitable(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is an open descriptor that stays open, and the same, until dropped.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
 }
 
 /// Routes one notification to its handler.

@@ -325,7 +325,9 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
     }
     // The wait can be long: never on the notify thread.
     let ctx2 = ctx.clone();
-    super::spawn_blocking_answering(ctx, n.id, move || wait_and_accept(&ctx2, &n, &listening, flags, family));
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        wait_and_accept(&ctx2, &n, listening, flags, family).await
+    });
 }
 
 /// Blocking accepts performed here take a queued connection one at a time: with several app
@@ -335,13 +337,16 @@ static BLOCKING_ACCEPT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A blocking accept, performed here (see [`super::wait_for_data`] for how signals still reach
 /// the waiting thread).
-fn wait_and_accept(ctx: &Context, n: &Notification, listening: &OwnedFd, flags: i32, family: i32) {
+async fn wait_and_accept(ctx: &Context, n: &Notification, listening: OwnedFd, flags: i32, family: i32) {
+    let Some(listening) = super::waitable(listening) else {
+        return ctx.listener.continue_call(n.id);
+    };
     loop {
-        match super::wait_for_data(ctx, n, listening, None) {
+        match super::wait_for_data(ctx, n, &listening, None).await {
             super::Waited::Ready => {
                 let _one_at_a_time = super::lock(&BLOCKING_ACCEPT);
-                if sockets::wait_readable(listening.as_fd(), Duration::ZERO) == Ok(true) {
-                    return deliver_accepted(ctx, n, listening, flags, family);
+                if sockets::wait_readable(listening.get_ref().as_fd(), Duration::ZERO) == Ok(true) {
+                    return deliver_accepted(ctx, n, listening.get_ref(), flags, family);
                 }
                 // Another waiter took the connection: wait for the next.
             }
