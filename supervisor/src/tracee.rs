@@ -143,12 +143,33 @@ pub fn proc_link(tid: u32, what: &str) -> std::io::Result<Vec<u8>> {
     Ok(std::fs::read_link(format!("/proc/{tid}/{what}"))?.into_os_string().into_vec())
 }
 
-/// Whether thread `tid` has a signal pending that it does not block and that is most likely
-/// its to handle (from `/proc/<tid>/status`): one the kernel would deliver as soon as the
-/// thread ran.
-pub fn signal_pending(tid: u32) -> std::io::Result<bool> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
-    Ok(deliverable_signals(&status).is_some_and(|set| set != 0))
+/// A thread's `/proc/<tid>/status`, kept open for repeated signal checks: re-reading an open
+/// proc file costs about 6 µs here, opening it again about 10.
+pub struct SignalWatch {
+    status: std::fs::File,
+    buf: Vec<u8>,
+}
+
+impl SignalWatch {
+    pub fn open(tid: u32) -> std::io::Result<SignalWatch> {
+        Ok(SignalWatch { status: std::fs::File::open(format!("/proc/{tid}/status"))?, buf: Vec::new() })
+    }
+
+    /// Whether the thread has a signal pending that it does not block and that is most likely
+    /// its to handle: one the kernel would deliver as soon as the thread ran.
+    pub fn pending(&mut self) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.status.read_at(&mut chunk, self.buf.len() as u64)? {
+                0 => break,
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let status = String::from_utf8_lossy(&self.buf);
+        Ok(deliverable_signals(&status).is_some_and(|set| set != 0))
+    }
 }
 
 /// Signals pending for this thread and not blocked, from a `/proc/<tid>/status` text. A
@@ -195,11 +216,13 @@ mod tests {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGUSR2);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            assert!(!signal_pending(me).unwrap());
+            // One watch, read again after the signal: a kept-open status file shows news.
+            let mut watch = SignalWatch::open(me).unwrap();
+            assert!(!watch.pending().unwrap());
             libc::syscall(libc::SYS_tgkill, libc::getpid(), me, libc::SIGUSR2);
             // Blocked: pending, but not deliverable.
-            assert!(!signal_pending(me).unwrap());
-            let status = std::fs::read_to_string(format!("/proc/{me}/status")).unwrap();
+            assert!(!watch.pending().unwrap());
+            let status = String::from_utf8_lossy(&watch.buf);
             assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end().ends_with("800")));
             let mut sig = 0;
             libc::sigwait(&set, &mut sig);
