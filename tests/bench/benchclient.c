@@ -18,6 +18,13 @@
  *   connectloop N IP PORT  connect, write 1 byte, read the echo, close; N times
  *   pingpong N IP PORT     one connection, N 1-byte round trips
  *   bulk BYTES IP PORT     stream BYTES to a sink, wait for its close, report bytes/s
+ *   connectchain N IP PORT  `connectloop` through a minimal chain of a redirected connect's
+ *                          shape, built in this process: the app thread hands its socket to
+ *                          a supervisor thread (as a trapped connect does), which asks an
+ *                          agent thread over a Unix socket pair to dial IP:PORT, then
+ *                          connects the socket to its own loopback listener, accepts, answers
+ *                          the app, and relays the echo through the agent. Blocking threads,
+ *                          one connection at a time: a lower bound for kmirror's connect.
  *   relaychain BYTES IP PORT  `bulk` through a minimal relay chain of the tunnel's shape,
  *                          built in this process: a loopback TCP hop into a relay thread
  *                          that splices length-framed payloads into a Unix socket pair, and
@@ -552,6 +559,98 @@ static int relaychain(size_t bytes, const char *ip, const char *port) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }
 
+/* ---- connectchain (a redirected connect's shape, minimal) ---- */
+
+/* Tunnel messages are two bytes: a kind and a data byte. */
+struct connect_chain {
+    int trap_app, trap_sup;     /* the app's "trapped connect" channel */
+    int tunnel_sup, tunnel_agent;
+    int listener;
+    struct sockaddr_in listen_addr, far;
+};
+
+static void *connect_chain_agent(void *arg) {
+    struct connect_chain *c = arg;
+    char m[2];
+    while (recv(c->tunnel_agent, m, 2, MSG_WAITALL) == 2) {
+        int pod = dial(&c->far);
+        write_all(c->tunnel_agent, "O-", 2);
+        for (;;) {
+            read_exact(c->tunnel_agent, m, 2);
+            if (m[0] == 'C') break;
+            write_all(pod, &m[1], 1);
+            read_exact(pod, &m[1], 1);
+            write_all(c->tunnel_agent, m, 2);
+        }
+        close(pod);
+    }
+    return NULL;
+}
+
+static void *connect_chain_supervisor(void *arg) {
+    struct connect_chain *c = arg;
+    int app;
+    while ((app = recv_fd(c->trap_sup)) >= 0) {
+        char m[2];
+        write_all(c->tunnel_sup, "O-", 2);
+        read_exact(c->tunnel_sup, m, 2);
+        if (connect(app, (struct sockaddr *)&c->listen_addr, sizeof c->listen_addr) != 0) die("connect");
+        close(app);
+        int conn = accept4(c->listener, NULL, NULL, SOCK_CLOEXEC);
+        if (conn < 0) die("accept");
+        int one = 1;
+        setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        write_all(c->trap_sup, "A", 1);
+        m[0] = 'D';
+        for (;;) {
+            ssize_t r = read(conn, &m[1], 1);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) break;
+            write_all(c->tunnel_sup, m, 2);
+            read_exact(c->tunnel_sup, m, 2);
+            write_all(conn, &m[1], 1);
+        }
+        write_all(c->tunnel_sup, "C-", 2);
+        close(conn);
+    }
+    return NULL;
+}
+
+static int connectchain(size_t n, const char *ip, const char *port) {
+    static struct connect_chain c;
+    c.listener = listen_on("127.0.0.1:0");
+    int blocking = 0;
+    ioctl(c.listener, FIONBIO, &blocking);
+    socklen_t len = sizeof c.listen_addr;
+    if (getsockname(c.listener, (struct sockaddr *)&c.listen_addr, &len) != 0) die("getsockname");
+    c.far = addr_of(ip, port);
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) die("socketpair");
+    c.trap_app = pair[0], c.trap_sup = pair[1];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) die("socketpair");
+    c.tunnel_sup = pair[0], c.tunnel_agent = pair[1];
+    pthread_t t[2];
+    if (pthread_create(&t[0], NULL, connect_chain_supervisor, &c) != 0) fail("pthread_create");
+    if (pthread_create(&t[1], NULL, connect_chain_agent, &c) != 0) fail("pthread_create");
+    uint64_t *s = samples(n);
+    size_t warm = n / 20 + 1;
+    for (size_t i = 0; i < warm + n; i++) {
+        uint64_t t0 = now_ns();
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) die("socket");
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (send_fd(c.trap_app, fd) != 0) die("send_fd");
+        char answer;
+        read_exact(c.trap_app, &answer, 1);
+        one_byte_roundtrip(fd);
+        close(fd);
+        if (i >= warm) s[i - warm] = now_ns() - t0;
+    }
+    report("", s, n);
+    return 0;
+}
+
 static int hold(size_t n, const char *ip, const char *port) {
     raise_nofile();
     struct sockaddr_in a = addr_of(ip, port);
@@ -836,6 +935,8 @@ int main(int argc, char **argv) {
         return connectloop((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "pingpong") && argc == 5) return pingpong((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "bulk") && argc == 5) return bulk((size_t)parse_num(argv[2], "bad BYTES"), argv[3], argv[4]);
+    if (!strcmp(m, "connectchain") && argc == 5)
+        return connectchain((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "relaychain") && argc == 5)
         return relaychain((size_t)parse_num(argv[2], "bad BYTES"), argv[3], argv[4]);
     if (!strcmp(m, "hold") && argc == 5) return hold((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);

@@ -900,6 +900,11 @@ impl Bench {
                 cmd.args(["connectloop", &n, &self.service_ip(), &ECHO_PORT.to_string()]);
                 ways.push(("preload", cmd));
             }
+            // A redirected connect's shape built minimally inside the pod. It dials the pod IP,
+            // not the service IP, so its TIME_WAITs do not crowd the in-pod and kmirror runs'
+            // port range (see BENCHMARKS.md on the connect cliff).
+            let chain = self.in_pod(&["connectchain", &n, &self.pod_ip(), &ECHO_PORT.to_string()]);
+            ways.push(("chain", chain));
             for (way, cmd) in ways {
                 let kv = Kv::parse(&run_out(cmd, &format!("connectloop ({way})"))?);
                 conn.add(&format!("{way}_p50"), kv.us("p50_ns")?);
@@ -933,7 +938,20 @@ impl Bench {
         let mut figures = Vec::new();
         let conn50 = conn.med("km_p50") - conn.med("inpod_p50");
         figures.push(latency_overhead("tunnel_rtt_overhead_us", &rtt, 50.0));
-        figures.push(latency_overhead("conn_setup_overhead_us", &conn, 200.0));
+        let setup = latency_overhead("conn_setup_overhead_us", &conn, 200.0);
+        let chain_overhead = conn.med("chain_p50") - conn.med("inpod_p50");
+        let summary = format!(
+            "{}, minimal connect chain {:.0} (+{:.0})",
+            setup.summary,
+            conn.med("chain_p50"),
+            chain_overhead
+        );
+        figures.push(
+            setup
+                .base("connect_chain_p50_us", conn.med("chain_p50"))
+                .base("connect_chain_overhead_p50_us", chain_overhead)
+                .summary(summary),
+        );
         figures.push(if proxychains.is_some() {
             // Each redirector against the direct path its last leg takes: the SOCKS server
             // dials over the veth, kmirror's agent dials inside the pod.
