@@ -93,29 +93,48 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs a handler that answers notification `id` on the runtime. Should it panic, the call
 /// fails with EIO rather than leaving the app blocked forever (a second answer to an already
-/// answered notification is refused by the kernel and harmless).
+/// answered notification is refused by the kernel and harmless). The panic is caught inside
+/// the handler's own task: a watcher task per notification cost a task and a wake-up on every
+/// trapped call.
 pub fn spawn_answering(
     ctx: Arc<Context>,
     id: u64,
     handler: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let handle = ctx.runtime.spawn(handler);
     let listener = ctx.listener.clone();
     ctx.runtime.spawn(async move {
-        if let Err(e) = handle.await {
-            tracing::error!("a handler failed ({e}); the app's call gets EIO");
+        if CatchUnwind(Box::pin(handler)).await.is_err() {
+            tracing::error!("a handler panicked; the app's call gets EIO");
             listener.return_errno(id, libc::EIO);
         }
     });
 }
 
-/// Answers `n` with `result` (a value or an errno), unless its caller went away meanwhile.
-pub fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
-    if ctx.listener.is_valid(n.id) {
-        match result {
-            Ok(value) => ctx.listener.return_value(n.id, value),
-            Err(errno) => ctx.listener.return_errno(n.id, errno),
+/// A future that turns a panic while polling its inner future into an `Err`.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(value)) => std::task::Poll::Ready(Ok(value)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
+    }
+}
+
+/// Answers `n` with `result` (a value or an errno). If its caller went away meanwhile, the
+/// kernel refuses the answer, which is harmless, so there is no validity check first.
+pub fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
+    match result {
+        Ok(value) => ctx.listener.return_value(n.id, value),
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
     }
 }
 
@@ -238,6 +257,20 @@ pub fn tunnel_errno(e: &kmirror_protocol::tunnel::TunnelError) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_caught_and_a_finishing_one_passes_through() {
+        let fine = CatchUnwind(Box::pin(async {
+            tokio::task::yield_now().await;
+            7
+        }));
+        assert_eq!(fine.await.ok(), Some(7));
+        let panicking = CatchUnwind(Box::pin(async {
+            tokio::task::yield_now().await;
+            panic!("handler bug");
+        }));
+        assert!(panicking.await.is_err());
+    }
 
     #[test]
     fn signal_checks_slow_down_once_a_wait_lasts() {
