@@ -337,18 +337,34 @@ static BLOCKING_ACCEPT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A blocking accept, performed here (see [`super::wait_for_data`] for how signals still reach
 /// the waiting thread).
-async fn wait_and_accept(ctx: &Context, n: &Notification, listening: OwnedFd, flags: i32, family: i32) {
+async fn wait_and_accept(ctx: &Arc<Context>, n: &Notification, listening: OwnedFd, flags: i32, family: i32) {
     let Some(listening) = super::waitable(listening) else {
         return ctx.listener.continue_call(n.id);
     };
     loop {
         match super::wait_for_data(ctx, n, &listening, None).await {
             super::Waited::Ready => {
-                let _one_at_a_time = super::lock(&BLOCKING_ACCEPT);
-                if sockets::wait_readable(listening.get_ref().as_fd(), Duration::ZERO) == Ok(true) {
-                    return deliver_accepted(ctx, n, listening.get_ref(), flags, family);
+                // The listener is the app's, in blocking mode: an accept that loses a race for
+                // the connection (to a thread of the app accepting natively) blocks. So the
+                // accept runs on a blocking thread, never on the runtime's only one.
+                let Ok(fd) = listening.get_ref().try_clone() else {
+                    return ctx.listener.continue_call(n.id);
+                };
+                let (ctx2, n2) = (ctx.clone(), *n);
+                let accepted = tokio::task::spawn_blocking(move || {
+                    let _one_at_a_time = super::lock(&BLOCKING_ACCEPT);
+                    let ready = sockets::wait_readable(fd.as_fd(), Duration::ZERO) == Ok(true);
+                    if ready {
+                        deliver_accepted(&ctx2, &n2, &fd, flags, family);
+                    }
+                    ready
+                });
+                match accepted.await {
+                    Ok(true) => return,
+                    // Another waiter took the connection: wait for the next.
+                    Ok(false) => {}
+                    Err(_) => return ctx.listener.return_errno(n.id, libc::EIO),
                 }
-                // Another waiter took the connection: wait for the next.
             }
             super::Waited::TimedOut => return ctx.listener.return_errno(n.id, libc::EAGAIN),
             super::Waited::Answered => return,
