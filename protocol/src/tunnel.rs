@@ -178,7 +178,8 @@ struct Shared {
     splice_in: bool,
     /// Bounds the relay pipes of this tunnel end.
     pipes: Arc<PipeBudget>,
-    /// Payload bytes spliced out of the tunnel, and payloads copied because a pipe was full.
+    /// Payload bytes spliced out of the tunnel, and payloads copied because a pipe was full:
+    /// logged when the tunnel closes, and checked by tests.
     spliced_in: AtomicU64,
     pipe_full_copies: AtomicU64,
     streams: Mutex<HashMap<StreamId, Slot>>,
@@ -330,7 +331,7 @@ impl Tunnel {
     }
 
     fn shut_down(&self, reason: String) {
-        self.shared.closed.send_if_modified(|current| {
+        let first = self.shared.closed.send_if_modified(|current| {
             if current.is_none() {
                 *current = Some(reason);
                 true
@@ -338,6 +339,13 @@ impl Tunnel {
                 false
             }
         });
+        if first {
+            tracing::debug!(
+                spliced_in = self.shared.spliced_in.load(Ordering::Relaxed),
+                pipe_full_copies = self.shared.pipe_full_copies.load(Ordering::Relaxed),
+                "tunnel closed"
+            );
+        }
         for (_, slot) in lock(&self.shared.streams).drain() {
             slot.credit.close();
             let _ = slot.inbound.send(Event::Inbound(Inbound::Reset));
@@ -472,15 +480,17 @@ async fn write_loop<W: TunnelWrite>(
         let mut next = Some(item);
         while let Some(item) = next.take() {
             let start = encoded.len();
+            // A payload written from its own buffer or pipe, with its length.
             let (written, payload) = match &item {
                 Outgoing::Frame(Frame::Data { stream, bytes }) if bytes.len() >= INLINE_LIMIT => (
                     codec::encode_data_header(*stream, bytes.len(), &mut encoded),
-                    Some(Piece::Payload(batch.len())),
+                    Some((Piece::Payload(batch.len()), bytes.len())),
                 ),
                 Outgoing::Frame(frame) => (codec::encode(frame, &mut encoded), None),
-                Outgoing::Spliced { stream, len, .. } => {
-                    (codec::encode_data_header(*stream, *len, &mut encoded), Some(Piece::Pipe(batch.len())))
-                }
+                Outgoing::Spliced { stream, len, .. } => (
+                    codec::encode_data_header(*stream, *len, &mut encoded),
+                    Some((Piece::Pipe(batch.len()), *len)),
+                ),
             };
             if let Err(e) = written {
                 tracing::error!("dropping unencodable frame: {e}");
@@ -492,13 +502,9 @@ async fn write_loop<W: TunnelWrite>(
                 _ => pieces.push(Piece::Encoded(start..encoded.len())),
             }
             size += encoded.len() - start;
-            if let Some(payload) = payload {
-                size += match &item {
-                    Outgoing::Frame(Frame::Data { bytes, .. }) => bytes.len(),
-                    Outgoing::Spliced { len, .. } => *len,
-                    Outgoing::Frame(Frame::Control(_)) => 0,
-                };
-                pieces.push(payload);
+            if let Some((piece, len)) = payload {
+                pieces.push(piece);
+                size += len;
             }
             batch.push(item);
             if size < WRITE_BATCH {
@@ -1212,7 +1218,7 @@ mod tests {
     /// propagate, and the sender is throttled by credit rather than buffering without bound.
     #[tokio::test]
     async fn tcp_relay_round_trip_with_flow_control() {
-        let ((sup, _), (_agent, mut agent_in)) = pair();
+        let ((sup, _), (_agent, agent_in)) = pair();
         let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let echo_addr = echo.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1221,21 +1227,8 @@ mod tests {
             tokio::io::copy(&mut r, &mut w).await.unwrap();
             w.shutdown().await.unwrap();
         });
-        tokio::spawn(async move {
-            while let Some(Incoming::Open { stream, target: OpenTarget::Tcp(addr) }) = agent_in.recv().await {
-                let sock = TcpStream::connect(addr).await.unwrap();
-                stream.opened(Ok(()));
-                tokio::spawn(stream.relay_tcp(sock));
-            }
-        });
-        let stream = sup.open(OpenTarget::Tcp(echo_addr), Duration::from_secs(5)).await.unwrap();
-        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = local.local_addr().unwrap();
-        let relay = tokio::spawn(async move {
-            let (s, _) = local.accept().await.unwrap();
-            stream.relay_tcp(s).await
-        });
-        let mut client = TcpStream::connect(addr).await.unwrap();
+        serve_opens(agent_in, None);
+        let (mut client, relay) = relayed_client(&sup, echo_addr).await;
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let (mut r, mut w) = client.split();
         let send = async {
