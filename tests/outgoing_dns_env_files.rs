@@ -5,6 +5,11 @@
 use kmirror_suite::pod::LocalPod;
 use kmirror_suite::run::{expect_status, field, go_fixtures, kmirror, ok};
 
+/// Runs a Python script under kmirror against `pod`; its stdout (the run must succeed).
+fn python_under_kmirror(pod: &LocalPod, script: &str) -> String {
+    ok(&kmirror(pod.target_pid, &[], &["python3", "-c", script]))
+}
+
 fn run_go(pod: &LocalPod, go: &str, flags: &[&str], args: &[&str]) -> std::process::Output {
     let mut command = vec![go];
     command.extend_from_slice(args);
@@ -147,7 +152,7 @@ fn dual_stack_socket_sees_the_original_peer() {
          print('udpfrom=%s:%d' % u.recvfrom(100)[1][:2])\n",
         ip = pod.service_ip
     );
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let out = python_under_kmirror(&pod, &script);
     assert_eq!(field(&out, "peer"), Some(format!("::ffff:{}:7777", pod.service_ip).as_str()), "{out}");
     assert_eq!(field(&out, "echo"), Some(format!("pod-echo {}: v6", pod.index).as_str()));
     assert_eq!(field(&out, "udp"), Some(format!("pod-udp {}: d", pod.index).as_str()));
@@ -217,7 +222,7 @@ fn unconnected_udp_sendto_reaches_the_pod() {
          \x20   print('quiet=timed out')\n",
         ip = pod.service_ip
     );
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let out = python_under_kmirror(&pod, &script);
     let n = pod.index;
     assert_eq!(
         out,
@@ -256,7 +261,7 @@ fn hundreds_of_blocked_receives_are_all_answered() {
          print('answered=%d' % answered)\n",
         ip = pod.service_ip
     );
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let out = python_under_kmirror(&pod, &script);
     assert_eq!(out, "answered=600\n");
 }
 
@@ -303,7 +308,7 @@ fn udp_control_messages_and_mixed_batches_reach_their_destinations() {
          print('replies=' + replies(3))\n",
         ip = pod.service_ip
     );
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let out = python_under_kmirror(&pod, &script);
     let n = pod.index;
     assert_eq!(
         out,
@@ -338,7 +343,7 @@ fn tcp_fast_open_sends_reach_the_pod() {
          print('reply=' + m.makefile().readline().strip())\n",
         ip = pod.service_ip
     );
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let out = python_under_kmirror(&pod, &script);
     let n = pod.index;
     assert_eq!(
         out,
@@ -374,7 +379,7 @@ fn getsockname_shows_the_pod_side_address() {
     assert!(in_pod.status.success(), "{}", String::from_utf8_lossy(&in_pod.stderr));
     let expected = String::from_utf8_lossy(&in_pod.stdout).into_owned();
     assert!(expected.contains("tcp=10."), "{expected}");
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", &script]));
+    let out = python_under_kmirror(&pod, &script);
     assert_eq!(out, expected);
 }
 
@@ -392,7 +397,7 @@ fn the_host_name_is_the_pods() {
     assert!(in_pod.status.success(), "{}", String::from_utf8_lossy(&in_pod.stderr));
     let expected = String::from_utf8_lossy(&in_pod.stdout).into_owned();
     assert!(expected.contains(&format!("gethostname={}\n", pod.pod_hostname())), "{expected}");
-    let out = ok(&kmirror(pod.target_pid, &[], &["python3", "-c", script]));
+    let out = python_under_kmirror(&pod, script);
     assert_eq!(out, expected);
     let go = go_fixtures()[0].to_str().unwrap().to_string();
     let go_out = ok(&kmirror(pod.target_pid, &[], &[&go, "cat", "/proc/sys/kernel/hostname"]));
