@@ -16,9 +16,7 @@ const CAPABILITIES: &[&str] = &["env", "files", "dns", "outgoing-tcp", "outgoing
 
 pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: NetnsWorker) -> Result<()> {
     let socket = std::os::unix::net::UnixStream::from(tunnel_fd);
-    socket.set_nonblocking(true)?;
-    let socket = tokio::net::UnixStream::from_std(socket).context("tunnel socket")?;
-    let (mut reader, mut writer) = socket.into_split();
+    let (mut reader, mut writer) = kmirror_protocol::link::split(socket).context("tunnel socket")?;
 
     let hello = tokio::time::timeout(Duration::from_secs(30), tunnel::read_control(&mut reader))
         .await

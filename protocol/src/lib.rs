@@ -3,10 +3,12 @@
 //! * [`message`]: the serde types that travel the tunnel (handshake, requests, stream control).
 //! * [`codec`]: length-delimited frames with a hard size limit; control frames are bincode,
 //!   data frames carry raw bytes behind a fixed header so the hot path never goes through serde.
+//! * [`link`]: the tunnel's Unix socket as a reader and a writer that wake only when needed.
 //! * [`tunnel`]: one connection multiplexed into request/response exchanges and byte streams,
 //!   each stream with its own credit-based flow control.
 
 pub mod codec;
+pub mod link;
 pub mod message;
 pub mod splice;
 pub mod tunnel;

@@ -99,6 +99,11 @@ impl Pipe {
         Ok(pipe)
     }
 
+    /// The end splices take bytes out of.
+    pub(crate) fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
     /// Whether the pipe has a free slot (a splice into it would move something).
     fn has_room(&self) -> bool {
         let mut poll = libc::pollfd { fd: self.write.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
@@ -134,7 +139,7 @@ impl Drop for Pipe {
 }
 
 /// One `splice` call that never blocks the thread.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice between two descriptors the caller keeps open, with no offsets.
     let n = unsafe {
         libc::splice(

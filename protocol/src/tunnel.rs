@@ -12,6 +12,7 @@
 //! not copied through user space at either end (see [`crate::splice`]).
 
 use crate::codec::{self, CodecError, Frame, Head, MAX_DATA_CHUNK};
+use crate::link::{LinkReader, LinkWriter};
 use crate::message::*;
 use crate::splice::{PAGE_BUDGET, Pipe, PipeBudget, SpliceIn, splice_in, splice_out};
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket, UnixStream};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 /// Payload bytes a sender may have unacknowledged on one stream.
@@ -50,27 +51,27 @@ const SPLICE_MIN: usize = 32 * 1024;
 
 /// The tunnel's read half. A Unix socket lets bulk payloads be spliced out of it.
 pub trait TunnelRead: AsyncRead + Unpin + Send + 'static {
-    fn unix(&self) -> Option<&UnixStream> {
+    fn link(&self) -> Option<&LinkReader> {
         None
     }
 }
 
 /// The tunnel's write half. A Unix socket lets bulk payloads be spliced into it.
 pub trait TunnelWrite: AsyncWrite + Unpin + Send + 'static {
-    fn unix(&self) -> Option<&UnixStream> {
+    fn link(&mut self) -> Option<&mut LinkWriter> {
         None
     }
 }
 
-impl TunnelRead for tokio::net::unix::OwnedReadHalf {
-    fn unix(&self) -> Option<&UnixStream> {
-        Some(self.as_ref())
+impl TunnelRead for LinkReader {
+    fn link(&self) -> Option<&LinkReader> {
+        Some(self)
     }
 }
 
-impl TunnelWrite for tokio::net::unix::OwnedWriteHalf {
-    fn unix(&self) -> Option<&UnixStream> {
-        Some(self.as_ref())
+impl TunnelWrite for LinkWriter {
+    fn link(&mut self) -> Option<&mut LinkWriter> {
+        Some(self)
     }
 }
 
@@ -201,15 +202,15 @@ impl Tunnel {
     /// handshake. Requests and stream opens from the peer arrive on the returned receiver.
     pub fn start<R: TunnelRead, W: TunnelWrite>(
         reader: R,
-        writer: W,
+        mut writer: W,
         side: Side,
     ) -> (Tunnel, mpsc::UnboundedReceiver<Incoming>) {
         let (out, out_rx) = mpsc::unbounded_channel();
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             out,
-            splice_out: writer.unix().is_some(),
-            splice_in: reader.unix().is_some(),
+            splice_out: writer.link().is_some(),
+            splice_in: reader.link().is_some(),
             pipes: PipeBudget::new(PAGE_BUDGET),
             spliced_in: AtomicU64::new(0),
             pipe_full_copies: AtomicU64::new(0),
@@ -472,7 +473,18 @@ async fn write_loop<W: TunnelWrite>(
     let mut encoded = Vec::with_capacity(WRITE_BATCH);
     let mut batch = Vec::new();
     let mut pieces = Vec::new();
-    while let Some(item) = queue.recv().await {
+    loop {
+        let item = match queue.try_recv() {
+            Ok(item) => item,
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if let Some(link) = writer.link() {
+                    link.idle();
+                }
+                let Some(item) = queue.recv().await else { return };
+                item
+            }
+        };
         encoded.clear();
         batch.clear();
         pieces.clear();
@@ -546,8 +558,8 @@ async fn write_batch<W: TunnelWrite>(
                 write_all_vectored(writer, &mut run).await?;
                 writer.flush().await?;
                 run.clear();
-                let socket = writer.unix().expect("payloads are spliced only into a Unix socket");
-                splice_out(pipe, socket, *len).await?;
+                let link = writer.link().expect("payloads are spliced only into a Unix socket");
+                link.splice_from(pipe, *len).await?;
             }
         }
     }
@@ -623,7 +635,7 @@ impl Tunnel {
             self.deliver(stream, buffered.len(), Event::Inbound(Inbound::Data(buffered)));
         }
         while left > 0 {
-            let socket = reader.unix().expect("splicing is enabled only on a Unix socket");
+            let socket = reader.link().expect("splicing is enabled only on a Unix socket");
             let step = splice_in(socket, &pipe, left).await.map_err(|e| format!("tunnel i/o: {e}"))?;
             match step {
                 SpliceIn::Moved(n) => {
@@ -1011,9 +1023,9 @@ mod tests {
     /// Two tunnel ends over a Unix socket pair, where bulk payloads are spliced.
     fn unix_pair()
     -> ((Tunnel, mpsc::UnboundedReceiver<Incoming>), (Tunnel, mpsc::UnboundedReceiver<Incoming>)) {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (ar, aw) = a.into_split();
-        let (br, bw) = b.into_split();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (ar, aw) = crate::link::split(a).unwrap();
+        let (br, bw) = crate::link::split(b).unwrap();
         (Tunnel::start(ar, aw, Side::Supervisor), Tunnel::start(br, bw, Side::Agent))
     }
 

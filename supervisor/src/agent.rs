@@ -61,9 +61,7 @@ pub async fn start_local(pid: u32) -> Result<Agent> {
     let child = command.spawn().with_context(|| format!("cannot start the agent {}", binary.display()))?;
     drop(theirs);
 
-    ours.set_nonblocking(true)?;
-    let socket = tokio::net::UnixStream::from_std(ours)?;
-    let (mut reader, mut writer) = socket.into_split();
+    let (mut reader, mut writer) = kmirror_protocol::link::split(ours)?;
     let hello = Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
