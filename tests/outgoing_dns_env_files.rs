@@ -2,8 +2,10 @@
 //! static Go fixture (Debian's Go and the current release), each compared with the answer the
 //! same fixture gives when run inside the pod.
 
+use kmirror_suite::app::BackgroundApp;
 use kmirror_suite::pod::LocalPod;
 use kmirror_suite::run::{expect_status, field, go_fixtures, kmirror, ok};
+use std::time::{Duration, Instant};
 
 /// Runs a Python script under kmirror against `pod`; its stdout (the run must succeed).
 fn python_under_kmirror(pod: &LocalPod, script: &str) -> String {
@@ -50,6 +52,56 @@ fn refused_pod_destination_keeps_its_errno() {
         let stdout = expect_status(&out, 1);
         assert_eq!(field(&stdout, "errno"), Some("ECONNREFUSED"), "{stdout}");
     }
+}
+
+/// A connect that the app's SO_SNDTIMEO ends (with EINPROGRESS, as Linux reports it) is
+/// abandoned in the pod too: the agent's half-open socket goes, instead of retrying SYNs for as
+/// long as the pod's kernel would.
+#[test]
+fn a_connect_the_app_gives_up_on_is_abandoned_in_the_pod() {
+    let pod = LocalPod::start(34);
+    let script = format!(
+        "import socket, struct, time, errno\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack('ll', 1, 500000))\n\
+         start = time.monotonic()\n\
+         try:\n\
+         \x20   s.connect(('{}', 7781)); print('result=connected', flush=True)\n\
+         except OSError as e: print('result=' + errno.errorcode[e.errno], flush=True)\n\
+         print('waited_ms=%d' % ((time.monotonic() - start) * 1000), flush=True)\n\
+         time.sleep(60)\n",
+        pod.service_ip
+    );
+    // The pod's half-open connections to the stalled listener, as `ss` lists them.
+    let half_open = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "ss", "-Htn", "state", "syn-sent", "dport", "=", ":7781"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let wait_for = |what: &str, want_empty: bool| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let listed = half_open();
+            if listed.is_empty() == want_empty {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{listed}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let app = BackgroundApp::start(pod.target_pid, &[], &["python3", "-c", &script]);
+    wait_for("the agent never dialled the stalled listener", false);
+    app.wait_stdout("the connect's result", Duration::from_secs(20), |lines| {
+        lines.iter().any(|l| l.starts_with("waited_ms="))
+    });
+    let stdout = app.stdout_lines().join("\n");
+    assert_eq!(field(&stdout, "result"), Some("EINPROGRESS"), "{stdout}");
+    let waited: u64 = field(&stdout, "waited_ms").unwrap().parse().unwrap();
+    assert!(waited >= 1400, "the connect ended before the app's timeout: {stdout}");
+    wait_for("the agent still dials the pod for a connect the app gave up on", true);
+    app.stop();
 }
 
 #[test]

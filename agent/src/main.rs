@@ -83,5 +83,12 @@ fn run() -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(session::serve(tunnel_fd, token.into_bytes(), target, netns))
+    // The session runs as a task, not as `block_on`'s own future: waking that future goes
+    // through the driver's eventfd even from the runtime's own thread, one system call and one
+    // extra event-loop turn per stream open.
+    runtime.block_on(async {
+        tokio::spawn(session::serve(tunnel_fd, token.into_bytes(), target, netns))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")))
+    })
 }

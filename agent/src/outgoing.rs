@@ -6,8 +6,6 @@ use kmirror_protocol::{Errno, OpenTarget};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Longest a pod-side connect may take; the supervisor applies the app's own, shorter budget.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(75);
 /// A UDP flow with no traffic in either direction for this long is closed.
 const UDP_IDLE: Duration = Duration::from_secs(120);
 
@@ -28,18 +26,28 @@ fn opened_at(stream: &Stream, local: std::io::Result<std::net::SocketAddr>) {
     }
 }
 
-pub async fn open(netns: NetnsWorker, stream: Stream, target: OpenTarget) {
+pub async fn open(netns: NetnsWorker, mut stream: Stream, target: OpenTarget) {
     match target {
         OpenTarget::Tcp(addr) => {
-            let connected = async {
+            let connecting = async {
                 let fd = netns.socket(domain(&addr), libc::SOCK_STREAM).await?;
                 let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-                match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                socket.connect(addr).await
+            };
+            // No timer here: the pod's kernel bounds the connect with its own SYN retries, as
+            // it would for the app inside the pod, and the supervisor resets the stream when
+            // the app's budget runs out first. (A timer with the agent's only deadline made
+            // tokio wake its own event loop through the eventfd on every connect.) Before the
+            // open is answered the supervisor sends nothing else, so anything arriving on the
+            // stream means it gave up.
+            let connected = tokio::select! {
+                connected = connecting => connected,
+                _ = stream.recv() => {
+                    tracing::debug!(%addr, "the supervisor gave up on this connect");
+                    return;
                 }
             };
-            match connected.await {
+            match connected {
                 Ok(socket) => {
                     let _ = socket.set_nodelay(true);
                     opened_at(&stream, socket.local_addr());

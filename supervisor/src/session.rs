@@ -47,7 +47,14 @@ pub fn run(args: RunArgs) -> Result<ExitStatus> {
         .build()
         .context("cannot start the async runtime")?;
     let signal_pipe = signals::install().context("cannot install signal handlers")?;
-    runtime.block_on(session(args, target, program, signal_pipe))
+    // The session runs as a task, not as `block_on`'s own future: waking that future goes
+    // through the driver's eventfd even from the runtime's own thread, one system call and one
+    // extra event-loop turn per message it receives.
+    runtime.block_on(async {
+        tokio::spawn(session(args, target, program, signal_pipe))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")))
+    })
 }
 
 async fn session(

@@ -11,7 +11,9 @@ answered" apart from "the host answered":
   HEAD, POST and PUT; request bodies are read and ignored);
 * a TCP line echo on --service-ip:7777, a UDP echo on --service-ip:7778, a TCP byte source
   on --service-ip:7779 (writes as many bytes as its first line asks for) and a TCP byte echo
-  on --service-ip:7780 (returns every byte unchanged, for bulk-integrity tests).
+  on --service-ip:7780 (returns every byte unchanged, for bulk-integrity tests);
+* a stalled TCP listener on --service-ip:7781 whose accept queue is kept full, so the kernel
+  drops every new SYN and a connect to it stays in SYN-SENT (for connect-timeout tests).
 
 Port 1 on the service IP is deliberately left closed (connection refused).
 Only the standard library is used.  Prints ``ready`` once every socket is
@@ -416,6 +418,20 @@ def make_byte_echo_handler():
     return Handler
 
 
+def stalled_listener(address):
+    """A listener that never accepts, its one-slot queue filled by our own connection.
+
+    Returns every socket involved; they must stay referenced to stay open."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(address)
+    listener.listen(0)
+    # listen(0) queues one connection: once it holds ours, the kernel drops every new SYN.
+    filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    filler.connect(address)
+    return [listener, filler]
+
+
 def start_thread(target, *args):
     threading.Thread(target=target, args=args, daemon=True).start()
 
@@ -452,6 +468,7 @@ def main():
     udp_echo.bind((args.service_ip, 7778))
     source_server = LineEchoServer((args.service_ip, 7779), make_source_handler())
     byte_echo_server = LineEchoServer((args.service_ip, 7780), make_byte_echo_handler())
+    stalled = stalled_listener((args.service_ip, 7781))
 
     start_thread(serve_dns_udp, dns_udp, zone, dns_log)
     start_thread(serve_dns_tcp, dns_tcp, zone, dns_log)
@@ -465,7 +482,7 @@ def main():
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     log("podsvc %d ready: service %s, dns %s" % (args.index, args.service_ip, args.dns_ip))
-    while True:
+    while stalled:
         signal.pause()
 
 
