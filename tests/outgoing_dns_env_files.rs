@@ -54,6 +54,39 @@ fn refused_pod_destination_keeps_its_errno() {
     }
 }
 
+/// After a refused pod connect the socket is as a failed connect leaves it: no pending error,
+/// not connected, and free to connect again. (kmirror connects it to its local proxy while the
+/// pod side connects, and undoes that when the pod refuses.)
+#[test]
+fn a_refused_socket_can_connect_again() {
+    let pod = LocalPod::start(35);
+    let script = format!(
+        "import socket, errno\n\
+         s = socket.socket()\n\
+         try:\n\
+         \x20   s.connect(('{ip}', 1)); print('first=connected')\n\
+         except OSError as e: print('first=' + errno.errorcode[e.errno])\n\
+         print('so_error=%d' % s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))\n\
+         try:\n\
+         \x20   s.getpeername(); print('peer=connected')\n\
+         except OSError as e: print('peer=' + errno.errorcode[e.errno])\n\
+         s.connect(('{ip}', 7777)); s.sendall(b'again\\n')\n\
+         print('second=' + s.makefile().readline().strip())\n\
+         print('peer=%s:%d' % s.getpeername())\n",
+        ip = pod.service_ip
+    );
+    let out = python_under_kmirror(&pod, &script);
+    let native = pod.exec_in_pod("python3", &["-c", &script]);
+    assert_eq!(out, String::from_utf8_lossy(&native.stdout), "under kmirror vs inside the pod");
+    assert_eq!(
+        out,
+        format!(
+            "first=ECONNREFUSED\nso_error=0\npeer=ENOTCONN\nsecond=pod-echo {}: again\npeer={}:7777\n",
+            pod.index, pod.service_ip
+        )
+    );
+}
+
 /// A connect that the app's SO_SNDTIMEO ends (with EINPROGRESS, as Linux reports it) is
 /// abandoned in the pod too: the agent's half-open socket goes, instead of retrying SYNs for as
 /// long as the pod's kernel would.

@@ -4,7 +4,8 @@
 //! its descriptor) to one loopback listener. The listener learns which pod stream belongs to
 //! an accepted connection from the app socket's local port, registered by the connect handler
 //! — which may happen just after the accept, since the loopback handshake completes inside the
-//! handler's own connect — and relays bytes between the two. UDP sockets get a relay socket
+//! handler's own connect — and, once the pod side is connected too (the two connects overlap),
+//! relays bytes between the two. UDP sockets get a relay socket
 //! per flow. The table of redirected sockets (by inode) lives here too: it answers
 //! `getpeername` while the connection is alive and a little after.
 
@@ -17,7 +18,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
 /// How long an accepted connection waits for its registration.
@@ -28,23 +29,6 @@ const PEER_GRACE: Duration = Duration::from_secs(30);
 const UDP_IDLE: Duration = Duration::from_secs(300);
 const UDP_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The pod side of a redirected TCP connection, possibly still being established.
-pub enum Upstream {
-    Ready(Result<Stream, TunnelError>),
-    Pending(JoinHandle<Result<Stream, TunnelError>>),
-}
-
-impl Upstream {
-    async fn resolve(self) -> Result<Stream, TunnelError> {
-        match self {
-            Upstream::Ready(result) => result,
-            Upstream::Pending(handle) => {
-                handle.await.unwrap_or_else(|e| Err(TunnelError::Closed(format!("connect task: {e}"))))
-            }
-        }
-    }
-}
-
 /// A redirected socket of the app: the destination it asked for and, once the pod side is
 /// connected, that connection's own address in the pod.
 #[derive(Clone, Copy)]
@@ -54,7 +38,9 @@ struct Redirect {
 }
 
 struct Registration {
-    upstream: Upstream,
+    /// The pod side, once connected; a dropped sender means its connect failed or was
+    /// abandoned.
+    upstream: oneshot::Receiver<Stream>,
     inode: u64,
 }
 
@@ -119,27 +105,30 @@ impl Proxy {
         !lock(&self.redirected).is_empty()
     }
 
-    fn set_pod_local(&self, inode: u64, pod_local: Option<SocketAddr>) {
+    /// Records the pod-side address of a redirected socket's connection.
+    pub fn set_pod_local(&self, inode: u64, pod_local: Option<SocketAddr>) {
         if let Some(redirect) = lock(&self.redirected).get_mut(&inode) {
             redirect.pod_local = pod_local;
         }
     }
 
-    /// Announces the app connection coming from local `port`.
-    pub fn register(&self, port: u16, upstream: Upstream, inode: u64, dest: SocketAddr) {
-        let pod_local = match &upstream {
-            Upstream::Ready(Ok(stream)) => stream.far_local(),
-            _ => None,
-        };
-        lock(&self.redirected).insert(inode, Redirect { dest, pod_local });
+    /// Forgets a redirected socket whose pod-side connect failed.
+    pub fn forget(&self, inode: u64) {
+        lock(&self.redirected).remove(&inode);
+    }
+
+    /// Announces the app connection coming from local `port`, whose pod side comes through
+    /// `upstream`.
+    pub fn register(&self, port: u16, upstream: oneshot::Receiver<Stream>, inode: u64, dest: SocketAddr) {
+        lock(&self.redirected).insert(inode, Redirect { dest, pod_local: None });
         lock(&self.waiting).insert(port, Registration { upstream, inode });
         self.registered.notify_waiters();
     }
 
     /// Drops a pod connection that will never be used, closing it on the pod side too.
-    pub fn discard(upstream: Upstream) {
+    pub fn discard(opening: JoinHandle<Result<Stream, TunnelError>>) {
         tokio::spawn(async move {
-            if let Ok(stream) = upstream.resolve().await {
+            if let Ok(Ok(stream)) = opening.await {
                 stream.reset();
             }
         });
@@ -178,18 +167,20 @@ impl Proxy {
             tracing::warn!(port, "connection to the outgoing proxy from an unknown socket; closing it");
             return abort(conn);
         };
-        match upstream.resolve().await {
+        match upstream.await {
             Ok(stream) => {
                 self.set_pod_local(inode, stream.far_local());
                 let _ = conn.set_nodelay(true);
                 let end = stream.relay_tcp(conn).await;
                 tracing::debug!(port, ?end, "outgoing relay finished");
             }
-            Err(e) => {
-                // The app was told EINPROGRESS before the pod side answered; the connection
-                // fails now, as a late failure of a real connect would.
-                tracing::debug!(port, "late pod-side connect failure: {e}");
+            Err(_) => {
+                // The connect handler has forgotten the socket and told the app (or, if the
+                // app heard EINPROGRESS already, the connection fails now, as a late failure of
+                // a real connect would).
+                tracing::debug!(port, "pod-side connect failed");
                 abort(conn);
+                return;
             }
         }
         tokio::time::sleep(PEER_GRACE).await;

@@ -120,6 +120,15 @@ pub fn connect(fd: BorrowedFd<'_>, sockaddr: &[u8]) -> Result<(), i32> {
     if rc == 0 { Ok(()) } else { Err(last()) }
 }
 
+/// Undoes a TCP connect (connect to AF_UNSPEC; an established peer gets a RST) and clears the
+/// error that leaves behind, so the socket is as a failed connect leaves it: unconnected, no
+/// pending error, free to connect again.
+pub fn disconnect(fd: BorrowedFd<'_>) {
+    let unspec = (libc::AF_UNSPEC as libc::sa_family_t).to_ne_bytes();
+    let _ = connect(fd, &unspec);
+    let _ = int_option(fd, libc::SOL_SOCKET, libc::SO_ERROR);
+}
+
 /// Whether the socket is connected, as getpeername(2) would answer (Err(ENOTCONN) if not).
 pub fn peer_check(fd: BorrowedFd<'_>) -> Result<(), i32> {
     peer_addr(fd).map(drop)

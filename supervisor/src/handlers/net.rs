@@ -1,7 +1,7 @@
 //! `connect`, `getpeername`, `getsockname`, `listen` and `accept`.
 
 use super::{Context, tunnel_errno};
-use crate::outgoing::{Proxy, Upstream};
+use crate::outgoing::Proxy;
 use crate::policy::net::{self, Destination, Route};
 use crate::seccomp::Notification;
 use crate::{sockets, tracee};
@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// How long a non-blocking connect waits for the pod side before answering EINPROGRESS. Within
 /// it, refusals and unreachable destinations come back as the kernel would report them.
@@ -70,54 +71,102 @@ async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     super::answer(ctx, &n, result.map(|()| 0));
 }
 
-/// Dials `dest` in the pod, then connects the app's socket (through our duplicate) to the
-/// local proxy; the result is what the app's connect reports.
+/// Dials `dest` in the pod and connects the app's socket (through our duplicate) to the local
+/// proxy; the result is what the app's connect reports.
+///
+/// Both connects run at once: on loopback the proxy handshake completes inside its connect
+/// call, so it costs the app nothing while the pod side is still connecting. Should the pod
+/// side fail, the app's socket is disconnected again before the app learns why, leaving it as
+/// a failed connect leaves a socket.
 async fn redirect_tcp(
     ctx: &Arc<Context>,
     socket: &OwnedFd,
     dest: SocketAddr,
     family: i32,
 ) -> Result<(), i32> {
-    let proxy_addr = ctx.proxy.tcp_addr();
+    let proxy_addr = net::encode_sockaddr(ctx.proxy.tcp_addr(), family);
     // A connect on a socket that is already connecting or connected is forwarded as is: the
     // kernel answers EALREADY / EISCONN for the same socket the first connect used.
     if !sockets::tcp_is_fresh(socket.as_fd()) {
-        return sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy_addr, family));
+        return sockets::connect(socket.as_fd(), &proxy_addr);
     }
     let inode = sockets::socket_inode(socket.as_fd()).ok_or(libc::ENOTSOCK)?;
-    let opening = {
+    let send_timeout = sockets::send_timeout(socket.as_fd());
+    let mut opening = {
         let tunnel = ctx.tunnel.clone();
-        let limit = sockets::send_timeout(socket.as_fd()).unwrap_or(BLOCKING_CONNECT_LIMIT);
+        let limit = send_timeout.unwrap_or(BLOCKING_CONNECT_LIMIT);
         tokio::spawn(async move { tunnel.open(OpenTarget::Tcp(dest), limit).await })
     };
-    let mut opening = opening;
-    let upstream = if sockets::is_nonblocking(socket.as_fd()) {
+    let local = sockets::connect(socket.as_fd(), &proxy_addr);
+    let port = match local {
+        Ok(()) | Err(libc::EINPROGRESS) => sockets::local_port(socket.as_fd()),
+        Err(errno) => Err(errno),
+    };
+    let port = match port {
+        Ok(port) => port,
+        Err(errno) => {
+            Proxy::discard(opening);
+            return Err(errno);
+        }
+    };
+    let (verdict, upstream) = oneshot::channel();
+    ctx.proxy.register(port, upstream, inode, dest);
+    let opened = if sockets::is_nonblocking(socket.as_fd()) {
         match tokio::time::timeout(NONBLOCKING_BUDGET, &mut opening).await {
-            Ok(opened) => Upstream::Ready(opened.unwrap_or_else(|e| Err(closed(e)))),
-            Err(_) => Upstream::Pending(opening),
+            Ok(opened) => opened.unwrap_or_else(|e| Err(closed(e))),
+            Err(_) => {
+                // The app hears EINPROGRESS now and the outcome later, through its socket.
+                let proxy = ctx.proxy.clone();
+                tokio::spawn(async move {
+                    let opened = opening.await.unwrap_or_else(|e| Err(closed(e)));
+                    let _ = pass_verdict(&proxy, inode, opened, verdict);
+                });
+                return Err(libc::EINPROGRESS);
+            }
         }
     } else {
-        Upstream::Ready(opening.await.unwrap_or_else(|e| Err(closed(e))))
+        opening.await.unwrap_or_else(|e| Err(closed(e)))
     };
-    if let Upstream::Ready(Err(e)) = &upstream {
-        let errno = match e {
-            // SO_SNDTIMEO expiring on a blocking connect reports EINPROGRESS on Linux.
-            TunnelError::Timeout(_) if sockets::send_timeout(socket.as_fd()).is_some() => libc::EINPROGRESS,
-            e => tunnel_errno(e),
-        };
-        tracing::debug!(%dest, errno, "pod-side connect failed");
-        return Err(errno);
+    match pass_verdict(&ctx.proxy, inode, opened, verdict) {
+        Ok(()) => local,
+        Err(e) => {
+            sockets::disconnect(socket.as_fd());
+            let errno = match e {
+                // SO_SNDTIMEO expiring on a blocking connect reports EINPROGRESS on Linux.
+                TunnelError::Timeout(_) if send_timeout.is_some() => libc::EINPROGRESS,
+                e => tunnel_errno(&e),
+            };
+            tracing::debug!(%dest, errno, "pod-side connect failed");
+            Err(errno)
+        }
     }
-    let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(proxy_addr, family));
-    let port = match result {
-        Ok(()) | Err(libc::EINPROGRESS) => sockets::local_port(socket.as_fd()).ok(),
-        Err(_) => None,
-    };
-    match port {
-        Some(port) => ctx.proxy.register(port, upstream, inode, dest),
-        None => Proxy::discard(upstream),
+}
+
+/// Hands a successful pod-side connect to the proxy connection that waits for it; forgets the
+/// socket on a failure (dropping `verdict` makes that connection abort).
+fn pass_verdict(
+    proxy: &Proxy,
+    inode: u64,
+    opened: Result<kmirror_protocol::tunnel::Stream, TunnelError>,
+    verdict: oneshot::Sender<kmirror_protocol::tunnel::Stream>,
+) -> Result<(), TunnelError> {
+    match opened {
+        Ok(stream) => {
+            // Before the app's connect returns, so its getsockname already shows the pod side.
+            proxy.set_pod_local(inode, stream.far_local());
+            if let Err(stream) = verdict.send(stream) {
+                // The proxy gave up waiting for this connection (it never arrived).
+                stream.reset();
+                proxy.forget(inode);
+                return Err(TunnelError::Closed("the local proxy lost the connection".into()));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            proxy.forget(inode);
+            Err(e)
+        }
     }
-    result
 }
 
 /// `sendto` with MSG_FASTOPEN to a pod address on a fresh TCP socket: a connect followed by
