@@ -49,7 +49,6 @@ pub async fn open(netns: NetnsWorker, mut stream: Stream, target: OpenTarget) {
             };
             match connected {
                 Ok(socket) => {
-                    let _ = socket.set_nodelay(true);
                     opened_at(&stream, socket.local_addr());
                     let end = stream.relay_tcp(socket).await;
                     tracing::debug!(%addr, ?end, "outgoing tcp relay finished");

@@ -71,7 +71,11 @@ impl UdpFlow {
 
 impl Proxy {
     pub async fn start(tunnel: Tunnel) -> std::io::Result<Arc<Proxy>> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        // Accepted connections inherit it: no setsockopt per connection.
+        socket.set_nodelay(true)?;
+        socket.bind((Ipv4Addr::LOCALHOST, 0).into())?;
+        let listener = socket.listen(1024)?;
         let proxy = Arc::new(Proxy {
             tunnel,
             tcp_addr: listener.local_addr()?,
@@ -170,7 +174,6 @@ impl Proxy {
         match upstream.await {
             Ok(stream) => {
                 self.set_pod_local(inode, stream.far_local());
-                let _ = conn.set_nodelay(true);
                 let end = stream.relay_tcp(conn).await;
                 tracing::debug!(port, ?end, "outgoing relay finished");
             }
