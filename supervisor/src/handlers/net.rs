@@ -97,6 +97,9 @@ async fn redirect_tcp(
         let limit = send_timeout.unwrap_or(BLOCKING_CONNECT_LIMIT);
         tokio::spawn(async move { tunnel.open(OpenTarget::Tcp(dest), limit).await })
     };
+    // Lets the open task queue its request and the tunnel's writer send it before the proxy
+    // connect below, so the pod side starts first.
+    tokio::task::yield_now().await;
     let local = sockets::connect(socket.as_fd(), &proxy_addr);
     let port = match local {
         Ok(()) | Err(libc::EINPROGRESS) => sockets::local_port(socket.as_fd()),
