@@ -158,7 +158,7 @@ fn pass_verdict(
             // Before the app's connect returns, so its getsockname already shows the pod side.
             proxy.set_pod_local(inode, stream.far_local());
             if let Err(stream) = verdict.send(stream) {
-                // The proxy gave up waiting for this connection (it never arrived).
+                // The proxy dropped the registration: the session is ending.
                 stream.reset();
                 proxy.forget(inode);
                 return Err(TunnelError::Closed("the local proxy lost the connection".into()));
