@@ -31,11 +31,27 @@ fn killing_kmirror_kills_the_app() {
     app.wait_stdout("ready", Duration::from_secs(20), |l| l.iter().any(|l| l == "ready"));
     let app_pid = app_pid(&app);
     assert!(alive(app_pid));
+    let agent = app.agent_pid();
     app.child.kill().unwrap(); // SIGKILL
     app.child.wait().unwrap();
     wait_until("the app died with kmirror (no app left running with ENOSYS)", Duration::from_secs(3), || {
         !alive(app_pid)
     });
+    wait_until("the agent died with kmirror", Duration::from_secs(3), || !alive(agent));
+}
+
+/// An agent whose supervisor is not its parent (any more) refuses to start: it could not die
+/// with it.
+#[test]
+fn the_agent_refuses_to_outlive_a_supervisor_that_is_gone() {
+    let agent_bin = kmirror_bin().with_file_name("kmirror-agent");
+    let out = std::process::Command::new(agent_bin)
+        .args(["--tunnel-fd", "0", "--target-pid", "1", "--parent-pid", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the supervisor (pid 1) exited before the agent started"), "{stderr}");
 }
 
 #[test]

@@ -17,26 +17,45 @@ mod target;
 use anyhow::{Context, Result, bail};
 use std::os::fd::{FromRawFd, OwnedFd};
 
-const USAGE: &str = "usage: kmirror-agent --tunnel-fd <fd> --target-pid <pid>";
+const USAGE: &str = "usage: kmirror-agent --tunnel-fd <fd> --target-pid <pid> [--parent-pid <pid>]";
 
 struct Args {
     tunnel_fd: i32,
     target_pid: u32,
+    /// The supervisor that spawned us: the agent dies with it.
+    parent_pid: Option<u32>,
 }
 
 fn parse_args() -> Result<Args> {
     let mut tunnel_fd = None;
     let mut target_pid = None;
+    let mut parent_pid = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().with_context(|| format!("{flag} needs a value; {USAGE}"))?;
         match flag.as_str() {
             "--tunnel-fd" => tunnel_fd = Some(value.parse().context("--tunnel-fd")?),
             "--target-pid" => target_pid = Some(value.parse().context("--target-pid")?),
+            "--parent-pid" => parent_pid = Some(value.parse().context("--parent-pid")?),
             _ => bail!("unknown argument {flag}; {USAGE}"),
         }
     }
-    Ok(Args { tunnel_fd: tunnel_fd.context(USAGE)?, target_pid: target_pid.context(USAGE)? })
+    Ok(Args { tunnel_fd: tunnel_fd.context(USAGE)?, target_pid: target_pid.context(USAGE)?, parent_pid })
+}
+
+/// Ties the agent's life to the supervisor's: SIGKILL when it goes. Done here rather than
+/// between fork and exec in the supervisor, so that its spawn can take the posix_spawn path;
+/// the parent check closes the window before the prctl.
+fn die_with_parent(parent: u32) -> Result<()> {
+    // SAFETY: prctl with integer arguments on the calling process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot tie the agent to its supervisor");
+    }
+    // SAFETY: getppid has no arguments.
+    if unsafe { libc::getppid() } as u32 != parent {
+        bail!("the supervisor (pid {parent}) exited before the agent started");
+    }
+    Ok(())
 }
 
 /// Each pod connection of the app holds a descriptor in the agent.
@@ -68,6 +87,9 @@ fn main() {
 fn run() -> Result<()> {
     raise_fd_limit();
     let args = parse_args()?;
+    if let Some(parent) = args.parent_pid {
+        die_with_parent(parent)?;
+    }
     let token = std::env::var("KMIRROR_SESSION_TOKEN")
         .context("KMIRROR_SESSION_TOKEN is not set; the agent is started by `kmirror run`")?;
     // SAFETY: removing our own variable before any thread exists.
