@@ -279,6 +279,36 @@ mod tests {
         assert!(writer.await.unwrap(), "8 MiB cannot fit a socket buffer: the writer must have waited");
     }
 
+    /// Many rounds of congestion, each ended by `idle`, with a reader that pauses: every
+    /// registration and deregistration keeps the bytes exact and in order.
+    #[tokio::test]
+    async fn repeated_waits_and_idles_keep_the_stream_exact() {
+        let ((_ar, mut aw), (mut br, _bw)) = pair();
+        const ROUNDS: u32 = 40;
+        const ROUND: usize = 512 * 1024;
+        let writer = tokio::spawn(async move {
+            let mut waits = 0;
+            for round in 0..ROUNDS {
+                let chunk: Vec<u8> = (0..ROUND).map(|i| (i as u32 ^ round).wrapping_mul(31) as u8).collect();
+                aw.write_all(&chunk).await.unwrap();
+                waits += usize::from(aw.waiting.is_some());
+                aw.idle();
+            }
+            waits
+        });
+        let mut got = vec![0u8; ROUND];
+        for round in 0..ROUNDS {
+            if round % 4 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            br.read_exact(&mut got).await.unwrap();
+            let expected: Vec<u8> = (0..ROUND).map(|i| (i as u32 ^ round).wrapping_mul(31) as u8).collect();
+            assert!(got == expected, "round {round} differs");
+        }
+        let waits = writer.await.unwrap();
+        assert!(waits > 0, "half a MiB per round must have made the writer wait at least once");
+    }
+
     #[tokio::test]
     async fn a_closed_peer_is_an_error_not_a_signal() {
         let ((_ar, mut aw), (br, bw)) = pair();
