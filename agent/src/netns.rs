@@ -117,20 +117,24 @@ pub fn enter(netns: &OwnedFd) -> std::io::Result<()> {
     }
 }
 
-/// Lets an IPv6 socket carry IPv4 too (v4-mapped addresses), whatever the namespace's default.
-pub fn set_dual_stack(fd: &OwnedFd) -> std::io::Result<()> {
-    let off: libc::c_int = 0;
-    // SAFETY: setsockopt with an int-sized value on an open socket.
+/// Sets an int-valued socket option.
+fn set_int_option(fd: &OwnedFd, level: i32, name: i32, value: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads one int from `value`; `fd` is open.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&off as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Lets an IPv6 socket carry IPv4 too (v4-mapped addresses), whatever the namespace's default.
+pub fn set_dual_stack(fd: &OwnedFd) -> std::io::Result<()> {
+    set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
 }
 
 fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
@@ -145,20 +149,7 @@ fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
         // Every TCP socket of the agent relays bytes that must not wait for Nagle. Set here, on
         // the stocking thread, it costs a pod connect nothing (a listener passes it on to the
         // connections it accepts).
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt reads one int from `on`; `fd` is open.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        set_int_option(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     }
     Ok(fd)
 }
