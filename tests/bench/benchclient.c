@@ -25,6 +25,9 @@
  *                          connects the socket to its own loopback listener, accepts, answers
  *                          the app, and relays the echo through the agent. Blocking threads,
  *                          one connection at a time: a lower bound for kmirror's connect.
+ *   pingchain N IP PORT    `pingpong` over one connection made through the same chain: each
+ *                          byte crosses the supervisor and agent threads both ways, as it
+ *                          crosses kmirror and its agent. A lower bound for kmirror's round trip.
  *   relaychain BYTES IP PORT  `bulk` through a minimal relay chain of the tunnel's shape,
  *                          built in this process: a loopback TCP hop into a relay thread
  *                          that splices length-framed payloads into a Unix socket pair, and
@@ -616,7 +619,8 @@ static void *connect_chain_supervisor(void *arg) {
     return NULL;
 }
 
-static int connectchain(size_t n, const char *ip, const char *port) {
+/* Starts the chain's supervisor and agent threads; the agent dials IP:PORT. */
+static struct connect_chain *start_connect_chain(const char *ip, const char *port) {
     static struct connect_chain c;
     c.listener = listen_on("127.0.0.1:0");
     int blocking = 0;
@@ -632,21 +636,47 @@ static int connectchain(size_t n, const char *ip, const char *port) {
     pthread_t t[2];
     if (pthread_create(&t[0], NULL, connect_chain_supervisor, &c) != 0) fail("pthread_create");
     if (pthread_create(&t[1], NULL, connect_chain_agent, &c) != 0) fail("pthread_create");
+    return &c;
+}
+
+/* A connect through the chain: the socket goes to the supervisor thread, as a trapped connect
+ * goes to kmirror, and is usable once it answers. */
+static int chain_dial(struct connect_chain *c) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) die("socket");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (send_fd(c->trap_app, fd) != 0) die("send_fd");
+    char answer;
+    read_exact(c->trap_app, &answer, 1);
+    return fd;
+}
+
+static int connectchain(size_t n, const char *ip, const char *port) {
+    struct connect_chain *c = start_connect_chain(ip, port);
     uint64_t *s = samples(n);
     size_t warm = n / 20 + 1;
     for (size_t i = 0; i < warm + n; i++) {
         uint64_t t0 = now_ns();
-        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0) die("socket");
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (send_fd(c.trap_app, fd) != 0) die("send_fd");
-        char answer;
-        read_exact(c.trap_app, &answer, 1);
+        int fd = chain_dial(c);
         one_byte_roundtrip(fd);
         close(fd);
         if (i >= warm) s[i - warm] = now_ns() - t0;
     }
+    report("", s, n);
+    return 0;
+}
+
+static int pingchain(size_t n, const char *ip, const char *port) {
+    int fd = chain_dial(start_connect_chain(ip, port));
+    uint64_t *s = samples(n);
+    size_t warm = n / 20 + 1;
+    for (size_t i = 0; i < warm + n; i++) {
+        uint64_t t0 = now_ns();
+        one_byte_roundtrip(fd);
+        if (i >= warm) s[i - warm] = now_ns() - t0;
+    }
+    close(fd);
     report("", s, n);
     return 0;
 }
@@ -937,6 +967,8 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "bulk") && argc == 5) return bulk((size_t)parse_num(argv[2], "bad BYTES"), argv[3], argv[4]);
     if (!strcmp(m, "connectchain") && argc == 5)
         return connectchain((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
+    if (!strcmp(m, "pingchain") && argc == 5)
+        return pingchain((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);
     if (!strcmp(m, "relaychain") && argc == 5)
         return relaychain((size_t)parse_num(argv[2], "bad BYTES"), argv[3], argv[4]);
     if (!strcmp(m, "hold") && argc == 5) return hold((size_t)parse_num(argv[2], "bad N"), argv[3], argv[4]);

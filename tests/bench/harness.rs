@@ -150,6 +150,22 @@ fn latency_overhead(name: &'static str, s: &Series, target_p50_us: f64) -> Figur
         ))
 }
 
+/// Adds a latency figure's floor: the same measurement through a minimal chain of kmirror's
+/// hops (`{kind}chain` in benchclient), as `{kind}_chain_p50_us` and its overhead over in-pod.
+fn with_chain(figure: Figure, s: &Series, kind: &str) -> Figure {
+    let chain_overhead = s.med("chain_p50") - s.med("inpod_p50");
+    let summary = format!(
+        "{}, minimal {kind} chain {:.0} (+{:.0})",
+        figure.summary,
+        s.med("chain_p50"),
+        chain_overhead
+    );
+    figure
+        .base(&format!("{kind}_chain_p50_us"), s.med("chain_p50"))
+        .base(&format!("{kind}_chain_overhead_p50_us"), chain_overhead)
+        .summary(summary)
+}
+
 impl Figure {
     fn new(name: &'static str, value: f64, unit: &'static str, target: &str) -> Figure {
         Figure {
@@ -882,7 +898,10 @@ impl Bench {
         let n = self.plan.pingpong_n.to_string();
         let mut rtt = Series::default();
         for _ in 0..self.plan.repeats {
-            for (way, cmd) in self.three_ways("pingpong", &n, ECHO_PORT) {
+            let mut ways: Vec<(&str, Command)> = self.three_ways("pingpong", &n, ECHO_PORT).into();
+            // The same round trip through a minimal chain of kmirror's hops, inside the pod.
+            ways.push(("chain", self.in_pod(&["pingchain", &n, &self.pod_ip(), &ECHO_PORT.to_string()])));
+            for (way, cmd) in ways {
                 let kv = Kv::parse(&run_out(cmd, &format!("pingpong ({way})"))?);
                 rtt.add(&format!("{way}_p50"), kv.us("p50_ns")?);
                 rtt.add(&format!("{way}_p99"), kv.us("p99_ns")?);
@@ -937,21 +956,8 @@ impl Bench {
 
         let mut figures = Vec::new();
         let conn50 = conn.med("km_p50") - conn.med("inpod_p50");
-        figures.push(latency_overhead("tunnel_rtt_overhead_us", &rtt, 50.0));
-        let setup = latency_overhead("conn_setup_overhead_us", &conn, 200.0);
-        let chain_overhead = conn.med("chain_p50") - conn.med("inpod_p50");
-        let summary = format!(
-            "{}, minimal connect chain {:.0} (+{:.0})",
-            setup.summary,
-            conn.med("chain_p50"),
-            chain_overhead
-        );
-        figures.push(
-            setup
-                .base("connect_chain_p50_us", conn.med("chain_p50"))
-                .base("connect_chain_overhead_p50_us", chain_overhead)
-                .summary(summary),
-        );
+        figures.push(with_chain(latency_overhead("tunnel_rtt_overhead_us", &rtt, 50.0), &rtt, "ping"));
+        figures.push(with_chain(latency_overhead("conn_setup_overhead_us", &conn, 200.0), &conn, "connect"));
         figures.push(if proxychains.is_some() {
             // Each redirector against the direct path its last leg takes: the SOCKS server
             // dials over the veth, kmirror's agent dials inside the pod.
