@@ -417,13 +417,14 @@ static void one_byte_roundtrip(int fd) {
     read_exact(fd, &c, 1);
 }
 
-static int connectloop(size_t n, const char *ip, const char *port) {
-    struct sockaddr_in a = addr_of(ip, port);
+/* Times N connections after a warm-up of N/20 + 1: each is dialled by DIAL_WITH(ARG), carries
+ * one 1-byte round trip and is closed. */
+static int time_connects(size_t n, int (*dial_with)(void *), void *arg) {
     uint64_t *s = samples(n);
     size_t warm = n / 20 + 1;
     for (size_t i = 0; i < warm + n; i++) {
         uint64_t t0 = now_ns();
-        int fd = dial(&a);
+        int fd = dial_with(arg);
         one_byte_roundtrip(fd);
         close(fd);
         if (i >= warm) s[i - warm] = now_ns() - t0;
@@ -432,10 +433,9 @@ static int connectloop(size_t n, const char *ip, const char *port) {
     return 0;
 }
 
-static int pingpong(size_t n, const char *ip, const char *port) {
-    struct sockaddr_in a = addr_of(ip, port);
+/* Times N 1-byte round trips on FD after the same warm-up, then closes it. */
+static int time_round_trips(size_t n, int fd) {
     uint64_t *s = samples(n);
-    int fd = dial(&a);
     size_t warm = n / 20 + 1;
     for (size_t i = 0; i < warm + n; i++) {
         uint64_t t0 = now_ns();
@@ -445,6 +445,18 @@ static int pingpong(size_t n, const char *ip, const char *port) {
     close(fd);
     report("", s, n);
     return 0;
+}
+
+static int dial_addr(void *a) { return dial(a); }
+
+static int connectloop(size_t n, const char *ip, const char *port) {
+    struct sockaddr_in a = addr_of(ip, port);
+    return time_connects(n, dial_addr, &a);
+}
+
+static int pingpong(size_t n, const char *ip, const char *port) {
+    struct sockaddr_in a = addr_of(ip, port);
+    return time_round_trips(n, dial(&a));
 }
 
 static int bulk(size_t bytes, const char *ip, const char *port) {
@@ -652,33 +664,14 @@ static int chain_dial(struct connect_chain *c) {
     return fd;
 }
 
+static int chain_dial_with(void *c) { return chain_dial(c); }
+
 static int connectchain(size_t n, const char *ip, const char *port) {
-    struct connect_chain *c = start_connect_chain(ip, port);
-    uint64_t *s = samples(n);
-    size_t warm = n / 20 + 1;
-    for (size_t i = 0; i < warm + n; i++) {
-        uint64_t t0 = now_ns();
-        int fd = chain_dial(c);
-        one_byte_roundtrip(fd);
-        close(fd);
-        if (i >= warm) s[i - warm] = now_ns() - t0;
-    }
-    report("", s, n);
-    return 0;
+    return time_connects(n, chain_dial_with, start_connect_chain(ip, port));
 }
 
 static int pingchain(size_t n, const char *ip, const char *port) {
-    int fd = chain_dial(start_connect_chain(ip, port));
-    uint64_t *s = samples(n);
-    size_t warm = n / 20 + 1;
-    for (size_t i = 0; i < warm + n; i++) {
-        uint64_t t0 = now_ns();
-        one_byte_roundtrip(fd);
-        if (i >= warm) s[i - warm] = now_ns() - t0;
-    }
-    close(fd);
-    report("", s, n);
-    return 0;
+    return time_round_trips(n, chain_dial(start_connect_chain(ip, port)));
 }
 
 static int hold(size_t n, const char *ip, const char *port) {
