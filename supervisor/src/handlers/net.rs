@@ -6,7 +6,7 @@ use crate::policy::net::{self, Destination, Route};
 use crate::seccomp::Notification;
 use crate::{sockets, tracee};
 use kmirror_protocol::OpenTarget;
-use kmirror_protocol::tunnel::TunnelError;
+use kmirror_protocol::tunnel::{Stream, TunnelError};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -150,8 +150,8 @@ async fn redirect_tcp(
 fn pass_verdict(
     proxy: &Proxy,
     inode: u64,
-    opened: Result<kmirror_protocol::tunnel::Stream, TunnelError>,
-    verdict: oneshot::Sender<kmirror_protocol::tunnel::Stream>,
+    opened: Result<Stream, TunnelError>,
+    verdict: oneshot::Sender<Stream>,
 ) -> Result<(), TunnelError> {
     match opened {
         Ok(stream) => {
