@@ -1,50 +1,321 @@
-//! File operations kmirror performs locally on the app's behalf, for paths whose raw form the
-//! kernel would resolve differently than kmirror does (see `handlers::files`).
+//! File operations kmirror performs locally on the app's behalf, for paths the local kernel
+//! could not resolve from the raw argument (it steps out of a pod directory; see
+//! `policy::walk`). Each runs with the calling thread's credentials and umask
+//! ([`crate::caller::run_as`]), inside the app's root directory, with `/proc/self` meaning the
+//! app: kmirror must never reach what the app itself could not.
 
+use crate::caller::{Caller, Creates, run_as};
+use crate::policy::walk::Node;
 use kmirror_protocol::FileStat;
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-fn c_path(path: &[u8]) -> Result<CString, i32> {
-    CString::new(path).map_err(|_| libc::EINVAL)
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
 }
+
+pub const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+pub const RESOLVE_BENEATH: u64 = 0x08;
+pub const RESOLVE_IN_ROOT: u64 = 0x10;
 
 fn last() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
-pub fn open(path: &[u8], flags: i32, mode: u32) -> Result<OwnedFd, i32> {
-    let p = c_path(path)?;
-    // SAFETY: valid C string; the descriptor is owned below.
-    let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, mode) };
-    if fd < 0 {
-        return Err(last());
+/// Where the app's absolute paths start: its root directory, when it is not kmirror's.
+struct AppRoot(Option<OwnedFd>);
+
+impl AppRoot {
+    fn of(caller: &Caller) -> Result<AppRoot, i32> {
+        let same = |what: &str| -> Result<bool, i32> {
+            let theirs =
+                std::fs::metadata(format!("/proc/{}/{what}", caller.tid)).map_err(|e| errno_of(&e))?;
+            let ours = std::fs::metadata(format!("/proc/self/{what}")).map_err(|e| errno_of(&e))?;
+            use std::os::unix::fs::MetadataExt;
+            Ok((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
+        };
+        if same("root")? && same("ns/mnt")? {
+            return Ok(AppRoot(None));
+        }
+        let path = CString::new(format!("/proc/{}/root", caller.tid)).expect("no NUL");
+        // SAFETY: valid C string; the descriptor is owned below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(last());
+        }
+        // SAFETY: a fresh descriptor.
+        Ok(AppRoot(Some(unsafe { OwnedFd::from_raw_fd(fd) })))
     }
-    // SAFETY: fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+
+    /// The directory descriptor and resolve flags that make an absolute path start at the root.
+    fn base(&self) -> (RawFd, u64) {
+        match &self.0 {
+            None => (libc::AT_FDCWD, 0),
+            Some(root) => (root.as_raw_fd(), RESOLVE_IN_ROOT),
+        }
+    }
 }
 
-pub fn stat(path: &[u8], follow: bool) -> Result<FileStat, i32> {
-    let p = c_path(path)?;
-    // SAFETY: zeroed stat is valid; fstatat fills it.
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// `/proc/self` and `/proc/thread-self` name the app's process and thread, not kmirror's.
+fn as_app_path(caller: &Caller, path: &[u8]) -> Result<CString, i32> {
+    let rewritten = if let Some(rest) = strip_dir(path, b"/proc/self") {
+        [format!("/proc/{}", caller.tgid).as_bytes(), rest].concat()
+    } else if let Some(rest) = strip_dir(path, b"/proc/thread-self") {
+        [format!("/proc/{}/task/{}", caller.tgid, caller.tid).as_bytes(), rest].concat()
+    } else {
+        path.to_vec()
+    };
+    CString::new(rewritten).map_err(|_| libc::EINVAL)
+}
+
+fn strip_dir<'a>(path: &'a [u8], dir: &[u8]) -> Option<&'a [u8]> {
+    let rest = path.strip_prefix(dir)?;
+    (rest.is_empty() || rest[0] == b'/').then_some(rest)
+}
+
+fn openat2(dirfd: RawFd, path: &CString, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd, i32> {
+    let creates = flags & libc::O_CREAT != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: if creates { (mode & 0o7777) as u64 } else { 0 },
+        resolve,
+    };
+    loop {
+        // SAFETY: openat2 reads `how` (sized as passed) and the NUL-terminated path.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_openat2, dirfd, path.as_ptr(), &how, std::mem::size_of::<OpenHow>())
+        };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor from the kernel.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        }
+        // RESOLVE_IN_ROOT asks to retry when a concurrent rename raced the lookup.
+        match last() {
+            libc::EAGAIN if resolve & RESOLVE_IN_ROOT != 0 => continue,
+            errno => return Err(errno),
+        }
+    }
+}
+
+/// Opens `path` as the app would, with its open flags and its openat2 `resolve` flags.
+pub fn open(caller: &Caller, path: &[u8], flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd, i32> {
+    let creates =
+        if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { Creates::Files } else { Creates::Nothing };
+    let root = AppRoot::of(caller)?;
+    let path = as_app_path(caller, path)?;
+    let (dirfd, in_root) = root.base();
+    // Flags openat2 rejects but open(2) ignores (unknown bits) would turn into EINVAL: keep to
+    // the flags open(2) defines.
+    let flags = flags & VALID_OPEN_FLAGS;
+    run_as(&caller.credentials, creates, || openat2(dirfd, &path, flags, mode, resolve | in_root))?
+}
+
+const VALID_OPEN_FLAGS: i32 = libc::O_ACCMODE
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOCTTY
+    | libc::O_TRUNC
+    | libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_DSYNC
+    | libc::O_ASYNC
+    | libc::O_DIRECT
+    | libc::O_LARGEFILE
+    | libc::O_DIRECTORY
+    | libc::O_NOFOLLOW
+    | libc::O_NOATIME
+    | libc::O_CLOEXEC
+    | libc::O_SYNC
+    | libc::O_PATH
+    | libc::O_TMPFILE;
+
+/// An O_PATH descriptor of `path` opened as the app, for the calls that act on one.
+fn locate(caller: &Caller, path: &[u8], follow: bool) -> Result<(OwnedFd, AppRoot), i32> {
+    let root = AppRoot::of(caller)?;
+    let c_path = as_app_path(caller, path)?;
+    let (dirfd, in_root) = root.base();
+    let flags = libc::O_PATH | if follow { 0 } else { libc::O_NOFOLLOW };
+    let fd = run_as(&caller.credentials, Creates::Nothing, || openat2(dirfd, &c_path, flags, 0, in_root))??;
+    Ok((fd, root))
+}
+
+fn fstat_of(fd: &OwnedFd) -> Result<libc::stat, i32> {
+    // SAFETY: an all-zero stat is valid; fstatat fills it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
-    // SAFETY: valid path and output buffer.
-    if unsafe { libc::fstatat(libc::AT_FDCWD, p.as_ptr(), &mut st, flags) } != 0 {
+    // SAFETY: an empty path with AT_EMPTY_PATH describes the descriptor itself; `st` is writable.
+    if unsafe { libc::fstatat(fd.as_raw_fd(), c"".as_ptr(), &mut st, libc::AT_EMPTY_PATH) } != 0 {
         return Err(last());
     }
-    Ok(FileStat::from(&st))
+    Ok(st)
 }
 
-pub fn access(path: &[u8], mode: u32) -> Result<(), i32> {
-    let p = c_path(path)?;
-    // SAFETY: valid path.
-    if unsafe { libc::access(p.as_ptr(), mode as i32) } == 0 { Ok(()) } else { Err(last()) }
+pub fn stat(caller: &Caller, path: &[u8], follow: bool) -> Result<FileStat, i32> {
+    let (fd, _) = locate(caller, path, follow)?;
+    Ok(FileStat::from(&fstat_of(&fd)?))
 }
 
-pub fn read_link(path: &[u8]) -> Result<Vec<u8>, i32> {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    std::fs::read_link(std::ffi::OsStr::from_bytes(path))
-        .map(|t| t.into_os_string().into_vec())
-        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+/// `faccessat2` as the app: `flags` may hold AT_EACCESS (check with the effective ids, as
+/// `access(2)` does not) and AT_SYMLINK_NOFOLLOW.
+pub fn access(caller: &Caller, path: &[u8], mode: u32, flags: i32) -> Result<(), i32> {
+    let (fd, _) = locate(caller, path, flags & libc::AT_SYMLINK_NOFOLLOW == 0)?;
+    let creds = if flags & libc::AT_EACCESS != 0 {
+        caller.credentials.clone()
+    } else {
+        caller.credentials.for_real_id_check()
+    };
+    run_as(&creds, Creates::Nothing, || {
+        // SAFETY: an empty path with AT_EMPTY_PATH checks the descriptor's file; this thread
+        // carries the credentials to check with, so AT_EACCESS uses exactly them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_faccessat2,
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                mode,
+                libc::AT_EMPTY_PATH | libc::AT_EACCESS,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(last()) }
+    })?
+}
+
+fn read_link_of(fd: &OwnedFd) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: an empty path reads the link an O_PATH|O_NOFOLLOW descriptor refers to; the
+    // buffer is writable for its length.
+    let n = unsafe { libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        // Not a symlink: readlinkat on an empty path says ENOENT where readlink(2) says EINVAL.
+        return Err(match last() {
+            libc::ENOENT => libc::EINVAL,
+            errno => errno,
+        });
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub fn read_link(caller: &Caller, path: &[u8]) -> Result<Vec<u8>, i32> {
+    let (fd, _) = locate(caller, path, false)?;
+    read_link_of(&fd)
+}
+
+/// An extended attribute call's answer: the size asked for (a zero-sized buffer), or the bytes.
+pub enum Xattr {
+    Size(usize),
+    Bytes(Vec<u8>),
+}
+
+/// `getxattr` (with `name`) or `listxattr` (without) of `path` as the app, for a buffer of
+/// `size` bytes (0 asks for the size).
+pub fn xattr(
+    caller: &Caller,
+    path: &[u8],
+    follow: bool,
+    name: Option<&[u8]>,
+    size: usize,
+) -> Result<Xattr, i32> {
+    let (fd, _) = locate(caller, path, follow)?;
+    // The *xattr calls take no O_PATH descriptor, but its /proc magic link names the same file.
+    let by_fd = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+    let name = name.map(|n| CString::new(n).map_err(|_| libc::EINVAL)).transpose()?;
+    let mut buf = vec![0u8; size.min(XATTR_SIZE_MAX)];
+    run_as(&caller.credentials, Creates::Nothing, || {
+        let (ptr, len) = if size == 0 { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: the path and name are NUL-terminated; `ptr` is null with length 0 or a
+        // writable buffer of `len` bytes. The `l` variants do not follow the magic link's own
+        // target a second time: the O_PATH descriptor already is the file.
+        let n = unsafe {
+            match &name {
+                Some(name) => libc::getxattr(by_fd.as_ptr(), name.as_ptr(), ptr.cast(), len),
+                None => libc::listxattr(by_fd.as_ptr(), ptr.cast(), len),
+            }
+        };
+        if n < 0 {
+            return Err(last());
+        }
+        Ok(if size == 0 {
+            Xattr::Size(n as usize)
+        } else {
+            buf.truncate(n as usize);
+            Xattr::Bytes(std::mem::take(&mut buf))
+        })
+    })?
+}
+
+const XATTR_SIZE_MAX: usize = 65536;
+
+/// What `path` is, for a walk (`policy::walk`): found as the app would find it.
+pub fn lookup(caller: &Caller, path: &[u8]) -> Result<Node, i32> {
+    let (fd, _) = locate(caller, path, false)?;
+    Ok(match fstat_of(&fd)?.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => Node::Dir,
+        libc::S_IFLNK => Node::Symlink(read_link_of(&fd)?),
+        _ => Node::NotDir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Caller {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        Caller::of_thread(tid).unwrap()
+    }
+
+    fn nobody() -> Caller {
+        let mut caller = me();
+        caller.credentials.uids = [65534; 4];
+        caller.credentials.gids = [65534; 4];
+        caller.credentials.groups.clear();
+        caller.credentials.cap_effective = 0;
+        caller
+    }
+
+    #[test]
+    fn operations_check_the_callers_rights_not_kmirrors() {
+        assert_eq!(me().credentials.uids[3], 0, "run the tests as root");
+        assert!(open(&me(), b"/etc/shadow", libc::O_RDONLY, 0, 0).is_ok());
+        assert_eq!(open(&nobody(), b"/etc/shadow", libc::O_RDONLY, 0, 0).err(), Some(libc::EACCES));
+        assert_eq!(access(&nobody(), b"/etc/shadow", libc::R_OK as u32, 0), Err(libc::EACCES));
+        assert_eq!(access(&nobody(), b"/etc/passwd", libc::R_OK as u32, 0), Ok(()));
+        assert_eq!(access(&nobody(), b"/etc/passwd", libc::W_OK as u32, 0), Err(libc::EACCES));
+        let dir = std::env::temp_dir().join(format!("kmirror-localfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("created");
+        let target_bytes = target.as_os_str().as_encoded_bytes();
+        let creat = libc::O_WRONLY | libc::O_CREAT;
+        assert_eq!(open(&nobody(), target_bytes, creat, 0o644, 0).err(), Some(libc::EACCES));
+        assert!(!target.exists(), "nothing is created where the caller may not write");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn proc_self_names_the_caller_and_openat2_flags_hold() {
+        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let other = Caller::of_thread(sleeper.id()).unwrap();
+        let exe = read_link(&other, b"/proc/self/exe");
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(exe.unwrap().ends_with(b"/sleep"), "/proc/self is the caller's process");
+        let caller = me();
+        assert_eq!(as_app_path(&caller, b"/proc/selfish").unwrap().as_bytes(), b"/proc/selfish");
+        // /proc/self/exe is a symlink: refused under RESOLVE_NO_SYMLINKS, as the kernel would.
+        let no_symlinks = open(&caller, b"/proc/self/exe", libc::O_RDONLY, 0, RESOLVE_NO_SYMLINKS);
+        assert_eq!(no_symlinks.err(), Some(libc::ELOOP));
+        assert_eq!(lookup(&caller, b"/proc/self/exe").map(|n| matches!(n, Node::Symlink(_))), Ok(true));
+        assert_eq!(lookup(&caller, b"/etc"), Ok(Node::Dir));
+        assert_eq!(lookup(&caller, b"/etc/passwd"), Ok(Node::NotDir));
+        assert_eq!(stat(&caller, b"/etc/passwd/x", true).err(), Some(libc::ENOTDIR));
+        assert_eq!(read_link(&caller, b"/etc/passwd").err(), Some(libc::EINVAL));
+    }
 }

@@ -2,6 +2,7 @@
 
 mod abi;
 mod agent;
+mod caller;
 mod cli;
 mod command;
 mod dns_server;

@@ -7,7 +7,9 @@
 //! the pod. Metadata calls are answered with the pod's own `stat` data.
 
 use super::{Context, answer, tunnel_errno};
+use crate::caller::Caller;
 use crate::policy::files::{self, FileRoute, VirtualFile};
+use crate::policy::walk::{self, Node, Scope};
 use crate::seccomp::Notification;
 use crate::{abi, localfs, tracee};
 use kmirror_protocol::{DirEntry, FileStat, Request, Response};
@@ -20,55 +22,206 @@ use std::sync::Arc;
 const MAX_REMOTE_FILE: u64 = 256 << 20;
 const READ_CHUNK: u32 = 512 * 1024;
 const PATH_MAX: usize = libc::PATH_MAX as usize;
+const XATTR_NAME_MAX: usize = 255;
 
-/// A path argument turned into the absolute path it names on the pod side, plus whether the
-/// local kernel would resolve the raw argument differently (it climbs out of a pod directory,
-/// or goes through a mirrored pod directory): then even a local decision must be carried out
-/// by kmirror on the resolved path rather than left to the kernel.
-struct Resolved {
-    path: Vec<u8>,
-    kernel_would_differ: bool,
-}
-
-/// `None` when the call is not about a path kmirror can judge (empty path, relative to the
-/// working directory or to a local directory): those stay with the kernel.
-fn resolve_path(ctx: &Context, tid: u32, dirfd: i32, path_ptr: u64) -> Option<Resolved> {
-    let raw = tracee::read_cstring(tid, path_ptr, PATH_MAX).ok()?;
-    if raw.first() == Some(&b'/') {
-        let kernel_would_differ = ctx.files.climbs_out_of_pod_dir(&raw);
-        let path = if files::is_normal(&raw) { raw } else { files::normalize(&raw) };
-        if let Some(pod_path) = ctx.files.pod_path_of_materialized(&path) {
-            return Some(Resolved { path: pod_path, kernel_would_differ: true });
-        }
-        return Some(Resolved { path, kernel_would_differ });
-    }
-    if raw.is_empty() || dirfd == libc::AT_FDCWD {
-        return None;
-    }
-    let dir = tracee::proc_link(tid, &format!("fd/{dirfd}")).ok()?;
-    let pod_dir = ctx.files.pod_path_of_materialized(&dir)?;
-    Some(Resolved { path: files::join(&pod_dir, &raw), kernel_would_differ: true })
-}
-
+/// How a call's path argument is served.
 enum Plan {
     /// The kernel handles the call as made.
     Local,
-    /// kmirror performs the call locally on this resolved path.
+    /// kmirror performs the call locally on this resolved path, as the app.
     LocalAt(Vec<u8>),
     Virtual(VirtualFile),
     Remote(Vec<u8>),
 }
 
-fn plan(ctx: &Context, n: &Notification, dirfd: i32, path_ptr: u64, write: bool) -> Plan {
-    let Some(Resolved { path, kernel_would_differ }) = resolve_path(ctx, n.tid, dirfd, path_ptr) else {
-        return Plan::Local;
+/// A trapped call's path argument.
+#[derive(Clone, Copy)]
+struct PathArg {
+    dirfd: i32,
+    ptr: u64,
+    /// The call may modify (then the path is local: writes never reach the pod).
+    write: bool,
+    /// openat2's `resolve` flags (0 for other calls).
+    resolve: u64,
+}
+
+/// Where a path argument leads, as far as its text tells.
+enum Routing {
+    Decided(Plan),
+    /// It steps back (`..`, `.`, a trailing slash) through a pod directory: only a walk that
+    /// looks at each such step can tell (see `policy::walk`).
+    Walk {
+        start: Vec<u8>,
+        start_in_pod: bool,
+        path: Vec<u8>,
+        scope: Scope,
+        no_symlinks: bool,
+    },
+}
+
+fn steps_back(path: &[u8]) -> bool {
+    path.ends_with(b"/") || path.split(|&b| b == b'/').any(|part| part == b"." || part == b"..")
+}
+
+/// Judges a path argument on the notify thread. Paths that are not about the pod (relative to
+/// the working directory or to a local directory, empty, or confined by openat2 to a local
+/// directory) stay with the kernel.
+fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
+    let Ok(raw) = tracee::read_cstring(tid, arg.ptr, PATH_MAX) else {
+        return Routing::Decided(Plan::Local);
     };
+    let scoped = arg.resolve & (localfs::RESOLVE_BENEATH | localfs::RESOLVE_IN_ROOT) != 0;
+    let no_symlinks = arg.resolve & localfs::RESOLVE_NO_SYMLINKS != 0;
+    if raw.first() == Some(&b'/') && !scoped {
+        if let Some(pod_path) = ctx.files.pod_path_of_materialized(&raw) {
+            // A path into kmirror's mirror of pod directories: the pod's, relative to its root.
+            if !steps_back(&pod_path) {
+                return Routing::Decided(plan_for(ctx, pod_path, arg.write, true));
+            }
+            let path = pod_path.strip_prefix(b"/").unwrap_or(&pod_path).to_vec();
+            return Routing::Walk {
+                start: b"/".to_vec(),
+                start_in_pod: true,
+                path,
+                scope: Scope::Root,
+                no_symlinks,
+            };
+        }
+        if files::is_normal(&raw) {
+            return Routing::Decided(plan_for(ctx, raw, arg.write, false));
+        }
+        if !walk::needs_walk(&raw, |p| ctx.files.route(p, arg.write) != FileRoute::Local) {
+            return Routing::Decided(Plan::Local);
+        }
+        return Routing::Walk {
+            start: b"/".to_vec(),
+            start_in_pod: false,
+            path: raw,
+            scope: Scope::Root,
+            no_symlinks,
+        };
+    }
+    if raw.is_empty() || arg.dirfd == libc::AT_FDCWD {
+        return Routing::Decided(Plan::Local);
+    }
+    let Some(pod_dir) = tracee::proc_link(tid, &format!("fd/{}", arg.dirfd))
+        .ok()
+        .and_then(|dir| ctx.files.pod_path_of_materialized(&dir))
+    else {
+        return Routing::Decided(Plan::Local);
+    };
+    if !steps_back(&raw) && !scoped && raw.first() != Some(&b'/') {
+        return Routing::Decided(plan_for(ctx, files::join(&pod_dir, &raw), arg.write, true));
+    }
+    let scope = if arg.resolve & localfs::RESOLVE_IN_ROOT != 0 {
+        Scope::InRoot
+    } else if arg.resolve & localfs::RESOLVE_BENEATH != 0 {
+        Scope::Beneath
+    } else {
+        Scope::Root
+    };
+    Routing::Walk { start: pod_dir, start_in_pod: true, path: raw, scope, no_symlinks }
+}
+
+/// The plan for a resolved path. `through_pod`: the raw argument passes through a pod
+/// directory, so the local kernel could not resolve it and a local answer is kmirror's to give.
+fn plan_for(ctx: &Context, path: Vec<u8>, write: bool, through_pod: bool) -> Plan {
     match ctx.files.route(&path, write) {
-        FileRoute::Local if kernel_would_differ => Plan::LocalAt(path),
+        FileRoute::Local if through_pod => Plan::LocalAt(path),
         FileRoute::Local => Plan::Local,
         FileRoute::Virtual(v) => Plan::Virtual(v),
         FileRoute::Remote => Plan::Remote(path),
     }
+}
+
+/// Answers a walk's questions: pod paths through the agent, local ones as the app.
+struct WalkLookup<'a> {
+    ctx: &'a Context,
+    caller: &'a Arc<Caller>,
+    write: bool,
+}
+
+impl walk::Lookup for WalkLookup<'_> {
+    fn is_pod(&self, path: &[u8]) -> bool {
+        self.ctx.files.route(path, self.write) != FileRoute::Local
+    }
+
+    async fn lookup(&self, path: &[u8]) -> Result<Node, i32> {
+        match self.ctx.files.route(path, self.write) {
+            FileRoute::Virtual(_) => Ok(Node::NotDir),
+            FileRoute::Remote => {
+                let st = remote_stat(self.ctx, path, false).await?;
+                match st.mode & libc::S_IFMT {
+                    libc::S_IFDIR => Ok(Node::Dir),
+                    libc::S_IFLNK => match remote(self.ctx, Request::ReadLink { path: path.to_vec() }).await?
+                    {
+                        Response::ReadLink(target) => Ok(Node::Symlink(target)),
+                        _ => Err(libc::EIO),
+                    },
+                    _ => Ok(Node::NotDir),
+                }
+            }
+            FileRoute::Local => {
+                let (caller, path) = (self.caller.clone(), path.to_vec());
+                tokio::task::spawn_blocking(move || localfs::lookup(&caller, &path))
+                    .await
+                    .unwrap_or(Err(libc::EIO))
+            }
+        }
+    }
+}
+
+fn caller_of(n: &Notification) -> Result<Caller, i32> {
+    Caller::of_thread(n.tid).map_err(|e| e.raw_os_error().unwrap_or(libc::ESRCH))
+}
+
+/// Decides how to serve a call's path argument and runs `serve` with that plan: at once on the
+/// notify thread when the text decides it, otherwise after a walk on the runtime.
+fn with_plan(
+    ctx: &Arc<Context>,
+    n: Notification,
+    arg: PathArg,
+    serve: impl FnOnce(&Arc<Context>, Notification, Plan) + Send + 'static,
+) {
+    let (start, start_in_pod, path, scope, no_symlinks) = match route_arg(ctx, n.tid, &arg) {
+        Routing::Decided(plan) => return serve(ctx, n, plan),
+        Routing::Walk { start, start_in_pod, path, scope, no_symlinks } => {
+            (start, start_in_pod, path, scope, no_symlinks)
+        }
+    };
+    let task_ctx = ctx.clone();
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let ctx = task_ctx;
+        let walked = async {
+            let caller = Arc::new(caller_of(&n)?);
+            let lookup = WalkLookup { ctx: &ctx, caller: &caller, write: arg.write };
+            let request = walk::Walk { start: &start, start_in_pod, path: &path, scope, no_symlinks };
+            walk::walk(&lookup, request).await
+        }
+        .await;
+        match walked {
+            Ok(walked) => {
+                let plan = plan_for(&ctx, walked.path, arg.write, walked.through_pod);
+                serve(&ctx, n, plan);
+            }
+            Err(errno) => answer(&ctx, &n, Err(errno)),
+        }
+    });
+}
+
+/// Runs a local operation as the app on a blocking thread (it may block, e.g. opening a FIFO,
+/// and may need a thread of its own for the app's credentials), then `finish` with its result.
+fn as_app<R: Send + 'static>(
+    ctx: &Arc<Context>,
+    n: Notification,
+    op: impl FnOnce(&Caller) -> Result<R, i32> + Send + 'static,
+    finish: impl FnOnce(&Context, &Notification, Result<R, i32>) + Send + 'static,
+) {
+    let task_ctx = ctx.clone();
+    ctx.runtime.spawn_blocking(move || {
+        let result = caller_of(&n).and_then(|caller| op(&caller));
+        finish(&task_ctx, &n, result);
+    });
 }
 
 async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
@@ -110,29 +263,30 @@ fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
 // ---- open ----
 
 pub fn on_open(ctx: &Arc<Context>, n: Notification) {
-    let (dirfd, path_ptr, flags, mode) = match n.nr {
-        libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32, n.args[2] as u32),
-        libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32, n.args[3] as u32),
-        _ => match tracee::read_bytes(n.tid, n.args[2], 16) {
-            // openat2: `struct open_how` starts with the flags and the mode.
-            Ok(how) => {
+    let (dirfd, path_ptr, flags, mode, resolve) = match n.nr {
+        libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32, n.args[2] as u32, 0),
+        libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32, n.args[3] as u32, 0),
+        // openat2: `struct open_how` is the flags, the mode and the resolve flags; a smaller
+        // size is the kernel's to refuse.
+        _ => match tracee::read_bytes(n.tid, n.args[2], OPEN_HOW_SIZE) {
+            Ok(how) if n.args[3] as usize >= OPEN_HOW_SIZE => {
                 let field = |i: usize| u64::from_ne_bytes(how[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                (n.args[0] as i32, n.args[1], field(0) as i32, field(1) as u32)
+                (n.args[0] as i32, n.args[1], field(0) as i32, field(1) as u32, field(2))
             }
-            Err(_) => return ctx.listener.continue_call(n.id),
+            _ => return ctx.listener.continue_call(n.id),
         },
     };
     let write = flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
         || flags & libc::O_TMPFILE == libc::O_TMPFILE;
-    match plan(ctx, &n, dirfd, path_ptr, write) {
+    let arg = PathArg { dirfd, ptr: path_ptr, write, resolve };
+    with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
-        Plan::LocalAt(path) => {
-            // open(2) can block (a FIFO waits for its other end): never on the notify thread.
-            let ctx = ctx.clone();
-            ctx.runtime
-                .clone()
-                .spawn_blocking(move || deliver_fd(&ctx, &n, localfs::open(&path, flags, mode), flags));
-        }
+        Plan::LocalAt(path) => as_app(
+            ctx,
+            n,
+            move |caller| localfs::open(caller, &path, flags, mode, resolve),
+            move |ctx, n, result| deliver_fd(ctx, n, result, flags),
+        ),
         Plan::Virtual(v) => {
             let result = if flags & libc::O_DIRECTORY != 0 {
                 Err(libc::ENOTDIR)
@@ -148,8 +302,11 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
                 deliver_fd(&ctx, &n, result, flags);
             });
         }
-    }
+    });
 }
+
+/// The part of `struct open_how` kmirror reads: flags, mode, resolve.
+const OPEN_HOW_SIZE: usize = 24;
 
 fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
@@ -283,12 +440,18 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
     };
     let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
     let encode = move |st: &FileStat| if statx { abi::encode_statx(st) } else { abi::encode_stat(st) };
-    match plan(ctx, &n, dirfd, path_ptr, false) {
+    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
+    with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
-        Plan::LocalAt(path) => {
-            let result = localfs::stat(&path, follow).and_then(|st| write_out(ctx, &n, buf, &encode(&st)));
-            answer(ctx, &n, result.map(|()| 0));
-        }
+        Plan::LocalAt(path) => as_app(
+            ctx,
+            n,
+            move |caller| localfs::stat(caller, &path, follow),
+            move |ctx, n, result| {
+                let result = result.and_then(|st| write_out(ctx, n, buf, &encode(&st)));
+                answer(ctx, n, result.map(|()| 0));
+            },
+        ),
         Plan::Virtual(v) => {
             let result = virtual_stat(ctx, v).and_then(|st| write_out(ctx, &n, buf, &encode(&st)));
             answer(ctx, &n, result.map(|()| 0));
@@ -303,7 +466,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
                 answer(&ctx, &n, result.map(|()| 0));
             });
         }
-    }
+    });
 }
 
 /// Writes an output buffer of an emulated call, after checking the caller is still waiting.
@@ -317,13 +480,20 @@ fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result
 // ---- access ----
 
 pub fn on_access(ctx: &Arc<Context>, n: Notification) {
-    let (dirfd, path_ptr, mode) = match n.nr {
-        libc::SYS_access => (libc::AT_FDCWD, n.args[0], n.args[1] as u32),
-        _ => (n.args[0] as i32, n.args[1], n.args[2] as u32),
+    let (dirfd, path_ptr, mode, flags) = match n.nr {
+        libc::SYS_access => (libc::AT_FDCWD, n.args[0], n.args[1] as u32, 0),
+        libc::SYS_faccessat => (n.args[0] as i32, n.args[1], n.args[2] as u32, 0),
+        _ => (n.args[0] as i32, n.args[1], n.args[2] as u32, n.args[3] as i32),
     };
-    match plan(ctx, &n, dirfd, path_ptr, false) {
+    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
+    with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
-        Plan::LocalAt(path) => answer(ctx, &n, localfs::access(&path, mode).map(|()| 0)),
+        Plan::LocalAt(path) => as_app(
+            ctx,
+            n,
+            move |caller| localfs::access(caller, &path, mode, flags),
+            |ctx, n, result| answer(ctx, n, result.map(|()| 0)),
+        ),
         Plan::Virtual(_) => {
             let denied = mode & (libc::W_OK | libc::X_OK) as u32 != 0;
             answer(ctx, &n, if denied { Err(libc::EACCES) } else { Ok(0) });
@@ -335,7 +505,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
                 answer(&ctx, &n, result);
             });
         }
-    }
+    });
 }
 
 // ---- readlink ----
@@ -345,47 +515,71 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_readlink => (libc::AT_FDCWD, n.args[0], n.args[1], n.args[2] as i64),
         _ => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i64),
     };
-    match plan(ctx, &n, dirfd, path_ptr, false) {
+    let copy_out = move |ctx: &Context, n: &Notification, target: Result<Vec<u8>, i32>| {
+        let result = if size <= 0 {
+            Err(libc::EINVAL)
+        } else {
+            target.and_then(|target| {
+                let copy = target.len().min(size as usize);
+                write_out(ctx, n, buf, &target[..copy]).map(|()| copy as i64)
+            })
+        };
+        answer(ctx, n, result);
+    };
+    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
+    with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
-        Plan::LocalAt(path) => {
-            let result = localfs::read_link(&path).and_then(|target| {
-                let copy = target.len().min(size.max(0) as usize);
-                write_out(ctx, &n, buf, &target[..copy]).map(|()| copy as i64)
-            });
-            answer(ctx, &n, if size <= 0 { Err(libc::EINVAL) } else { result });
-        }
+        Plan::LocalAt(path) => as_app(ctx, n, move |caller| localfs::read_link(caller, &path), copy_out),
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
         Plan::Remote(path) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
-                let result = async {
-                    if size <= 0 {
-                        return Err(libc::EINVAL);
-                    }
-                    let Response::ReadLink(target) = remote(&ctx, Request::ReadLink { path }).await? else {
-                        return Err(libc::EIO);
-                    };
-                    let copy = target.len().min(size as usize);
-                    write_out(&ctx, &n, buf, &target[..copy])?;
-                    Ok(copy as i64)
-                }
-                .await;
-                answer(&ctx, &n, result);
+                let target = match remote(&ctx, Request::ReadLink { path }).await {
+                    Ok(Response::ReadLink(target)) => Ok(target),
+                    Ok(_) => Err(libc::EIO),
+                    Err(errno) => Err(errno),
+                };
+                copy_out(&ctx, &n, target);
             });
         }
-    }
+    });
 }
 
 // ---- extended attributes ----
 
 /// `getxattr`/`lgetxattr`/`listxattr`/`llistxattr`: pod files carry no extended attributes in
-/// kmirror's view (ls and cp probe ACLs and SELinux labels on every file they touch).
+/// kmirror's view (ls and cp probe ACLs and SELinux labels on every file they touch). A local
+/// file reached through a pod directory is asked as the app.
 pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
-    match plan(ctx, &n, libc::AT_FDCWD, n.args[0], false) {
+    let list = matches!(n.nr, libc::SYS_listxattr | libc::SYS_llistxattr);
+    let follow = matches!(n.nr, libc::SYS_getxattr | libc::SYS_listxattr);
+    let arg = PathArg { dirfd: libc::AT_FDCWD, ptr: n.args[0], write: false, resolve: 0 };
+    with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
-        _ => {
-            let list = matches!(n.nr, libc::SYS_listxattr | libc::SYS_llistxattr);
-            answer(ctx, &n, if list { Ok(0) } else { Err(libc::ENODATA) });
+        Plan::LocalAt(path) => {
+            let (name, buf, size) = if list {
+                (None, n.args[1], n.args[2] as usize)
+            } else {
+                match tracee::read_cstring(n.tid, n.args[1], XATTR_NAME_MAX) {
+                    Ok(name) => (Some(name), n.args[2], n.args[3] as usize),
+                    Err(e) => return answer(ctx, &n, Err(errno_of(e))),
+                }
+            };
+            as_app(
+                ctx,
+                n,
+                move |caller| localfs::xattr(caller, &path, follow, name.as_deref(), size),
+                move |ctx, n, result| {
+                    let result = result.and_then(|value| match value {
+                        localfs::Xattr::Size(len) => Ok(len as i64),
+                        localfs::Xattr::Bytes(bytes) => {
+                            write_out(ctx, n, buf, &bytes).map(|()| bytes.len() as i64)
+                        }
+                    });
+                    answer(ctx, n, result);
+                },
+            );
         }
-    }
+        _ => answer(ctx, &n, if list { Ok(0) } else { Err(libc::ENODATA) }),
+    });
 }

@@ -140,29 +140,6 @@ impl FilePolicy {
         }
     }
 
-    /// True when an absolute path climbs (`..`) out of a directory that comes from the pod: the
-    /// local kernel cannot resolve such a path, so kmirror must resolve it lexically.
-    pub fn climbs_out_of_pod_dir(&self, raw: &[u8]) -> bool {
-        if !raw.windows(2).any(|w| w == b"..") {
-            return false;
-        }
-        let mut so_far: Vec<&[u8]> = Vec::new();
-        for part in raw.split(|&b| b == b'/') {
-            match part {
-                b"" | b"." => {}
-                b".." => {
-                    let dir: Vec<u8> = so_far.iter().flat_map(|p| [&b"/"[..], p].concat()).collect();
-                    if !dir.is_empty() && self.route(&dir, false) == FileRoute::Remote {
-                        return true;
-                    }
-                    so_far.pop();
-                }
-                p => so_far.push(p),
-            }
-        }
-        false
-    }
-
     /// Maps a path inside the local directory tree that mirrors pod directories back to the pod
     /// path, e.g. `<root>/etc/x` → `/etc/x`.
     pub fn pod_path_of_materialized(&self, local: &[u8]) -> Option<Vec<u8>> {
@@ -322,9 +299,5 @@ mod tests {
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod/etc/x"), Some(b"/etc/x".to_vec()));
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod"), Some(b"/".to_vec()));
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/podx"), None);
-        assert!(p.climbs_out_of_pod_dir(b"/data/.."));
-        assert!(p.climbs_out_of_pod_dir(b"/data/dir/../../usr"));
-        assert!(!p.climbs_out_of_pod_dir(b"/usr/lib/../bin"));
-        assert!(!p.climbs_out_of_pod_dir(b"/data/x"));
     }
 }

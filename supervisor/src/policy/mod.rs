@@ -7,3 +7,4 @@ pub mod files;
 pub mod host;
 pub mod incoming;
 pub mod net;
+pub mod walk;
