@@ -126,7 +126,7 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let datagram = Datagram { payload, control: Vec::new(), name: Some(name), pod: Some(pod) };
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        let result = send_all(&ctx, &socket, std::slice::from_ref(&datagram), flags).await;
+        let result = send_all(&ctx, n.tid, &socket, std::slice::from_ref(&datagram), flags).await;
         answer(&ctx, &n, result.map(|sent| sent[0] as i64));
     });
 }
@@ -275,7 +275,7 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     }
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        let answer_value = match send_all(&ctx, &socket, &datagrams, flags).await {
+        let answer_value = match send_all(&ctx, n.tid, &socket, &datagrams, flags).await {
             Ok(sent) if is_batch => {
                 // Each mmsghdr's msg_len gets the bytes sent for it.
                 let written = sent.iter().enumerate().all(|(i, &len)| {
@@ -335,6 +335,7 @@ fn gather(tid: u32, hdr: &MsgHeader, max: usize, overflow: Overflow) -> Result<(
 /// batch with what was sent, as `sendmmsg` reports it.
 async fn send_all(
     ctx: &Arc<Context>,
+    tid: u32,
     socket: &OwnedFd,
     datagrams: &[Datagram],
     flags: i32,
@@ -350,14 +351,40 @@ async fn send_all(
             },
             None => datagram.name.clone(),
         };
-        match sockets::send_msg(socket.as_fd(), &datagram.payload, &datagram.control, name.as_deref(), flags)
-        {
+        let result = if crate::policy::net::control_needs_privilege(&datagram.control) {
+            send_as_app(tid, socket, datagram, name, flags).await
+        } else {
+            sockets::send_msg(socket.as_fd(), &datagram.payload, &datagram.control, name.as_deref(), flags)
+        };
+        match result {
             Ok(len) => sent.push(len),
             Err(errno) if sent.is_empty() => return Err(errno),
             Err(_) => break,
         }
     }
     Ok(sent)
+}
+
+/// Sends one datagram with the app's credentials in force, so that control messages the kernel
+/// checks against the sender's capabilities (SO_MARK, SO_PRIORITY above 6, ...) are judged by
+/// the app's rights, never kmirror's.
+async fn send_as_app(
+    tid: u32,
+    socket: &OwnedFd,
+    datagram: &Datagram,
+    name: Option<Vec<u8>>,
+    flags: i32,
+) -> Result<usize, i32> {
+    let socket = socket.try_clone().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    let (payload, control) = (datagram.payload.clone(), datagram.control.clone());
+    tokio::task::spawn_blocking(move || {
+        let caller = crate::caller::Caller::of_thread(tid).map_err(|_| libc::ESRCH)?;
+        crate::caller::run_as(&caller.credentials, crate::caller::Creates::Nothing, || {
+            sockets::send_msg(socket.as_fd(), &payload, &control, name.as_deref(), flags)
+        })?
+    })
+    .await
+    .unwrap_or(Err(libc::EIO))
 }
 
 #[cfg(test)]

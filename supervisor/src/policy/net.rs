@@ -127,6 +127,38 @@ pub fn is_nscd_socket(path: &[u8]) -> bool {
     matches!(path, b"/var/run/nscd/socket" | b"/run/nscd/socket")
 }
 
+/// Whether a datagram's control messages need the sender's own privileges. kmirror sends
+/// datagrams to pod destinations itself, on the app's socket; control messages that the kernel
+/// checks against the sender's capabilities (`SO_MARK` needs CAP_NET_ADMIN, for example) must
+/// then be sent with the app's credentials, not kmirror's. The ones listed here are checked
+/// against nothing but the socket, so they go out directly (QUIC stacks attach `UDP_SEGMENT` or
+/// `IP_TOS` to every send). Malformed control data counts as privileged: the kernel judges it.
+pub fn control_needs_privilege(control: &[u8]) -> bool {
+    const HEADER: usize = 16; // cmsg_len (8), cmsg_level (4), cmsg_type (4) on x86_64
+    const UNPRIVILEGED: &[(i32, i32)] = &[
+        (libc::SOL_IP, libc::IP_TOS),
+        (libc::SOL_IP, libc::IP_TTL),
+        (libc::SOL_IP, libc::IP_PKTINFO),
+        (libc::SOL_IPV6, libc::IPV6_TCLASS),
+        (libc::SOL_IPV6, libc::IPV6_HOPLIMIT),
+        (libc::SOL_IPV6, libc::IPV6_PKTINFO),
+        (libc::SOL_IPV6, libc::IPV6_DONTFRAG),
+        (libc::SOL_UDP, libc::UDP_SEGMENT),
+        (libc::SOL_SOCKET, libc::SO_TIMESTAMPING),
+    ];
+    let mut rest = control;
+    while rest.len() >= HEADER {
+        let len = u64::from_ne_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
+        let level = i32::from_ne_bytes(rest[8..12].try_into().expect("4 bytes"));
+        let kind = i32::from_ne_bytes(rest[12..16].try_into().expect("4 bytes"));
+        if len < HEADER || len > rest.len() || !UNPRIVILEGED.contains(&(level, kind)) {
+            return true;
+        }
+        rest = &rest[len.next_multiple_of(8).min(rest.len())..];
+    }
+    !rest.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +215,28 @@ mod tests {
         assert_eq!(policy.route(sa("[fd00::10]:443")), Route::Remote(sa("[fd00::10]:443")));
         let all = OutgoingPolicy { remote_loopback: true };
         assert_eq!(all.route(sa("127.0.0.1:8080")), Route::Remote(sa("127.0.0.1:8080")));
+    }
+
+    fn cmsg(level: i32, kind: i32, data: &[u8]) -> Vec<u8> {
+        let mut out = ((16 + data.len()) as u64).to_ne_bytes().to_vec();
+        out.extend(level.to_ne_bytes());
+        out.extend(kind.to_ne_bytes());
+        out.extend(data);
+        out.resize(out.len().next_multiple_of(8), 0);
+        out
+    }
+
+    #[test]
+    fn privileged_control_messages_are_told_apart() {
+        assert!(!control_needs_privilege(&[]));
+        let tos = cmsg(libc::SOL_IP, libc::IP_TOS, &[0x10, 0, 0, 0]);
+        let gso = cmsg(libc::SOL_UDP, libc::UDP_SEGMENT, &[0x20, 0x05]);
+        assert!(!control_needs_privilege(&[tos.clone(), gso.clone()].concat()));
+        let mark = cmsg(libc::SOL_SOCKET, libc::SO_MARK, &7u32.to_ne_bytes());
+        assert!(control_needs_privilege(&[tos.clone(), mark].concat()));
+        assert!(control_needs_privilege(&tos[..12]), "a truncated header is the kernel's to judge");
+        let mut bad_len = tos.clone();
+        bad_len[..8].copy_from_slice(&64u64.to_ne_bytes());
+        assert!(control_needs_privilege(&bad_len));
     }
 }
