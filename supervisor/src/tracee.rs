@@ -1,8 +1,8 @@
 //! Reaching into a trapped thread: its memory and its file descriptors.
 //!
 //! Reads use `process_vm_readv`, resolved against the thread's current address space at each
-//! call (a cached `/proc/<pid>/mem` would go stale across exec). Writes are used only for
-//! *output* buffers of emulated calls, never to rewrite a call's inputs.
+//! call (a cached `/proc/<pid>/mem` would go stale across exec). Writes ([`Memory`]) are used
+//! only for *output* buffers of emulated calls, never to rewrite a call's inputs.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -63,21 +63,24 @@ pub fn read_cstring(tid: u32, addr: u64, max: usize) -> std::io::Result<Vec<u8>>
     Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG))
 }
 
-/// Writes `bytes` at `addr` in thread `tid` (an output buffer of an emulated call).
-pub fn write_bytes(tid: u32, addr: u64, bytes: &[u8]) -> std::io::Result<()> {
-    if bytes.is_empty() {
-        return Ok(());
+/// A thread's address space, opened to write the output buffers of an emulated call.
+///
+/// Open it *before* checking that the trapped call is still waiting: the descriptor then names
+/// that thread's memory for good, so a write can never land in another process that reused the
+/// thread id after the check (a write by tid, as `process_vm_writev` does, could). Writes go
+/// through `/proc/<tid>/mem`, which, unlike `process_vm_writev`, also reaches read-only pages;
+/// the buffers written are the ones the app passed for output.
+pub struct Memory(std::fs::File);
+
+impl Memory {
+    pub fn open(tid: u32) -> std::io::Result<Memory> {
+        Ok(Memory(std::fs::OpenOptions::new().write(true).open(format!("/proc/{tid}/mem"))?))
     }
-    let local = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: bytes.len() };
-    // SAFETY: `local` describes memory we own; the kernel validates the remote range.
-    let n = unsafe { libc::process_vm_writev(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    if n < 0 {
-        Err(errno())
-    } else if n as usize != bytes.len() {
-        Err(std::io::Error::from_raw_os_error(libc::EFAULT))
-    } else {
-        Ok(())
+
+    /// Writes `bytes` at `addr`; an address the thread has not mapped fails (EFAULT for the app).
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.0.write_all_at(bytes, addr)
     }
 }
 
@@ -232,6 +235,21 @@ mod tests {
     }
 
     #[test]
+    fn memory_stays_bound_to_the_thread_it_was_opened_for() {
+        // Once that thread is gone, writes fail, whatever process gets its id next: the
+        // descriptor names an address space, not a number.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap();
+        let writable = maps.lines().find(|l| l.split_whitespace().nth(1) == Some("rw-p")).unwrap();
+        let addr = u64::from_str_radix(writable.split('-').next().unwrap(), 16).unwrap();
+        let memory = Memory::open(child.id()).unwrap();
+        memory.write(addr, b"x").unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(memory.write(addr, b"x").is_err());
+    }
+
+    #[test]
     fn reads_and_writes_own_memory() {
         let me = std::process::id();
         let text = b"hello\0world";
@@ -242,7 +260,9 @@ mod tests {
         assert_eq!(too_long.raw_os_error(), Some(libc::ENAMETOOLONG));
         assert!(read_cstring(me, 0, 10).is_err());
         let mut target = [0u8; 4];
-        write_bytes(me, target.as_mut_ptr() as u64, b"abcd").unwrap();
+        let memory = Memory::open(me).unwrap();
+        memory.write(target.as_mut_ptr() as u64, b"abcd").unwrap();
         assert_eq!(std::hint::black_box(target), *b"abcd");
+        assert!(memory.write(0, b"x").is_err(), "an unmapped address fails");
     }
 }

@@ -203,7 +203,9 @@ fn receive_now(ctx: &Context, n: &Notification, socket: &OwnedFd, inode: u64) ->
         _ => None,
     };
     let source = source.unwrap_or(raw_source);
-    if tracee::write_bytes(n.tid, buf, &data[..received.min(data.len())]).is_err() {
+    // The call is gone (nothing to answer) when its memory cannot be had.
+    let memory = super::output_memory(ctx, n)?;
+    if memory.write(buf, &data[..received.min(data.len())]).is_err() {
         ctx.listener.return_errno(n.id, libc::EFAULT);
         return Some(libc::EFAULT);
     }
@@ -278,9 +280,10 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
         let answer_value = match send_all(&ctx, n.tid, &socket, &datagrams, flags).await {
             Ok(sent) if is_batch => {
                 // Each mmsghdr's msg_len gets the bytes sent for it.
+                let Some(memory) = super::output_memory(&ctx, &n) else { return };
                 let written = sent.iter().enumerate().all(|(i, &len)| {
                     let at = first + (i * MMSGHDR_SIZE + MSGHDR_SIZE) as u64;
-                    tracee::write_bytes(n.tid, at, &(len as u32).to_ne_bytes()).is_ok()
+                    memory.write(at, &(len as u32).to_ne_bytes()).is_ok()
                 });
                 if written { Ok(sent.len() as i64) } else { Err(libc::EFAULT) }
             }

@@ -471,10 +471,8 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
 
 /// Writes an output buffer of an emulated call, after checking the caller is still waiting.
 fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result<(), i32> {
-    if !ctx.listener.is_valid(n.id) {
-        return Err(libc::EINTR);
-    }
-    tracee::write_bytes(n.tid, addr, bytes).map_err(|_| libc::EFAULT)
+    let memory = super::output_memory(ctx, n).ok_or(libc::EINTR)?;
+    memory.write(addr, bytes).map_err(|_| libc::EFAULT)
 }
 
 // ---- access ----

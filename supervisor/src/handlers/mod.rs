@@ -138,6 +138,14 @@ pub fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
     }
 }
 
+/// The calling thread's memory, for writing an emulated call's output buffers; `None` once the
+/// call is no longer waiting (nothing may be written, and nothing needs an answer). The memory
+/// is opened before the check, so a thread id reused after it cannot redirect the writes.
+pub fn output_memory(ctx: &Context, n: &Notification) -> Option<crate::tracee::Memory> {
+    let memory = crate::tracee::Memory::open(n.tid).ok()?;
+    ctx.listener.is_valid(n.id).then_some(memory)
+}
+
 /// How often a blocking call emulated here looks for signals sent to the waiting thread: often
 /// at first, less often once the wait has lasted [`LONG_WAIT`], so that hundreds of threads
 /// idling in emulated calls cost little (600 idle waiters took 65% of a CPU at a steady 20 ms,

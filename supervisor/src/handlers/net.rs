@@ -248,12 +248,10 @@ pub(super) fn write_sockaddr_out(
     if len < 0 {
         return Err(libc::EINVAL);
     }
-    if !ctx.listener.is_valid(n.id) {
-        return Err(0);
-    }
+    let memory = super::output_memory(ctx, n).ok_or(0)?;
     let copy = (len as usize).min(encoded.len());
-    tracee::write_bytes(n.tid, addr_ptr, &encoded[..copy]).map_err(|_| libc::EFAULT)?;
-    tracee::write_bytes(n.tid, len_ptr, &(encoded.len() as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
+    memory.write(addr_ptr, &encoded[..copy]).map_err(|_| libc::EFAULT)?;
+    memory.write(len_ptr, &(encoded.len() as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
 }
 
 /// The delivered connection behind a loopback peer address kmirror connected to the app from.
