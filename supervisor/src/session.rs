@@ -92,8 +92,17 @@ async fn session(
     let (pod_env, pod_resolv, pod_hostname) = tokio::join!(pod_env, pod_resolv, pod_hostname);
     let pod_hostname = policy::host::pod_hostname(&pod_hostname);
     let local_env = std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec()));
-    let env = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
+    let merged = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
         .merge(local_env, pod_env?);
+    if !merged.kept_local.is_empty() {
+        let names: Vec<_> = merged.kept_local.iter().map(|n| String::from_utf8_lossy(n)).collect();
+        eprintln!(
+            "kmirror: kept the pod's {} out of the app's environment: they make a runtime load code; \
+             --env-include NAME takes the pod's value",
+            names.join(", ")
+        );
+    }
+    let env = merged.env;
 
     let mut virtual_files = HashMap::new();
     if let Some(name) = &pod_hostname {

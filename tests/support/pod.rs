@@ -503,6 +503,8 @@ fn pod_env(index: u8) -> Vec<(String, String)> {
         ("KUBERNETES_SERVICE_PORT", "443".to_string()),
         ("HOSTNAME", format!("kmirror-pod-{index}")),
         ("SHARED_VAR", "from-pod".to_string()),
+        // Code-loading: kmirror keeps it out of the app's environment unless asked.
+        ("NODE_OPTIONS", "--no-warnings".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

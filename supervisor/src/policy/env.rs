@@ -36,6 +36,38 @@ const LOCAL_ONLY: &[&str] = &[
     "LC_*",
 ];
 
+/// Variables that make a runtime load or run code (a module, an agent, a startup script, a
+/// charset converter). A pod's environment is the cluster's, written by whoever deploys the
+/// workload; taken by default it would run code of the pod's choosing on the developer's
+/// machine, and its paths name files of the pod's image anyway. They stay local unless
+/// `--env-include` names them (a bare `*` does not count), and kmirror says once which it kept.
+const CODE_LOADING: &[&str] = &[
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "JAVA_TOOL_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "_JAVA_OPTIONS",
+    "PYTHONSTARTUP",
+    "PYTHONWARNINGS",
+    "PYTHONBREAKPOINT",
+    "PYTHONUSERBASE",
+    "PERL5OPT",
+    "PERL5LIB",
+    "PERLLIB",
+    "PERL5DB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "BASH_ENV",
+    "ENV",
+    "GCONV_PATH",
+    "GLIBC_TUNABLES",
+    "LOCPATH",
+    "NLSPATH",
+    "LUA_INIT",
+    "LUA_INIT_*",
+    "DYLD_*",
+];
+
 /// Shell-style pattern match with a trailing or embedded `*` (any run) and `?` (one byte).
 pub fn matches(pattern: &str, name: &[u8]) -> bool {
     fn go(p: &[u8], n: &[u8]) -> bool {
@@ -58,28 +90,55 @@ pub struct EnvPolicy {
     pub exclude: Vec<String>,
 }
 
+/// The app's environment, and the pod's code-loading variables that were left out of it.
+#[derive(Debug)]
+pub struct Merged {
+    pub env: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub kept_local: Vec<Vec<u8>>,
+}
+
+enum Verdict {
+    Take,
+    Skip,
+    /// A code-loading variable nobody asked for by name.
+    KeepLocal,
+}
+
 impl EnvPolicy {
-    fn takes(&self, name: &[u8]) -> bool {
+    fn verdict(&self, name: &[u8]) -> Verdict {
         if LOCAL_ONLY.iter().any(|p| matches(p, name)) || self.exclude.iter().any(|p| matches(p, name)) {
-            return false;
+            return Verdict::Skip;
         }
-        self.include.is_empty() || self.include.iter().any(|p| matches(p, name))
+        if CODE_LOADING.iter().any(|p| matches(p, name)) {
+            let named = self.include.iter().any(|p| p != "*" && matches(p, name));
+            return if named { Verdict::Take } else { Verdict::KeepLocal };
+        }
+        if self.include.is_empty() || self.include.iter().any(|p| matches(p, name)) {
+            Verdict::Take
+        } else {
+            Verdict::Skip
+        }
     }
 
     /// The app's environment: local variables, overlaid with the pod's (pod values win) except
-    /// for local-only and excluded names.
+    /// for local-only, excluded and code-loading names.
     pub fn merge(
         &self,
         local: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
         pod: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
-    ) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    ) -> Merged {
         let mut env: BTreeMap<_, _> = local.into_iter().collect();
+        let mut kept_local = Vec::new();
         for (name, value) in pod {
-            if self.takes(&name) {
-                env.insert(name, value);
+            match self.verdict(&name) {
+                Verdict::Take => {
+                    env.insert(name, value);
+                }
+                Verdict::Skip => {}
+                Verdict::KeepLocal => kept_local.push(name),
             }
         }
-        env
+        Merged { env, kept_local }
     }
 }
 
@@ -107,7 +166,7 @@ mod tests {
             kv("XDG_RUNTIME_DIR", "/p"),
             kv("LD_PRELOAD", "evil.so"),
         ];
-        let env = EnvPolicy::default().merge(local, pod);
+        let env = EnvPolicy::default().merge(local, pod).env;
         let get = |k: &str| env.get(k.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned());
         assert_eq!(get("PATH").as_deref(), Some("/local/bin"));
         assert_eq!(get("HOME").as_deref(), Some("/home/dev"));
@@ -122,10 +181,38 @@ mod tests {
     fn include_and_exclude_patterns() {
         let pod = vec![kv("DB_URL", "a"), kv("DB_PASS", "b"), kv("OTHER", "c")];
         let only_db = EnvPolicy { include: vec!["DB_*".into()], exclude: vec!["*PASS".into()] };
-        let env = only_db.merge(Vec::new(), pod);
+        let env = only_db.merge(Vec::new(), pod).env;
         assert_eq!(env.keys().cloned().collect::<Vec<_>>(), vec![b"DB_URL".to_vec()]);
         assert!(matches("A?C", b"ABC"));
         assert!(!matches("A?C", b"AC"));
         assert!(matches("*", b""));
+    }
+
+    #[test]
+    fn code_loading_variables_stay_local_unless_named() {
+        let local = vec![kv("NODE_OPTIONS", "--max-old-space-size=512")];
+        let pod = vec![
+            kv("NODE_OPTIONS", "--require /app/agent.js"),
+            kv("JAVA_TOOL_OPTIONS", "-javaagent:/otel.jar"),
+            kv("BASH_ENV", "/etc/profile.d/x.sh"),
+            kv("APP_MODE", "prod"),
+        ];
+        let merged = EnvPolicy::default().merge(local.clone(), pod.clone());
+        let get =
+            |m: &Merged, k: &str| m.env.get(k.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(get(&merged, "NODE_OPTIONS").as_deref(), Some("--max-old-space-size=512"));
+        assert_eq!(get(&merged, "JAVA_TOOL_OPTIONS"), None);
+        assert_eq!(get(&merged, "APP_MODE").as_deref(), Some("prod"));
+        assert_eq!(
+            merged.kept_local,
+            vec![b"NODE_OPTIONS".to_vec(), b"JAVA_TOOL_OPTIONS".to_vec(), b"BASH_ENV".to_vec()]
+        );
+        // A bare `*` does not name them; a pattern that does brings the pod's value.
+        let everything = EnvPolicy { include: vec!["*".into()], exclude: vec![] };
+        assert_eq!(get(&everything.merge(local.clone(), pod.clone()), "JAVA_TOOL_OPTIONS"), None);
+        let named = EnvPolicy { include: vec!["*".into(), "JAVA_*".into()], exclude: vec![] };
+        let merged = named.merge(local, pod);
+        assert_eq!(get(&merged, "JAVA_TOOL_OPTIONS").as_deref(), Some("-javaagent:/otel.jar"));
+        assert_eq!(merged.kept_local, vec![b"NODE_OPTIONS".to_vec(), b"BASH_ENV".to_vec()]);
     }
 }

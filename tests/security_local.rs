@@ -1,5 +1,7 @@
-//! No confused deputy on local files: kmirror (run as root) never does for an app what the app
-//! could not do itself. Paths that step out of a pod directory follow the kernel's rules (a
+//! The developer's machine stays the developer's: kmirror (run as root) never does for an app
+//! what the app could not do itself, and the pod cannot make the local runtime load its code.
+//!
+//! No confused deputy on local files: Paths that step out of a pod directory follow the kernel's rules (a
 //! component after a file is ENOTDIR), and whatever kmirror then carries out locally runs with
 //! the app's own credentials.
 
@@ -110,4 +112,20 @@ fn control_messages_are_sent_with_the_apps_capabilities() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "EPERM\n", "{}", String::from_utf8_lossy(&out.stderr));
     let out = kmirror(pod.target_pid, &[], &python);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "sent\n", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_pods_code_loading_variables_stay_out_unless_named() {
+    let pod = LocalPod::start(133);
+    let show = ["sh", "-c", "echo \"node=${NODE_OPTIONS-unset}\""];
+    let out = kmirror(pod.target_pid, &[], &show);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node=unset\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("kept the pod's NODE_OPTIONS") && stderr.contains("--env-include"), "{stderr}");
+    let out = kmirror(pod.target_pid, &["--env-include", "NODE_OPTIONS"], &show);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node=--no-warnings\n");
+    let mut local = kmirror_suite::run::kmirror_cmd(pod.target_pid, &[], &show);
+    local.env("NODE_OPTIONS", "--local");
+    let out = kmirror_suite::run::output_within(local, std::time::Duration::from_secs(60));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node=--local\n");
 }
