@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Run a command in the context of a target.
     Run(RunArgs),
+    /// Show the kernel features kmirror uses, whether this kernel has them, and what kmirror
+    /// does without each (exit status 1 if kmirror cannot run here).
+    Features,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,6 +8,7 @@ mod command;
 mod dns_server;
 mod handlers;
 mod incoming;
+mod kernel;
 mod launch;
 mod localfs;
 mod outgoing;
@@ -56,5 +57,10 @@ fn main() {
                 std::process::exit(code);
             }
         },
+        cli::Command::Features => {
+            let features = kernel::features();
+            print!("{}", kernel::report(features));
+            std::process::exit(i32::from(features.refusal().is_some()));
+        }
     }
 }

@@ -37,6 +37,18 @@ pub fn run(args: RunArgs) -> Result<ExitStatus> {
     target::check_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     let program = command::resolve(&args.command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
+    let features = crate::kernel::features();
+    if let Some(missing) = features.refusal() {
+        return Err(Exit { message: crate::kernel::refusal_message(&missing), code: 1 }.into());
+    }
+    for fallback in features.fallbacks() {
+        tracing::info!(
+            "this kernel lacks {} (Linux {}): using {:?}",
+            fallback.name,
+            fallback.since,
+            fallback.without
+        );
+    }
 
     // One thread runs every task (the notify thread answers what it can itself): a redirected
     // connection crosses several tasks, and with a thread each every hand-off would be a
@@ -152,7 +164,9 @@ async fn session(
     let app = tokio::task::spawn_blocking(move || {
         launch::launch(program, app_args, env, filter, |listener| {
             if let Err(e) = Listener::set_sync_wake_up_fd(listener) {
-                tracing::debug!("SYNC_WAKE_UP unavailable ({e}); notifications will be slower");
+                tracing::info!(
+                    "seccomp SYNC_WAKE_UP unavailable ({e}; Linux 6.6): each trapped call's answer wakes the app more slowly"
+                );
             }
         })
     })

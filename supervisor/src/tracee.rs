@@ -84,14 +84,27 @@ impl Memory {
     }
 }
 
-fn pidfd_open_thread(tid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open with a tid and flags; the result is checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, PIDFD_THREAD) };
+fn pidfd_open(pid: u32, flags: libc::c_uint) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) };
     if pidfd < 0 {
         return Err(errno());
     }
     // SAFETY: a fresh descriptor from the kernel.
     Ok(unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
+}
+
+/// Whether this kernel opens pidfds of single threads (PIDFD_THREAD, Linux 6.9). Older kernels
+/// reject the flag: our own main thread is a thread, so asking for it tells.
+/// `KMIRROR_FORCE_FALLBACK=thread-pidfd` makes kmirror behave as on such a kernel (to test and
+/// compare the fallback on a current one).
+pub fn thread_pidfds_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let forced_off =
+            std::env::var("KMIRROR_FORCE_FALLBACK").is_ok_and(|v| v.split(',').any(|f| f == "thread-pidfd"));
+        !forced_off && pidfd_open(std::process::id(), PIDFD_THREAD).is_ok()
+    })
 }
 
 fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> std::io::Result<OwnedFd> {
@@ -104,20 +117,85 @@ fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(dup as RawFd) })
 }
 
+/// Whether `ours` (in this process) is the open file that thread `tid` has as `fd`.
+fn same_open_file(tid: u32, fd: RawFd, ours: &OwnedFd) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp compares two descriptors' open files by their owners' ids; no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            std::process::id() as libc::pid_t,
+            tid as libc::pid_t,
+            KCMP_FILE,
+            ours.as_raw_fd(),
+            fd,
+        )
+    };
+    match rc {
+        0 => Ok(true),
+        1..=3 => Ok(false),
+        _ if errno().raw_os_error() == Some(libc::ENOSYS) => {
+            // Kernels built without kcmp: the same inode and device is the same socket or file.
+            use std::os::unix::fs::MetadataExt;
+            let theirs = std::fs::metadata(format!("/proc/{tid}/fd/{fd}"))?;
+            let ours = std::fs::File::from(ours.try_clone()?).metadata()?;
+            Ok((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
+        }
+        _ => Err(errno()),
+    }
+}
+
+/// How a trapped thread's descriptors are reached.
+struct Handle {
+    pidfd: OwnedFd,
+    /// The pidfd names the thread's process, not the thread (kernels before 6.9): pidfd_getfd
+    /// then reads the process leader's descriptor table, which a thread may not share, and a
+    /// cached entry may name the process that had this tid before. Each descriptor taken is
+    /// checked against the thread's own.
+    of_process: bool,
+}
+
+fn open_handle(tid: u32, thread_pidfds: bool) -> std::io::Result<Handle> {
+    if thread_pidfds {
+        return Ok(Handle { pidfd: pidfd_open(tid, PIDFD_THREAD)?, of_process: false });
+    }
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    let tgid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(Handle { pidfd: pidfd_open(tgid, 0)?, of_process: true })
+}
+
+/// A descriptor taken from the process leader's table is not the trapped thread's.
+const NOT_THE_THREADS: i32 = libc::EXDEV;
+
 /// pidfds of the app's threads, kept across calls: opening one costs about as much as the rest
-/// of a fast answer (getpeername is trapped on every socket). A pidfd names one thread for good:
-/// once that thread is gone, a call through it fails with ESRCH — even if its tid was reused —
-/// and the entry is reopened.
-#[derive(Default)]
+/// of a fast answer (getpeername is trapped on every socket). A thread pidfd names one thread
+/// for good: once that thread is gone, a call through it fails with ESRCH — even if its tid was
+/// reused — and the entry is reopened. On kernels without thread pidfds, see [`Handle`].
 pub struct ThreadHandles {
-    cache: std::sync::Mutex<std::collections::HashMap<u32, std::sync::Arc<OwnedFd>>>,
+    cache: std::sync::Mutex<std::collections::HashMap<u32, std::sync::Arc<Handle>>>,
+    thread_pidfds: bool,
+}
+
+impl Default for ThreadHandles {
+    fn default() -> ThreadHandles {
+        ThreadHandles::new(thread_pidfds_supported())
+    }
 }
 
 /// Entries kept before the cache starts over (threads come and go).
 const THREAD_CACHE_LIMIT: usize = 4096;
 
 impl ThreadHandles {
-    fn handle(&self, tid: u32, fresh: bool) -> std::io::Result<std::sync::Arc<OwnedFd>> {
+    fn new(thread_pidfds: bool) -> ThreadHandles {
+        ThreadHandles { cache: Default::default(), thread_pidfds }
+    }
+
+    fn handle(&self, tid: u32, fresh: bool) -> std::io::Result<std::sync::Arc<Handle>> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if !fresh && let Some(handle) = cache.get(&tid) {
             return Ok(handle.clone());
@@ -125,16 +203,36 @@ impl ThreadHandles {
         if cache.len() >= THREAD_CACHE_LIMIT {
             cache.clear();
         }
-        let handle = std::sync::Arc::new(pidfd_open_thread(tid)?);
+        let handle = std::sync::Arc::new(open_handle(tid, self.thread_pidfds)?);
         cache.insert(tid, handle.clone());
         Ok(handle)
+    }
+
+    fn take_with(handle: &Handle, tid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
+        let taken = pidfd_getfd(&handle.pidfd, fd)?;
+        if handle.of_process && !same_open_file(tid, fd, &taken)? {
+            return Err(std::io::Error::from_raw_os_error(NOT_THE_THREADS));
+        }
+        Ok(taken)
     }
 
     /// Duplicates descriptor `fd` of thread `tid` into this process. The copy shares the open
     /// file description: connecting or binding it acts on the app's own socket.
     pub fn take_fd(&self, tid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
-        match pidfd_getfd(&*self.handle(tid, false)?, fd) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => pidfd_getfd(&*self.handle(tid, true)?, fd),
+        match Self::take_with(&*self.handle(tid, false)?, tid, fd) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | NOT_THE_THREADS)) => {
+                let result = Self::take_with(&*self.handle(tid, true)?, tid, fd);
+                if result.as_ref().is_err_and(|e| e.raw_os_error() == Some(NOT_THE_THREADS)) {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(
+                            "thread {tid} has a descriptor table of its own: without thread pidfds \
+                             (Linux 6.9) kmirror cannot reach its sockets, so their calls run unredirected"
+                        )
+                    });
+                }
+                result
+            }
             result => result,
         }
     }
@@ -247,6 +345,62 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(memory.write(addr, b"x").is_err());
+    }
+
+    fn gettid() -> u32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() as u32 }
+    }
+
+    #[test]
+    fn descriptors_are_taken_with_and_without_thread_pidfds() {
+        assert!(thread_pidfds_supported(), "this machine's kernel has PIDFD_THREAD");
+        // A thread other than the leader, with a descriptor of its own number.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open("/etc/hostname").unwrap();
+            tid_tx.send((gettid(), std::os::fd::AsRawFd::as_raw_fd(&file))).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let (tid, fd) = tid_rx.recv().unwrap();
+        for thread_pidfds in [true, false] {
+            let taken = ThreadHandles::new(thread_pidfds).take_fd(tid, fd).unwrap();
+            assert!(same_open_file(tid, fd, &taken).unwrap(), "thread pidfds: {thread_pidfds}");
+        }
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_with_its_own_descriptor_table_is_not_confused_with_its_process() {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let shared = std::fs::File::open("/etc/hostname").unwrap();
+        let number = std::os::fd::AsRawFd::as_raw_fd(&shared);
+        let thread = std::thread::spawn(move || {
+            // SAFETY: unshare(CLONE_FILES) gives this thread a private copy of the table; dup2
+            // then puts another file at the same number in that copy only.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_FILES), 0);
+                let other = libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                assert!(other >= 0);
+                assert_eq!(libc::dup2(other, number), number);
+                libc::close(other);
+            }
+            tid_tx.send(gettid()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = tid_rx.recv().unwrap();
+        // A thread pidfd reaches the thread's own table.
+        let taken = ThreadHandles::new(true).take_fd(tid, number).unwrap();
+        assert!(same_open_file(tid, number, &taken).unwrap());
+        // A process pidfd would reach the leader's: refused instead of handing the wrong file.
+        let refused = ThreadHandles::new(false).take_fd(tid, number).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(NOT_THE_THREADS));
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
+        drop(shared);
     }
 
     #[test]

@@ -1,0 +1,175 @@
+//! What the running kernel offers, probed once: each feature kmirror's supervisor uses, the
+//! kernel that brought it, and what kmirror does without it. Probes ask the kernel directly
+//! (a flag it does not know is EINVAL before anything else happens), never the version
+//! string: distribution kernels backport features.
+
+use std::sync::OnceLock;
+
+/// One probed feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    pub name: &'static str,
+    /// The mainline release that brought it.
+    pub since: &'static str,
+    pub present: bool,
+    /// What kmirror does when it is missing.
+    pub without: Without,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Without {
+    /// kmirror cannot run: the reason says why.
+    Refuse(&'static str),
+    /// kmirror works another way, described here.
+    Fallback(&'static str),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Features {
+    pub wait_killable_recv: Feature,
+    pub pidfd_getfd: Feature,
+    pub openat2: Feature,
+    pub thread_pidfd: Feature,
+}
+
+impl Features {
+    pub fn all(&self) -> [Feature; 4] {
+        [self.wait_killable_recv, self.pidfd_getfd, self.openat2, self.thread_pidfd]
+    }
+
+    /// The first missing feature kmirror cannot do without, if any.
+    pub fn refusal(&self) -> Option<Feature> {
+        self.all().into_iter().find(|f| !f.present && matches!(f.without, Without::Refuse(_)))
+    }
+
+    /// Missing features that have a fallback in use.
+    pub fn fallbacks(&self) -> Vec<Feature> {
+        self.all().into_iter().filter(|f| !f.present && matches!(f.without, Without::Fallback(_))).collect()
+    }
+}
+
+/// The features of this kernel, probed on first use.
+pub fn features() -> &'static Features {
+    static FEATURES: OnceLock<Features> = OnceLock::new();
+    FEATURES.get_or_init(|| Features {
+        wait_killable_recv: Feature {
+            name: "seccomp WAIT_KILLABLE_RECV",
+            since: "5.19",
+            present: probe_wait_killable_recv(),
+            without: Without::Refuse(
+                "without it Go programs livelock (their preemption signal restarts every trapped call \
+                 forever); the ptrace backend that will cover older kernels does not exist yet",
+            ),
+        },
+        pidfd_getfd: Feature {
+            name: "pidfd_getfd",
+            since: "5.6",
+            present: probe_syscall_exists(libc::SYS_pidfd_getfd),
+            without: Without::Refuse("kmirror acts on the app's sockets through copies of their descriptors"),
+        },
+        openat2: Feature {
+            name: "openat2",
+            since: "5.6",
+            present: probe_syscall_exists(libc::SYS_openat2),
+            without: Without::Refuse("pod files are resolved inside the pod's root with RESOLVE_IN_ROOT"),
+        },
+        thread_pidfd: Feature {
+            name: "pidfd of a thread (PIDFD_THREAD)",
+            since: "6.9",
+            present: crate::tracee::thread_pidfds_supported(),
+            without: Without::Fallback(
+                "a pidfd of the app's process; each descriptor taken is checked (kcmp) to be the \
+                 trapped thread's own",
+            ),
+        },
+    })
+}
+
+/// `seccomp(SET_MODE_FILTER)` checks its flags before it reads the filter: an unknown flag is
+/// EINVAL, a known one gets as far as the (null) filter pointer, EFAULT. Nothing is installed.
+fn probe_wait_killable_recv() -> bool {
+    let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+    // SAFETY: a null filter makes the call fail before it changes anything.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, std::ptr::null::<u8>())
+    };
+    rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT)
+}
+
+/// A call with invalid arguments: ENOSYS only where the kernel lacks it.
+fn probe_syscall_exists(nr: libc::c_long) -> bool {
+    // SAFETY: -1 descriptors and null pointers make these calls fail without side effects.
+    let rc = unsafe { libc::syscall(nr, -1, std::ptr::null::<u8>(), std::ptr::null::<u8>(), 0) };
+    rc >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+}
+
+/// The refusal a user sees on a kernel without `feature`.
+pub fn refusal_message(feature: &Feature) -> String {
+    let why = match feature.without {
+        Without::Refuse(why) => why,
+        Without::Fallback(_) => "",
+    };
+    format!(
+        "this kernel ({}) lacks {}, which kmirror needs (Linux {} or later): {why}. Run kmirror on a newer \
+         kernel (Debian 12 backports, Debian 13 and Ubuntu 22.10 or later have one).",
+        release(),
+        feature.name,
+        feature.since
+    )
+}
+
+/// A table of every feature, one line each, for `kmirror features`.
+pub fn report(features: &Features) -> String {
+    let mut out = format!("kernel {}\n", release());
+    for f in features.all() {
+        let (state, note) = match (f.present, f.without) {
+            (true, _) => ("present", String::new()),
+            (false, Without::Fallback(how)) => ("fallback", format!(": {how}")),
+            (false, Without::Refuse(why)) => ("MISSING", format!(": kmirror cannot run ({why})")),
+        };
+        out.push_str(&format!("{:<36} Linux {:<5} {state}{note}\n", f.name, f.since));
+    }
+    out
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_kernel_has_what_the_test_machine_has() {
+        // The development and CI machines run 6.18: every probe must find its feature, so a
+        // broken probe (one that reports a fallback where none is needed) fails here.
+        let features = features();
+        for feature in features.all() {
+            assert!(feature.present, "{} not found on {}", feature.name, release());
+        }
+        assert!(features.refusal().is_none());
+        assert!(features.fallbacks().is_empty());
+    }
+
+    #[test]
+    fn refusals_and_fallbacks_are_told_apart() {
+        let mut features = *features();
+        features.thread_pidfd.present = false;
+        assert_eq!(features.fallbacks().len(), 1);
+        assert!(features.refusal().is_none());
+        features.wait_killable_recv.present = false;
+        let refused = features.refusal().unwrap();
+        let message = refusal_message(&refused);
+        assert!(message.contains("WAIT_KILLABLE_RECV") && message.contains("5.19"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_system_call_is_told_from_a_failing_one() {
+        assert!(probe_syscall_exists(libc::SYS_openat2));
+        assert!(!probe_syscall_exists(100_000), "an unknown number is ENOSYS");
+    }
+}
