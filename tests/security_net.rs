@@ -293,13 +293,270 @@ fn udp_relay_talks_to_the_app_socket_only() {
     );
 }
 
-#[allow(dead_code)]
 fn pod_addr(pod: &LocalPod) -> SocketAddr {
     SocketAddr::from((pod.pod_ip, 8080))
 }
 
-#[allow(dead_code)]
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut conn = HttpConn::connect(addr)?;
     Ok(conn.request("GET", path, &[], b"")?.text())
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The highest VmRSS and descriptor count of `pid`, sampled every 5 ms until dropped.
+struct Watch {
+    peak: Arc<Mutex<(u64, usize)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watch {
+    fn start(pid: u32) -> Watch {
+        let peak = Arc::new(Mutex::new((0, 0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, st) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let (rss, fds) = (rss_kib(pid), fd_count(pid));
+                let mut peak = p.lock().unwrap();
+                *peak = (peak.0.max(rss), peak.1.max(fds));
+                drop(peak);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Watch { peak, stop }
+    }
+
+    fn peak(&self) -> (u64, usize) {
+        *self.peak.lock().unwrap()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The pod's own app answers a request made inside the pod (over its loopback, which kmirror's
+/// classifier never sees).
+fn pod_app_answers(pod: &LocalPod, path: &str) -> bool {
+    let script = format!(
+        "import urllib.request; print(urllib.request.urlopen('http://{}:8080{path}', timeout=5).read().decode())",
+        pod.pod_ip
+    );
+    let out = pod.exec_in_pod(PYTHON, &["-c", &script]);
+    String::from_utf8_lossy(&out.stdout).starts_with(&format!("pod-echo {} {path}", pod.index))
+}
+
+fn local_port(pod: &LocalPod) -> String {
+    (18000 + pod.index as u16).to_string()
+}
+
+fn start_incoming(pod: &LocalPod, flags: &[&str]) -> BackgroundApp {
+    let go = kmirror_suite::run::go_fixtures()[0].to_str().unwrap().to_string();
+    let map = format!("{}:8080", local_port(pod));
+    let mut flags = flags.to_vec();
+    flags.extend(["--port-map", map.as_str()]);
+    let app = BackgroundApp::start(pod.target_pid, &flags, &[&go, "serve", &local_port(pod)]);
+    app.wait_stdout("the app to listen", Duration::from_secs(30), |l| {
+        l.iter().any(|l| l.starts_with("listening"))
+    });
+    app.wait_subscribed();
+    app
+}
+
+/// How much the agent may grow under one hostile client: its head limit (64 KiB), a few read
+/// buffers, and allocator slack.
+const ONE_CLIENT_GROWTH_KIB: u64 = 16 * 1024;
+
+/// A pod client streaming a 1 GiB header line at a port stolen with an HTTP filter is cut off
+/// once the head limit is reached: the agent's memory stays flat, and the pod's app (and the
+/// filter, for other clients) keeps answering.
+#[test]
+fn an_endless_header_line_is_cut_off_at_the_head_limit() {
+    use std::io::Write;
+    let pod = LocalPod::start(172);
+    let app = start_incoming(&pod, &["--incoming", "steal", "--steal-header", "^X-Dev: me$"]);
+    let agent = app.agent_pid();
+    let addr = pod_addr(&pod);
+    assert_eq!(get(addr, "/before").unwrap(), format!("pod-echo {} /before\n", pod.index));
+    let (base_rss, base_fds) = (rss_kib(agent), fd_count(agent));
+    let watch = Watch::start(agent);
+
+    let mut attacker = std::net::TcpStream::connect(addr).unwrap();
+    attacker.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    attacker.write_all(b"GET /x HTTP/1.1\r\nX-Dev: me\r\nX-Long: ").unwrap();
+    let block = vec![b'a'; 64 * 1024];
+    let mut sent: u64 = 0;
+    let refused = loop {
+        if sent >= 1 << 30 {
+            break None;
+        }
+        if let Err(e) = attacker.write_all(&block) {
+            break Some(e);
+        }
+        sent += block.len() as u64;
+        let grown = watch.peak().0.saturating_sub(base_rss);
+        assert!(
+            grown < ONE_CLIENT_GROWTH_KIB,
+            "the agent grew by {grown} KiB after {} MiB of one header line",
+            sent >> 20
+        );
+        if sent.is_multiple_of(64 << 20) {
+            assert!(pod_app_answers(&pod, "/during"), "the pod's app stopped answering");
+        }
+    };
+    assert!(refused.is_some(), "the agent read a whole 1 GiB header line without closing the connection");
+    assert!(sent < 64 << 20, "{} MiB of the line went in before the agent refused it", sent >> 20);
+    // The filter still serves other clients, and the pod's app answers.
+    assert_eq!(get(addr, "/after").unwrap(), format!("pod-echo {} /after\n", pod.index));
+    assert!(pod_app_answers(&pod, "/after-inside"));
+    let (peak_rss, peak_fds) = watch.peak();
+    assert!(
+        peak_rss.saturating_sub(base_rss) < ONE_CLIENT_GROWTH_KIB,
+        "peak {peak_rss} KiB, base {base_rss} KiB"
+    );
+    assert!(peak_fds <= base_fds + 8, "peak {peak_fds} descriptors, base {base_fds}");
+}
+
+/// Raises this process's descriptor limit to its maximum (the floods below hold many sockets).
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit on a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Stolen connections served at once by the agent (README: incoming bounds).
+const MAX_STOLEN: usize = 256;
+
+/// A flood of idle connections against a port stolen with an HTTP filter: the agent takes at
+/// most its stated number at once (the rest wait in the kernel's queue), its descriptors and
+/// memory stay within bounds, and the pod's app keeps answering.
+#[test]
+fn a_connection_flood_against_a_stolen_port_stays_within_bounds() {
+    raise_fd_limit();
+    let pod = LocalPod::start(173);
+    let app = start_incoming(&pod, &["--incoming", "steal", "--steal-header", "^X-Dev: me$"]);
+    let agent = app.agent_pid();
+    let addr = pod_addr(&pod);
+    assert_eq!(get(addr, "/before").unwrap(), format!("pod-echo {} /before\n", pod.index));
+    let (base_rss, base_fds) = (rss_kib(agent), fd_count(agent));
+    let watch = Watch::start(agent);
+    let flood: Vec<std::net::TcpStream> = (0..1000)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .collect();
+    assert!(flood.len() > 2 * MAX_STOLEN, "only {} flood connections were made", flood.len());
+    // Give the agent time to take what it will.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pod_app_answers(&pod, "/during"), "the pod's app stopped answering");
+    let (peak_rss, peak_fds) = watch.peak();
+    drop(flood);
+    assert!(
+        peak_fds <= base_fds + MAX_STOLEN + 16,
+        "the agent held {peak_fds} descriptors (base {base_fds}) for {MAX_STOLEN} connections at most"
+    );
+    assert!(peak_rss.saturating_sub(base_rss) < 64 * 1024, "peak {peak_rss} KiB, base {base_rss} KiB");
+    // Once the flood is gone, the filter serves again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(addr, "/after").ok() != Some(format!("pod-echo {} /after\n", pod.index)) {
+        assert!(Instant::now() < deadline, "the filter did not serve again after the flood");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `count` forged SYNs to `dst:port` from addresses that answer nothing (pod-only
+/// addresses the host routes nowhere), as a SYN flood does.
+const SYN_FLOOD: &str = r#"
+import socket, struct, sys
+dst, port, count, prefix = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    s = (s >> 16) + (s & 0xffff)
+    s += s >> 16
+    return ~s & 0xffff
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+d = socket.inet_aton(dst)
+for i in range(count):
+    src = socket.inet_aton(prefix + str(100 + i % 150))
+    sport = 20000 + i // 150
+    tcp = struct.pack("!HHIIBBHHH", sport, port, i * 7919, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = src + d + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i & 0xffff, 0, 64, socket.IPPROTO_TCP, 0, src, d)
+    raw.sendto(ip + tcp, (dst, 0))
+print("sent", count, flush=True)
+"#;
+
+/// A SYN flood and a connection flood against a mirrored port: SYNs that never complete a
+/// handshake open nothing and expire, completed connections beyond the cap are not mirrored,
+/// and the agent's memory and descriptors stay within bounds while the pod's app answers.
+#[test]
+fn floods_against_a_mirrored_port_stay_within_bounds() {
+    raise_fd_limit();
+    let pod = LocalPod::start(174);
+    let app = start_incoming(&pod, &["--incoming", "mirror"]);
+    let agent = app.agent_pid();
+    let kmirror = app.child.id();
+    let addr = pod_addr(&pod);
+    assert_eq!(get(addr, "/before").unwrap(), format!("pod-echo {} /before\n", pod.index));
+    let (base_rss, base_fds, base_kmirror_fds) = (rss_kib(agent), fd_count(agent), fd_count(kmirror));
+    let watch = Watch::start(agent);
+    let kmirror_watch = Watch::start(kmirror);
+
+    let prefix = format!("10.213.{}.", pod.index);
+    let flood = Command::new(PYTHON)
+        .args(["-c", SYN_FLOOD, &pod.pod_ip.to_string(), "8080", "30000", &prefix])
+        .output()
+        .expect("run the SYN flood");
+    assert!(String::from_utf8_lossy(&flood.stdout).starts_with("sent"), "{flood:?}");
+    // Real connections too, many at once, each sending a request.
+    let conns: Vec<std::net::TcpStream> = (0..600)
+        .filter_map(|_| {
+            use std::io::Write;
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            c.write_all(b"GET /flood HTTP/1.1\r\nHost: pod\r\n\r\n").ok()?;
+            Some(c)
+        })
+        .collect();
+    assert!(conns.len() > 500, "only {} flood connections were made", conns.len());
+    assert_eq!(get(addr, "/during").unwrap(), format!("pod-echo {} /during\n", pod.index));
+    assert!(pod_app_answers(&pod, "/during-inside"));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(conns);
+    let (peak_rss, peak_fds) = watch.peak();
+    let kmirror_fds = kmirror_watch.peak().1;
+    // The forged SYNs opened no connection to the local app: kmirror holds at most one per
+    // real connection.
+    assert!(
+        kmirror_fds <= base_kmirror_fds + 700,
+        "kmirror held {kmirror_fds} descriptors (base {base_kmirror_fds}): forged SYNs reached the app"
+    );
+    assert!(peak_fds <= base_fds + 16, "the agent held {peak_fds} descriptors (base {base_fds})");
+    assert!(peak_rss.saturating_sub(base_rss) < 96 * 1024, "peak {peak_rss} KiB, base {base_rss} KiB");
+    assert_eq!(get(addr, "/after").unwrap(), format!("pod-echo {} /after\n", pod.index));
 }
