@@ -560,3 +560,85 @@ fn floods_against_a_mirrored_port_stay_within_bounds() {
     assert!(peak_rss.saturating_sub(base_rss) < 96 * 1024, "peak {peak_rss} KiB, base {base_rss} KiB");
     assert_eq!(get(addr, "/after").unwrap(), format!("pod-echo {} /after\n", pod.index));
 }
+
+/// A process of this test in the host's network namespace, as a target.
+struct HostProcess(Child);
+
+impl HostProcess {
+    fn start() -> HostProcess {
+        HostProcess(Command::new("/bin/sleep").arg("300").spawn().expect("start sleep"))
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stealing or mirroring for a target in the host's network namespace would take every
+/// program's traffic on that port: it is refused, saying why and how to allow it; with
+/// `--allow-host-network` it is allowed.
+#[test]
+fn incoming_traffic_of_a_host_network_target_needs_an_explicit_flag() {
+    let target = HostProcess::start();
+    let go = kmirror_suite::run::go_fixtures()[0].to_str().unwrap().to_string();
+    let port = "18176";
+    let app = BackgroundApp::start(target.0.id(), &["--incoming", "steal"], &[&go, "serve", port]);
+    app.wait_stdout("the app to listen", Duration::from_secs(30), |l| {
+        l.iter().any(|l| l.starts_with("listening"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !app.stderr_text().contains("cannot Steal pod port") {
+        assert!(
+            !app.stderr_text().contains("incoming traffic subscribed"),
+            "a host-network target's port was stolen: {}",
+            app.stderr_text()
+        );
+        assert!(Instant::now() < deadline, "no refusal: {}", app.stderr_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stderr = app.stderr_text();
+    for what in ["shares the host's network namespace", "--allow-host-network", "Operation not permitted"] {
+        assert!(stderr.contains(what), "the refusal does not say `{what}`: {stderr}");
+    }
+    drop(app);
+
+    let allowed = BackgroundApp::start(
+        target.0.id(),
+        &["--incoming", "mirror", "--allow-host-network"],
+        &[&go, "serve", port],
+    );
+    allowed.wait_stdout("the app to listen", Duration::from_secs(30), |l| {
+        l.iter().any(|l| l.starts_with("listening"))
+    });
+    allowed.wait_subscribed();
+}
+
+/// Only packets to the target's own addresses are stolen: a destination the pod's namespace
+/// accepts as local through a route (not an address of its interfaces) reaches the pod's app.
+#[test]
+fn only_traffic_to_the_targets_addresses_is_stolen() {
+    let pod = LocalPod::start(175);
+    let extra = format!("10.213.{}.77", pod.index);
+    let run = |argv: &[&str]| {
+        let out = Command::new(argv[0]).args(&argv[1..]).output().expect("run ip");
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // The pod takes `extra` as local (AnyIP) without it being an address of an interface, and
+    // the host routes it over the pod's veth (the route goes with the veth).
+    run(&["ip", "-n", &pod.netns, "route", "add", "local", &format!("{extra}/32"), "dev", "lo"]);
+    let host_veth = format!("kmh{}", pod.index);
+    run(&["ip", "route", "add", &format!("{extra}/32"), "via", &pod.pod_ip.to_string(), "dev", &host_veth]);
+    let other = SocketAddr::from((extra.parse::<std::net::Ipv4Addr>().unwrap(), 8080));
+    assert_eq!(get(other, "/before").unwrap(), format!("pod-echo {} /before\n", pod.index));
+
+    let _app = start_incoming(&pod, &["--incoming", "steal"]);
+    assert_eq!(get(pod_addr(&pod), "/stolen").unwrap(), "local-app /stolen\n");
+    assert_eq!(
+        get(other, "/not-stolen").unwrap(),
+        format!("pod-echo {} /not-stolen\n", pod.index),
+        "traffic to an address that is not the target's was stolen"
+    );
+}
