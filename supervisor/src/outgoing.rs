@@ -29,9 +29,12 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
-/// How long an accepted connection waits for its registration, and how long a registration
-/// waits for its connection.
+/// How long an accepted connection waits for its registration.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
+/// How long a registration waits for its connection (normally claimed within microseconds;
+/// generous, so a loaded machine does not fail connections). One left unclaimed (the app
+/// abandoned its socket) must not be taken by a later socket that got the same address.
+const REGISTRATION_TTL: Duration = Duration::from_secs(10);
 /// How long a finished connection's original destination stays known to `getpeername`.
 const PEER_GRACE: Duration = Duration::from_secs(30);
 /// A UDP flow idle this long in both directions is closed.
@@ -146,7 +149,7 @@ impl Proxy {
         let mut waiting = lock(&self.waiting);
         // Registrations nobody claimed in time (their connection was refused meanwhile) must
         // not wait for a later socket that happens to get the same address.
-        waiting.retain(|_, r| since.duration_since(r.since) < REGISTRATION_WAIT);
+        waiting.retain(|_, r| since.duration_since(r.since) < REGISTRATION_TTL);
         waiting.insert(canonical(app), Registration { upstream, inode, since });
         drop(waiting);
         self.registered.notify_waiters();
@@ -189,7 +192,7 @@ impl Proxy {
                     // connection from `peer` that is still open now is its connection. One
                     // whose peer has gone is a stale one from an earlier holder of the
                     // address, and must leave the registration to the app's.
-                    if !peer_still_there(conn) || now.duration_since(found.since) >= REGISTRATION_WAIT {
+                    if !peer_still_there(conn) || now.duration_since(found.since) >= REGISTRATION_TTL {
                         return None;
                     }
                     return waiting.remove(&peer);
