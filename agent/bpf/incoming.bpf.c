@@ -2,7 +2,11 @@
 /*
  * kmirror incoming traffic: one TC ingress classifier on the pod's interfaces.
  *
- * For a port in `incoming_ports`:
+ * For a port in `incoming_ports`, and only for packets to one of the target's own addresses
+ * (`local_addrs`, the addresses of the interfaces of its network namespace, kept current by the
+ * agent): traffic that merely passes through the namespace (a host-network target's node
+ * forwarding other workloads' packets) is never taken or copied.
+ *
  *  - STEAL: a packet that belongs to no existing connection and opens one (a SYN, or the final
  *    ACK of a SYN-cookie handshake) is assigned to the agent's listener (`steal_listener`,
  *    a SOCKMAP filled by the agent). Packets of existing connections are left alone, so
@@ -10,7 +14,9 @@
  *    link or listener is gone every new connection reaches the pod's app again (fail open).
  *  - MIRROR: the TCP segment (addresses, ports, sequence number, flags, payload) is copied into
  *    the `mirror_events` ring buffer in fixed-size chunks; the packet itself goes on untouched.
- *    A chunk that does not fit is counted in `stats`, never half-written.
+ *    A chunk that does not fit is counted in `stats`, never half-written. Only segments the
+ *    kernel will take are copied: a connection-opening SYN, or a segment of a connection or
+ *    handshake that has a socket (anything else the kernel drops or resets).
  *
  * Every path returns TC_ACT_UNSPEC (TCX_NEXT) so programs after this one still run.
  * Only uapi headers are used; IPv4 and IPv6 (without extension headers) are handled.
@@ -38,6 +44,8 @@ enum stat {
 	STAT_STEAL_ASSIGN_FAILED,
 	STAT_MIRROR_PACKETS,
 	STAT_MIRROR_LOST,
+	STAT_NOT_LOCAL,
+	STAT_MIRROR_NO_SOCKET,
 	STAT_MAX,
 };
 
@@ -47,6 +55,14 @@ struct {
 	__type(key, __u16); /* destination port, host order */
 	__type(value, __u8); /* MODE_* */
 } incoming_ports SEC(".maps");
+
+/* The target's own addresses (IPv4 as v4-mapped IPv6); value unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u8[16]);
+	__type(value, __u8);
+} local_addrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
@@ -163,14 +179,17 @@ static __always_inline int parse(struct __sk_buff *skb, struct parsed *p)
 	return 0;
 }
 
-static __always_inline void steal(struct __sk_buff *skb, struct parsed *p)
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct parsed *p)
 {
-	struct bpf_sock *sk;
 	/* The verifier wants a constant tuple size. */
 	if (p->tuple_len == sizeof(p->tuple.ipv4))
-		sk = bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	else
-		sk = bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+		return bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	return bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
+static __always_inline void steal(struct __sk_buff *skb, struct parsed *p)
+{
+	struct bpf_sock *sk = lookup(skb, p);
 	if (sk) {
 		/* The lookup falls back to listeners: only a non-listening socket means "this
 		 * packet belongs to an existing connection (or handshake)". */
@@ -204,6 +223,23 @@ static __always_inline void steal(struct __sk_buff *skb, struct parsed *p)
 
 static __always_inline void mirror(struct __sk_buff *skb, struct parsed *p)
 {
+	if (!(p->tcp.syn && !p->tcp.ack)) {
+		/* Not a SYN: it belongs to a connection (or handshake) with a socket, or the kernel
+		 * drops it (no listener-only match: a stray ACK to a listener is reset). A SYN-cookie
+		 * handshake's final ACK is skipped too; the reassembler starts at the first segment
+		 * the new connection's socket sees. */
+		struct bpf_sock *sk = lookup(skb, p);
+		if (!sk) {
+			count(STAT_MIRROR_NO_SOCKET);
+			return;
+		}
+		int listening = sk->state == BPF_TCP_LISTEN;
+		bpf_sk_release(sk);
+		if (listening) {
+			count(STAT_MIRROR_NO_SOCKET);
+			return;
+		}
+	}
 	__u64 payload_off = p->l4_off + p->tcp.doff * 4;
 	__u64 end = skb->len;
 	/* Short frames are padded to 60 bytes: trust the IP length when there is one. */
@@ -258,6 +294,10 @@ int incoming(struct __sk_buff *skb)
 	__u8 *mode = bpf_map_lookup_elem(&incoming_ports, &port);
 	if (!mode)
 		return TC_ACT_UNSPEC;
+	if (!bpf_map_lookup_elem(&local_addrs, p.daddr)) {
+		count(STAT_NOT_LOCAL);
+		return TC_ACT_UNSPEC;
+	}
 	if (*mode == MODE_STEAL)
 		steal(skb, &p);
 	else if (*mode == MODE_MIRROR)

@@ -154,6 +154,61 @@ fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The addresses of every interface of the calling thread's network namespace (loopback's
+/// included): what a target in that namespace can be reached at.
+pub fn interface_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs returned, not freed yet.
+        let entry = unsafe { &*at };
+        if !entry.ifa_addr.is_null() {
+            // SAFETY: a non-null ifa_addr points to a sockaddr whose family says its real type.
+            match i32::from(unsafe { (*entry.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: AF_INET: a sockaddr_in.
+                    let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: AF_INET6: a sockaddr_in6.
+                    let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        at = entry.ifa_next;
+    }
+    // SAFETY: the list came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
+
+/// Whether `netns` (a `/proc/<pid>/ns/net` descriptor) is the host's network namespace: the one
+/// PID 1 (the node's init) lives in, when the agent can see it, or the agent's own (kmirror
+/// starts the agent for local targets in the network namespace kmirror itself runs in; an
+/// agent pod has a namespace of its own). `None` when neither can be read.
+pub fn is_host_namespace(netns: &OwnedFd) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let target = id(std::fs::File::from(netns.try_clone().ok()?).metadata().ok()?);
+    // /proc/self: the thread-group leader, which never enters another namespace.
+    let hosts: Vec<_> = ["/proc/1/ns/net", "/proc/self/ns/net"]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok().map(id))
+        .collect();
+    if hosts.is_empty() {
+        return None;
+    }
+    Some(hosts.contains(&target))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,7 +61,9 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
     let target = Arc::new(target);
     let nameservers = Arc::new(pod_nameservers(&target));
     let exited = target.exit_watch()?;
-    let incoming_service = IncomingService::new(tunnel.clone(), netns.clone(), target.netns.try_clone()?);
+    let allow_host_network = hello.capabilities.iter().any(|c| c == kmirror_protocol::ALLOW_HOST_NETWORK);
+    let incoming_service =
+        IncomingService::new(tunnel.clone(), netns.clone(), target.netns.try_clone()?, allow_host_network);
 
     loop {
         tokio::select! {

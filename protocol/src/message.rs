@@ -28,6 +28,10 @@ pub struct Hello {
     pub capabilities: Vec<String>,
 }
 
+/// A [`Hello`] capability: the user allows incoming traffic (steal, mirror) of a target that
+/// shares the host's network namespace (`kmirror run --allow-host-network`).
+pub const ALLOW_HOST_NETWORK: &str = "allow-host-network";
+
 /// The agent's answer to [`Hello`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum HelloReply {

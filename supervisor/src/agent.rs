@@ -41,8 +41,9 @@ fn make_inheritable(fd: &impl AsRawFd) -> std::io::Result<()> {
     }
 }
 
-/// Spawns the agent for process `pid` and completes the handshake.
-pub async fn start_local(pid: u32) -> Result<Agent> {
+/// Spawns the agent for process `pid` and completes the handshake. `allow_host_network`: the
+/// user allows incoming traffic of a target in the host's network namespace.
+pub async fn start_local(pid: u32, allow_host_network: bool) -> Result<Agent> {
     let binary = agent_binary()?;
     let token = crate::random::token();
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair for the agent")?;
@@ -72,7 +73,11 @@ pub async fn start_local(pid: u32) -> Result<Agent> {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
         token: token.into_bytes(),
-        capabilities: vec!["outgoing".into(), "dns".into(), "files".into(), "env".into()],
+        capabilities: ["outgoing", "dns", "files", "env"]
+            .into_iter()
+            .chain(allow_host_network.then_some(kmirror_protocol::ALLOW_HOST_NETWORK))
+            .map(String::from)
+            .collect(),
     };
     tunnel::write_control(&mut writer, Control::Hello(hello)).await.context("cannot reach the agent")?;
     let reply = tokio::time::timeout(Duration::from_secs(30), tunnel::read_control(&mut reader))

@@ -72,6 +72,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "REGEX")]
     pub steal_path: Option<String>,
 
+    /// Allow --incoming steal or mirror for a target that shares the host's network namespace
+    /// (a host-network pod, a process on the node): only traffic to the node's own addresses
+    /// is taken then, but that is every program's on the node, not only the target's.
+    #[arg(long)]
+    pub allow_host_network: bool,
+
     /// Longest a single pod operation (file, DNS, connect set-up) may take before the app gets
     /// ETIMEDOUT, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]

@@ -81,8 +81,9 @@ async fn session(
     let filter = tokio::task::spawn_blocking(|| {
         filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
     });
-    let agent =
-        agent::start_local(pid).await.with_context(|| format!("cannot start a session with {target}"))?;
+    let agent = agent::start_local(pid, args.allow_host_network)
+        .await
+        .with_context(|| format!("cannot start a session with {target}"))?;
     let tunnel = agent.tunnel.clone();
 
     let pod_env = async {

@@ -36,6 +36,10 @@ pub struct Stats {
     pub steal_assign_failed: u64,
     pub mirror_packets: u64,
     pub mirror_lost: u64,
+    /// Packets to a subscribed port but not to one of the target's addresses.
+    pub not_local: u64,
+    /// Segments not mirrored because no connection or handshake socket takes them.
+    pub mirror_no_socket: u64,
 }
 
 enum Attachment {
@@ -136,7 +140,28 @@ impl Datapath {
         Ok(Attachment::Clsact(hook))
     }
 
+    /// Makes the program act on packets to the current addresses of the calling thread's
+    /// network namespace only (those present now; stale ones are removed).
+    pub fn refresh_local_addresses(&self) -> Result<(), String> {
+        let current = crate::netns::interface_addresses()
+            .map_err(|e| format!("cannot list the target's addresses: {e}"))?;
+        let map = &self.skel.maps.local_addrs;
+        let wanted: std::collections::HashSet<[u8; 16]> = current.iter().map(|ip| mapped(*ip)).collect();
+        let stale: Vec<Vec<u8>> =
+            map.keys().filter(|k| !<[u8; 16]>::try_from(&k[..]).is_ok_and(|k| wanted.contains(&k))).collect();
+        for key in stale {
+            let _ = map.delete(&key);
+        }
+        for key in &wanted {
+            map.update(key, &[1], MapFlags::ANY)
+                .map_err(|e| format!("cannot record a target address: {e}"))?;
+        }
+        tracing::debug!(?current, "incoming traffic taken for these addresses only");
+        Ok(())
+    }
+
     pub fn set_port(&self, port: u16, mode: u8) -> Result<(), String> {
+        self.refresh_local_addresses()?;
         self.skel
             .maps
             .incoming_ports
@@ -177,7 +202,17 @@ impl Datapath {
             steal_assign_failed: read(3),
             mirror_packets: read(4),
             mirror_lost: read(5),
+            not_local: read(6),
+            mirror_no_socket: read(7),
         }
+    }
+}
+
+/// An address as the program keys it: IPv4 as v4-mapped IPv6.
+fn mapped(ip: std::net::IpAddr) -> [u8; 16] {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
     }
 }
 

@@ -8,7 +8,14 @@
 //!
 //! Not filtered, passed through to the pod's app untouched: HTTP/2 (prior knowledge preface),
 //! `CONNECT` and `Upgrade` requests (WebSocket), and anything that does not parse as HTTP/1.x.
+//!
+//! Pod clients are not trusted: a head longer than [`super::http_wire::MAX_HEAD`] closes the
+//! connection as soon as that many bytes arrived (nothing more is buffered), and a client that
+//! does not complete its next request head within [`REQUEST_WAIT`] is closed too.
 
+use super::http_wire::{
+    BodyFraming, RequestHead, copy_body, parse_request_head, read_head, response_framing,
+};
 use crate::netns::NetnsWorker;
 use kmirror_protocol::tunnel::Tunnel;
 use kmirror_protocol::{HttpFilter, IncomingMode, OpenTarget};
@@ -16,13 +23,15 @@ use regex::bytes::Regex;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
-};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const MAX_HEAD: usize = 64 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// How long a filtered connection may take to deliver its next complete request head (the
+/// keep-alive idle time between requests included).
+pub const REQUEST_WAIT: Duration = Duration::from_secs(60);
+/// Bytes buffered each way between a filtered connection and its stream to the local app.
+const LOCAL_PIPE: usize = 64 * 1024;
 
 pub struct Filter {
     header: Option<Regex>,
@@ -47,169 +56,6 @@ impl Filter {
     }
 }
 
-/// What decides routing and framing of one request.
-#[derive(Debug, Default)]
-pub struct RequestHead {
-    pub raw: Vec<u8>,
-    pub method: Vec<u8>,
-    pub target: Vec<u8>,
-    pub header_lines: Vec<Vec<u8>>,
-    pub body: BodyFraming,
-    pub upgrade: bool,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    #[default]
-    None,
-    Length(u64),
-    Chunked,
-    /// Until the sender closes (responses only).
-    UntilClose,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum ParseError {
-    NotHttp,
-}
-
-fn header_value<'a>(lines: &'a [Vec<u8>], name: &str) -> impl Iterator<Item = &'a [u8]> + 'a {
-    let name = name.as_bytes().to_vec();
-    lines.iter().filter_map(move |l| {
-        let colon = l.iter().position(|&b| b == b':')?;
-        l[..colon].eq_ignore_ascii_case(&name).then(|| l[colon + 1..].trim_ascii())
-    })
-}
-
-fn framing(lines: &[Vec<u8>]) -> Result<Option<BodyFraming>, ParseError> {
-    if header_value(lines, "transfer-encoding")
-        .any(|v| v.to_ascii_lowercase().windows(7).any(|w| w == b"chunked"))
-    {
-        return Ok(Some(BodyFraming::Chunked));
-    }
-    match header_value(lines, "content-length").next() {
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(|n| Some(BodyFraming::Length(n)))
-            .ok_or(ParseError::NotHttp),
-        None => Ok(None),
-    }
-}
-
-/// Splits a head into its first line and header lines (CRLF or LF endings).
-fn lines(head: &[u8]) -> Vec<Vec<u8>> {
-    head.split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
-pub fn parse_request_head(raw: Vec<u8>) -> Result<RequestHead, ParseError> {
-    let all = lines(&raw);
-    let (first, headers) = all.split_first().ok_or(ParseError::NotHttp)?;
-    let mut parts = first.split(|&b| b == b' ');
-    let method = parts.next().ok_or(ParseError::NotHttp)?.to_vec();
-    let target = parts.next().ok_or(ParseError::NotHttp)?.to_vec();
-    let version = parts.next().ok_or(ParseError::NotHttp)?;
-    if !version.starts_with(b"HTTP/1.") || method.is_empty() || !method.iter().all(u8::is_ascii_uppercase) {
-        return Err(ParseError::NotHttp);
-    }
-    let header_lines = headers.to_vec();
-    let body = framing(&header_lines)?.unwrap_or(BodyFraming::None);
-    let upgrade = method == b"CONNECT" || header_value(&header_lines, "upgrade").next().is_some();
-    Ok(RequestHead { raw, method, target, header_lines, body, upgrade })
-}
-
-/// Response framing per RFC 9112 §6.3, given the request method and status.
-pub fn response_framing(head: &[u8], request_method: &[u8]) -> Result<(u16, BodyFraming), ParseError> {
-    let all = lines(head);
-    let (first, headers) = all.split_first().ok_or(ParseError::NotHttp)?;
-    let mut parts = first.splitn(3, |&b| b == b' ');
-    let version = parts.next().ok_or(ParseError::NotHttp)?;
-    if !version.starts_with(b"HTTP/1.") {
-        return Err(ParseError::NotHttp);
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse().ok())
-        .ok_or(ParseError::NotHttp)?;
-    if request_method == b"HEAD" || (100..200).contains(&status) || status == 204 || status == 304 {
-        return Ok((status, BodyFraming::None));
-    }
-    Ok((status, framing(headers)?.unwrap_or(BodyFraming::UntilClose)))
-}
-
-/// Reads a message head (through the blank line).
-async fn read_head<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::new();
-    loop {
-        let n = reader.read_until(b'\n', &mut head).await?;
-        if n == 0 {
-            return if head.is_empty() { Ok(None) } else { Err(std::io::ErrorKind::UnexpectedEof.into()) };
-        }
-        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") || head == b"\r\n" || head == b"\n" {
-            if head.len() <= 2 {
-                head.clear(); // tolerate stray CRLF between requests (RFC 9112 §2.2)
-                continue;
-            }
-            return Ok(Some(head));
-        }
-        if head.len() > MAX_HEAD {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "message head too large"));
-        }
-    }
-}
-
-/// Copies a body of the given framing from `from` to `to`.
-async fn copy_body<R, W>(from: &mut R, to: &mut W, framing: BodyFraming) -> std::io::Result<()>
-where
-    R: AsyncBufRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    match framing {
-        BodyFraming::None => Ok(()),
-        BodyFraming::Length(n) => {
-            let copied = tokio::io::copy(&mut (&mut *from).take(n), to).await?;
-            if copied < n { Err(std::io::ErrorKind::UnexpectedEof.into()) } else { Ok(()) }
-        }
-        BodyFraming::UntilClose => tokio::io::copy(from, to).await.map(drop),
-        BodyFraming::Chunked => loop {
-            let mut line = Vec::new();
-            if from.read_until(b'\n', &mut line).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            to.write_all(&line).await?;
-            let size_text = line.split(|&b| b == b';' || b == b'\r' || b == b'\n').next().unwrap_or(b"");
-            let size = std::str::from_utf8(size_text.trim_ascii())
-                .ok()
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size"))?;
-            if size == 0 {
-                // Trailer section, ended by an empty line.
-                loop {
-                    let mut trailer = Vec::new();
-                    if from.read_until(b'\n', &mut trailer).await? == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                    to.write_all(&trailer).await?;
-                    if trailer == b"\r\n" || trailer == b"\n" {
-                        return Ok(());
-                    }
-                }
-            }
-            let copied = tokio::io::copy(&mut (&mut *from).take(size), to).await?;
-            if copied < size {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            let mut crlf = Vec::new();
-            from.read_until(b'\n', &mut crlf).await?;
-            to.write_all(&crlf).await?;
-        },
-    }
-}
-
 type Backend = BufReader<Box<dyn AsyncReadWrite>>;
 
 pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -228,17 +74,22 @@ pub async fn serve_filtered(
     let mut local: Option<Backend> = None;
     let mut pod: Option<Backend> = None;
     loop {
-        // Peek for the HTTP/2 preface before parsing anything.
-        let head = match client_io.fill_buf().await {
-            Ok([]) | Err(_) => return,
-            Ok(buf) if buf.starts_with(&H2_PREFACE[..buf.len().min(H2_PREFACE.len())]) => {
+        let next = tokio::time::timeout(REQUEST_WAIT, next_request(&mut client_io)).await;
+        let head = match next {
+            Ok(Next::Head(head)) => head,
+            Ok(Next::Http2) => {
                 tracing::info!(%client, "HTTP/2 is not filtered: passing the connection to the pod's app");
                 return passthrough(client_io, original, &netns).await;
             }
-            Ok(_) => match read_head(&mut client_io).await {
-                Ok(Some(head)) => head,
-                _ => return,
-            },
+            Ok(Next::End) => return,
+            Ok(Next::Refused(e)) => {
+                tracing::info!(%client, "closing a filtered connection: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%client, "no complete request within {REQUEST_WAIT:?}; closing the connection");
+                return;
+            }
         };
         let request = match parse_request_head(head) {
             Ok(r) => r,
@@ -267,11 +118,33 @@ pub async fn serve_filtered(
     }
 }
 
+enum Next {
+    Head(Vec<u8>),
+    Http2,
+    End,
+    Refused(std::io::Error),
+}
+
+/// The next request head, or what else the client does.
+async fn next_request(client_io: &mut BufReader<TcpStream>) -> Next {
+    // Peek for the HTTP/2 preface before parsing anything.
+    match client_io.fill_buf().await {
+        Ok([]) | Err(_) => return Next::End,
+        Ok(buf) if buf.starts_with(&H2_PREFACE[..buf.len().min(H2_PREFACE.len())]) => return Next::Http2,
+        Ok(_) => {}
+    }
+    match read_head(client_io).await {
+        Ok(Some(head)) => Next::Head(head),
+        Ok(None) => Next::End,
+        Err(e) => Next::Refused(e),
+    }
+}
+
 async fn open_local(tunnel: &Tunnel, original: SocketAddr, client: SocketAddr) -> Option<Backend> {
     let server = SocketAddr::new(original.ip().to_canonical(), original.port());
     let target = OpenTarget::Incoming { server, client, mode: IncomingMode::Steal };
     let stream = tunnel.open(target, Duration::from_secs(10)).await.ok()?;
-    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (ours, theirs) = tokio::io::duplex(LOCAL_PIPE);
     tokio::spawn(stream.relay_io(theirs));
     Some(BufReader::new(Box::new(ours)))
 }
@@ -335,6 +208,8 @@ async fn passthrough_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::incoming::http_wire::ParseError;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn parses_requests_and_matches_filters() {

@@ -19,13 +19,23 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// Out-of-order bytes a flow may hold while waiting for a missing segment.
-const FLOW_BUFFER_LIMIT: usize = 8 << 20;
+pub const FLOW_BUFFER_LIMIT: usize = 4 << 20;
+/// Out-of-order bytes all flows together may hold.
+pub const BUFFER_BUDGET: usize = 32 << 20;
+/// Mirrored connections followed at once; a connection that completes its handshake while
+/// this many are followed is not mirrored (and counted).
+pub const MAX_FLOWS: usize = 1024;
+/// Handshakes (SYN seen, the client's ACK not yet) tracked at once; SYNs beyond are ignored.
+pub const MAX_HANDSHAKES: usize = 4096;
+/// A handshake whose client ACK does not follow its last SYN within this time is forgotten:
+/// the kernel dropped the SYN (a full accept queue), refused it, or the client was forged.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A gap that is not filled within this time is a lost segment.
 const GAP_TIMEOUT: Duration = Duration::from_secs(3);
 /// A packet whose chunks did not all arrive within this time lost some to a full ring.
 const PARTIAL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Flows without any traffic for this long are forgotten.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
@@ -165,12 +175,26 @@ struct Flow {
     last_seen: Instant,
 }
 
+/// A connection whose SYN was seen but not yet the client's ACK of the server's SYN-ACK.
+struct Handshake {
+    isn: u32,
+    since: Instant,
+}
+
+/// Segments sorted into mirrored flows. A flow is opened (and the local app connected) only
+/// once the client's handshake completes: a SYN the kernel drops, refuses or never answers —
+/// a SYN flood, a full accept queue — costs a small, capped and quickly expiring record.
 #[derive(Default)]
 pub struct FlowTable {
     flows: HashMap<FlowKey, Flow>,
+    handshakes: HashMap<FlowKey, Handshake>,
+    /// Out-of-order bytes held by all flows.
+    buffered: usize,
     /// Flows dropped for lost data (kept for tests; the service counts what it reports).
     #[cfg_attr(not(test), allow(dead_code))]
     pub broken: u64,
+    /// Connections not mirrored because a table was full.
+    pub skipped: u64,
 }
 
 impl FlowTable {
@@ -181,35 +205,70 @@ impl FlowTable {
             if self.flows.get(&key).is_some_and(|f| f.isn == seg.seq) {
                 return events; // a retransmitted SYN
             }
-            if self.flows.remove(&key).is_some() {
+            if let Some(old) = self.flows.remove(&key) {
+                self.buffered -= old.reasm.pending_bytes();
                 events.push(FlowEvent::End(key, true));
             }
-            let reasm = Reassembler::new(seg.seq, FLOW_BUFFER_LIMIT);
-            self.flows.insert(key, Flow { isn: seg.seq, reasm, last_progress: now, last_seen: now });
-            events.push(FlowEvent::Open(key));
+            if self.handshakes.len() >= MAX_HANDSHAKES && !self.handshakes.contains_key(&key) {
+                self.skipped += 1;
+                return events;
+            }
+            // A retransmitted SYN restarts the wait.
+            self.handshakes.insert(key, Handshake { isn: seg.seq, since: now });
             return events;
+        }
+        if let Some(handshake) = self.handshakes.get(&key) {
+            if seg.flags & TCP_RST != 0 {
+                self.handshakes.remove(&key);
+                return events;
+            }
+            // The handshake's ACK (or the first data after a SYN-cookie ACK) starts at ISN + 1;
+            // anything else is not part of this connection's start.
+            if seg.seq != handshake.isn.wrapping_add(1) || seg.flags & TCP_ACK == 0 {
+                return events;
+            }
+            let isn = handshake.isn;
+            self.handshakes.remove(&key);
+            if self.flows.len() >= MAX_FLOWS {
+                self.skipped += 1;
+                return events;
+            }
+            let reasm = Reassembler::new(isn, FLOW_BUFFER_LIMIT);
+            self.flows.insert(key, Flow { isn, reasm, last_progress: now, last_seen: now });
+            events.push(FlowEvent::Open(key));
         }
         // Flows that started before mirroring began are not followed.
         let Some(flow) = self.flows.get_mut(&key) else { return events };
         flow.last_seen = now;
         if seg.flags & TCP_RST != 0 {
-            self.flows.remove(&key);
+            self.remove(&key);
             events.push(FlowEvent::End(key, true));
             return events;
         }
-        match flow.reasm.segment(seg.seq, &seg.payload, seg.flags & TCP_FIN != 0) {
+        let held = flow.reasm.pending_bytes();
+        let result = flow.reasm.segment(seg.seq, &seg.payload, seg.flags & TCP_FIN != 0);
+        self.buffered = self.buffered - held + flow.reasm.pending_bytes();
+        match result {
+            Ok(_) if self.buffered > BUFFER_BUDGET => {
+                self.remove(&key);
+                self.broken += 1;
+                events.push(FlowEvent::Broken(
+                    key,
+                    "too much data waiting for missing segments across mirrored streams",
+                ));
+            }
             Ok(bytes) => {
                 if !bytes.is_empty() {
                     flow.last_progress = now;
                     events.push(FlowEvent::Data(key, bytes));
                 }
                 if flow.reasm.finished() {
-                    self.flows.remove(&key);
+                    self.remove(&key);
                     events.push(FlowEvent::End(key, false));
                 }
             }
             Err(reassembly::Error::Overflow) => {
-                self.flows.remove(&key);
+                self.remove(&key);
                 self.broken += 1;
                 events.push(FlowEvent::Broken(key, "too much data behind a missing segment"));
             }
@@ -217,31 +276,55 @@ impl FlowTable {
         events
     }
 
+    fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
+        let flow = self.flows.remove(key)?;
+        self.buffered -= flow.reasm.pending_bytes();
+        Some(flow)
+    }
+
+    /// Flows and handshakes followed now, and out-of-order bytes held.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.flows.len(), self.handshakes.len(), self.buffered)
+    }
+
     /// Marks flows broken whose packets were partly lost.
     pub fn lost(&mut self, client: SocketAddr, server: SocketAddr) -> Option<FlowEvent> {
         let key = FlowKey { client, server };
-        self.flows.remove(&key)?;
+        if self.handshakes.remove(&key).is_some() {
+            return None;
+        }
+        self.remove(&key)?;
         self.broken += 1;
         Some(FlowEvent::Broken(key, "a mirrored packet was lost"))
     }
 
-    /// Drops flows stuck on a gap, and forgets idle ones.
+    /// Drops flows stuck on a gap, forgets idle ones and handshakes that never completed.
     pub fn sweep(&mut self, now: Instant) -> Vec<FlowEvent> {
         let mut events = Vec::new();
         let mut broken = 0;
+        let mut released = 0;
         self.flows.retain(|key, flow| {
-            if flow.reasm.has_gap() && now.duration_since(flow.last_progress) > GAP_TIMEOUT {
+            let ended = if flow.reasm.has_gap() && now.duration_since(flow.last_progress) > GAP_TIMEOUT {
                 broken += 1;
-                events.push(FlowEvent::Broken(*key, "a segment never arrived"));
-                return false;
+                Some(FlowEvent::Broken(*key, "a segment never arrived"))
+            } else if now.duration_since(flow.last_seen) > IDLE_TIMEOUT {
+                Some(FlowEvent::End(*key, false))
+            } else {
+                None
+            };
+            match ended {
+                Some(event) => {
+                    released += flow.reasm.pending_bytes();
+                    events.push(event);
+                    false
+                }
+                None => true,
             }
-            if now.duration_since(flow.last_seen) > IDLE_TIMEOUT {
-                events.push(FlowEvent::End(*key, false));
-                return false;
-            }
-            true
         });
+        self.buffered -= released;
         self.broken += broken;
+        self.handshakes.retain(|_, h| now.duration_since(h.since) <= HANDSHAKE_TIMEOUT);
         events
     }
 }
@@ -275,10 +358,12 @@ mod tests {
         let syn = parse_chunk(&raw_chunk(1, 999, TCP_SYN, 0, 0, &[])).unwrap();
         assert_eq!(syn.src, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(syn.dst, "10.0.0.2:8080".parse().unwrap());
-        let events = flows.on_segment(packets.push(syn, now).unwrap(), now);
+        // Nothing is opened before the client completes its handshake.
+        assert!(flows.on_segment(packets.push(syn, now).unwrap(), now).is_empty());
         let key =
             FlowKey { client: "10.0.0.1:40000".parse().unwrap(), server: "10.0.0.2:8080".parse().unwrap() };
-        assert_eq!(events, vec![FlowEvent::Open(key)]);
+        let ack = parse_chunk(&raw_chunk(4, 1000, TCP_ACK, 0, 0, &[])).unwrap();
+        assert_eq!(flows.on_segment(packets.push(ack, now).unwrap(), now), vec![FlowEvent::Open(key)]);
         // A two-chunk packet, chunks arriving in reverse order.
         let second = parse_chunk(&raw_chunk(2, 1000, TCP_ACK, 5, 3, b"lo")).unwrap();
         let first = parse_chunk(&raw_chunk(2, 1000, TCP_ACK, 5, 0, b"hel")).unwrap();
@@ -299,6 +384,8 @@ mod tests {
 
         let syn = parse_chunk(&raw_chunk(2, 0, TCP_SYN, 0, 0, &[])).unwrap();
         flows.on_segment(packets.push(syn, now).unwrap(), now);
+        let ack = parse_chunk(&raw_chunk(4, 1, TCP_ACK, 0, 0, &[])).unwrap();
+        flows.on_segment(packets.push(ack, now).unwrap(), now);
         let half = parse_chunk(&raw_chunk(3, 1, TCP_ACK, 4000, 0, &[1; 2048])).unwrap();
         assert!(packets.push(half, now).is_none());
         let lost = packets.expire(now + Duration::from_secs(1));
@@ -315,9 +402,76 @@ mod tests {
         let dst: SocketAddr = "10.0.0.2:2".parse().unwrap();
         let seg = |seq, flags, payload: &[u8]| Segment { src, dst, seq, flags, payload: payload.to_vec() };
         flows.on_segment(seg(0, TCP_SYN, b""), now);
+        flows.on_segment(seg(1, TCP_ACK, b""), now);
         assert!(flows.on_segment(seg(5, TCP_ACK, b"later"), now).is_empty());
         assert!(flows.sweep(now + Duration::from_secs(1)).is_empty());
         let swept = flows.sweep(now + GAP_TIMEOUT + Duration::from_secs(1));
         assert!(matches!(swept.as_slice(), [FlowEvent::Broken(_, _)]));
+    }
+
+    fn client(i: u32) -> SocketAddr {
+        SocketAddr::from(([10, 1, (i >> 16) as u8, (i >> 8) as u8], i as u16))
+    }
+
+    #[test]
+    fn a_syn_flood_opens_nothing_is_capped_and_expires() {
+        let now = Instant::now();
+        let mut flows = FlowTable::default();
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        for i in 0..(MAX_HANDSHAKES as u32 * 3) {
+            let syn = Segment { src: client(i), dst, seq: i, flags: TCP_SYN, payload: Vec::new() };
+            assert!(flows.on_segment(syn, now).is_empty(), "a SYN alone opened a mirrored stream");
+        }
+        assert_eq!(flows.sizes(), (0, MAX_HANDSHAKES, 0));
+        // A forged ACK that does not continue the SYN's sequence opens nothing either.
+        let stray = Segment { src: client(1), dst, seq: 77, flags: TCP_ACK, payload: b"x".to_vec() };
+        assert!(flows.on_segment(stray, now).is_empty());
+        flows.sweep(now + HANDSHAKE_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(flows.sizes(), (0, 0, 0));
+    }
+
+    #[test]
+    fn completed_connections_are_capped_and_buffers_budgeted() {
+        let now = Instant::now();
+        let mut flows = FlowTable::default();
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let mut opened = 0;
+        for i in 0..(MAX_FLOWS as u32 + 10) {
+            flows.on_segment(
+                Segment { src: client(i), dst, seq: 0, flags: TCP_SYN, payload: Vec::new() },
+                now,
+            );
+            let ack = Segment { src: client(i), dst, seq: 1, flags: TCP_ACK, payload: Vec::new() };
+            opened += flows.on_segment(ack, now).iter().filter(|e| matches!(e, FlowEvent::Open(_))).count();
+        }
+        assert_eq!(opened, MAX_FLOWS);
+        assert_eq!(flows.skipped, 10);
+        // Out-of-order data behind a gap in many flows: the total stays within the budget.
+        let chunk = vec![7u8; 64 * 1024];
+        for i in 0..MAX_FLOWS as u32 {
+            for k in 0..(FLOW_BUFFER_LIMIT / chunk.len()) as u32 {
+                let seg = Segment {
+                    src: client(i),
+                    dst,
+                    seq: 100 + k * chunk.len() as u32,
+                    flags: TCP_ACK,
+                    payload: chunk.clone(),
+                };
+                flows.on_segment(seg, now);
+                assert!(flows.sizes().2 <= BUFFER_BUDGET, "{} bytes held", flows.sizes().2);
+            }
+        }
+        assert!(flows.broken > 0);
+        // A segment far beyond any window is ignored, not buffered.
+        let far = Segment {
+            src: client(MAX_FLOWS as u32 - 1),
+            dst,
+            seq: 1 << 30,
+            flags: TCP_ACK,
+            payload: chunk.clone(),
+        };
+        let before = flows.sizes().2;
+        flows.on_segment(far, now);
+        assert!(flows.sizes().2 <= before);
     }
 }

@@ -8,6 +8,7 @@
 
 mod datapath;
 mod http;
+mod http_wire;
 mod mirror;
 mod reassembly;
 
@@ -19,14 +20,22 @@ use mirror::{FlowEvent, FlowKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Mirrored bytes queued for one flow before it is dropped rather than buffered further.
-const FLOW_QUEUE_LIMIT: usize = 16 << 20;
+/// Stolen connections served at once (relayed to the local app, or read request by request
+/// by the HTTP filter). Further ones wait in the kernel's accept queue of the agent's listener
+/// (1024 deep, then the kernel drops SYNs and clients retry), costing the agent nothing.
+pub const MAX_STOLEN: usize = 256;
+/// Mirrored bytes queued for one flow (the local app reads slower than the client sends)
+/// before the flow is dropped rather than buffered further.
+pub const FLOW_QUEUE_LIMIT: usize = 8 << 20;
+/// Mirrored bytes queued for all flows together.
+pub const QUEUE_BUDGET: usize = 32 << 20;
 
 enum Command {
     SetPort { port: u16, mode: u8, reply: oneshot::Sender<Result<(), String>> },
@@ -41,11 +50,15 @@ pub struct IncomingService {
     tunnel: Tunnel,
     netns: NetnsWorker,
     target_netns: OwnedFd,
+    /// The user allowed incoming traffic of a target in the host's network namespace.
+    allow_host_network: bool,
     state: tokio::sync::Mutex<State>,
     subscriptions: Mutex<HashMap<u16, Subscription>>,
     /// Mirrored streams dropped because data was lost (reported at the end of the session).
     mirror_dropped: std::sync::atomic::AtomicU64,
     mirror_streams: std::sync::atomic::AtomicU64,
+    /// Mirrored bytes queued for the local app, all flows together.
+    mirror_queued: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -61,15 +74,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl IncomingService {
-    pub fn new(tunnel: Tunnel, netns: NetnsWorker, target_netns: OwnedFd) -> Arc<IncomingService> {
+    pub fn new(
+        tunnel: Tunnel,
+        netns: NetnsWorker,
+        target_netns: OwnedFd,
+        allow_host_network: bool,
+    ) -> Arc<IncomingService> {
         Arc::new(IncomingService {
             tunnel,
             netns,
             target_netns,
+            allow_host_network,
             state: tokio::sync::Mutex::new(State::default()),
             subscriptions: Mutex::default(),
             mirror_dropped: Default::default(),
             mirror_streams: Default::default(),
+            mirror_queued: Default::default(),
         })
     }
 
@@ -87,6 +107,16 @@ impl IncomingService {
                 return Err(Errno(libc::EINVAL));
             }
         };
+        if !self.allow_host_network && crate::netns::is_host_namespace(&self.target_netns) != Some(false) {
+            tracing::error!(
+                "refusing to {} pod port {port}: the target shares the host's network namespace \
+                 (or the agent cannot tell), so the port's traffic there belongs to every program \
+                 on the node, not only to the target; pass --allow-host-network to kmirror run to \
+                 take it anyway (only traffic to the node's own addresses is taken)",
+                if mode == IncomingMode::Steal { "steal" } else { "mirror" }
+            );
+            return Err(Errno(libc::EPERM));
+        }
         let mut state = self.state.lock().await;
         if state.datapath.is_none() {
             let (commands, thread) = self.start_datapath().await.map_err(|e| {
@@ -116,10 +146,8 @@ impl IncomingService {
 
     /// Detaches the classifier (a classic tc filter would otherwise outlive the agent).
     pub async fn shutdown(&self) {
-        let (dropped, total) = (
-            self.mirror_dropped.load(std::sync::atomic::Ordering::Relaxed),
-            self.mirror_streams.load(std::sync::atomic::Ordering::Relaxed),
-        );
+        let (dropped, total) =
+            (self.mirror_dropped.load(Ordering::Relaxed), self.mirror_streams.load(Ordering::Relaxed));
         if dropped > 0 {
             tracing::warn!("{dropped} of {total} mirrored connections were dropped because data was lost");
         } else if total > 0 {
@@ -159,10 +187,16 @@ impl IncomingService {
     }
 
     async fn accept_stolen(self: Arc<Self>, listener: TcpListener) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_STOLEN));
         loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else { return };
             match listener.accept().await {
                 Ok((conn, client)) => {
-                    tokio::spawn(self.clone().serve_stolen(conn, client));
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.serve_stolen(conn, client).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("steal listener: {e}");
@@ -203,6 +237,7 @@ impl IncomingService {
         let mut flows = mirror::FlowTable::default();
         let mut outputs: HashMap<FlowKey, FlowSender> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut skipped_reported = 0;
         loop {
             let events = tokio::select! {
                 chunk = chunks.recv() => {
@@ -218,6 +253,15 @@ impl IncomingService {
                     let mut events: Vec<FlowEvent> =
                         packets.expire(now).into_iter().filter_map(|(c, s)| flows.lost(c, s)).collect();
                     events.extend(flows.sweep(now));
+                    if flows.skipped > skipped_reported {
+                        tracing::warn!(
+                            "{} pod connections not mirrored: more than {} at once (or {} handshakes)",
+                            flows.skipped - skipped_reported,
+                            mirror::MAX_FLOWS,
+                            mirror::MAX_HANDSHAKES
+                        );
+                        skipped_reported = flows.skipped;
+                    }
                     events
                 }
             };
@@ -230,22 +274,30 @@ impl IncomingService {
     fn route_mirror_event(self: &Arc<Self>, event: FlowEvent, outputs: &mut HashMap<FlowKey, FlowSender>) {
         match event {
             FlowEvent::Open(key) => {
-                self.mirror_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.mirror_streams.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = mpsc::unbounded_channel();
-                let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                tokio::spawn(mirror_flow(self.tunnel.clone(), key, rx, queued.clone()));
+                let queued = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(mirror_flow(self.tunnel.clone(), key, rx));
                 outputs.insert(key, FlowSender { tx, queued });
             }
             FlowEvent::Data(key, bytes) => {
                 if let Some(out) = outputs.get(&key) {
-                    let queued = out.queued.fetch_add(bytes.len(), std::sync::atomic::Ordering::AcqRel);
-                    if queued + bytes.len() > FLOW_QUEUE_LIMIT {
-                        self.mirror_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(client = %key.client, "mirrored stream dropped: the local app reads too slowly");
+                    let len = bytes.len();
+                    let flow_full = out.queued.load(Ordering::Acquire) + len > FLOW_QUEUE_LIMIT;
+                    let all_full = self.mirror_queued.load(Ordering::Acquire) + len > QUEUE_BUDGET;
+                    if flow_full || all_full {
+                        self.mirror_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            client = %key.client,
+                            "mirrored stream dropped: the local app reads too slowly ({} MiB queued for it{})",
+                            if flow_full { FLOW_QUEUE_LIMIT >> 20 } else { QUEUE_BUDGET >> 20 },
+                            if flow_full { "" } else { " across all mirrored streams" }
+                        );
                         let _ = out.tx.send(FlowMessage::Broken);
                         outputs.remove(&key);
                     } else {
-                        let _ = out.tx.send(FlowMessage::Data(bytes));
+                        let charge = Charge::new(len, &out.queued, &self.mirror_queued);
+                        let _ = out.tx.send(FlowMessage::Data(bytes, charge));
                     }
                 }
             }
@@ -255,7 +307,7 @@ impl IncomingService {
                 }
             }
             FlowEvent::Broken(key, why) => {
-                self.mirror_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.mirror_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(client = %key.client, server = %key.server, "mirrored stream dropped: {why}");
                 if let Some(out) = outputs.remove(&key) {
                     let _ = out.tx.send(FlowMessage::Broken);
@@ -267,22 +319,40 @@ impl IncomingService {
 
 struct FlowSender {
     tx: mpsc::UnboundedSender<FlowMessage>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    queued: Arc<AtomicUsize>,
 }
 
 enum FlowMessage {
-    Data(Vec<u8>),
+    Data(Vec<u8>, Charge),
     End,
     Broken,
 }
 
+/// Queued bytes counted against their flow's limit and the budget of all flows, until the
+/// message is sent or dropped (a flow whose stream never opened drops its queue at once).
+struct Charge {
+    len: usize,
+    counters: [Arc<AtomicUsize>; 2],
+}
+
+impl Charge {
+    fn new(len: usize, flow: &Arc<AtomicUsize>, all: &Arc<AtomicUsize>) -> Charge {
+        flow.fetch_add(len, Ordering::AcqRel);
+        all.fetch_add(len, Ordering::AcqRel);
+        Charge { len, counters: [flow.clone(), all.clone()] }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        for counter in &self.counters {
+            counter.fetch_sub(self.len, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Sends one mirrored flow to the supervisor; the local app's answers are discarded there.
-async fn mirror_flow(
-    tunnel: Tunnel,
-    key: FlowKey,
-    mut rx: mpsc::UnboundedReceiver<FlowMessage>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
-) {
+async fn mirror_flow(tunnel: Tunnel, key: FlowKey, mut rx: mpsc::UnboundedReceiver<FlowMessage>) {
     let target = OpenTarget::Incoming { server: key.server, client: key.client, mode: IncomingMode::Mirror };
     let stream: Stream = match tunnel.open(target, OPEN_TIMEOUT).await {
         Ok(stream) => stream,
@@ -293,9 +363,10 @@ async fn mirror_flow(
     };
     while let Some(message) = rx.recv().await {
         match message {
-            FlowMessage::Data(bytes) => {
-                queued.fetch_sub(bytes.len(), std::sync::atomic::Ordering::AcqRel);
-                if stream.send(&bytes).await.is_err() {
+            FlowMessage::Data(bytes, charge) => {
+                let sent = stream.send(&bytes).await;
+                drop(charge);
+                if sent.is_err() {
                     return;
                 }
             }

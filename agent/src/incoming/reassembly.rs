@@ -64,6 +64,12 @@ impl Reassembler {
         if end <= self.delivered || payload.is_empty() {
             return Ok(Vec::new());
         }
+        // Beyond anything we could hold, so beyond any window this stream's receiver can have
+        // offered us: the kernel drops such a segment, and so do we (a forged one must not
+        // break the stream).
+        if start > self.delivered + self.limit as u64 {
+            return Ok(Vec::new());
+        }
         // Keep only the part not delivered yet.
         let (start, payload) = if start < self.delivered {
             (self.delivered, &payload[(self.delivered - start) as usize..])
@@ -121,6 +127,11 @@ impl Reassembler {
             }
         }
         out
+    }
+
+    /// Out-of-order bytes held, waiting for a missing segment.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
     }
 
     /// True once every byte up to the FIN has been delivered.
@@ -252,7 +263,10 @@ mod tests {
     #[test]
     fn overflow_is_reported() {
         let mut r = Reassembler::new(0, 10);
-        assert_eq!(r.segment(100, &[0; 11], false), Err(Error::Overflow));
+        // Starting beyond what could be held: outside any window, ignored.
+        assert_eq!(r.segment(100, &[0; 11], false), Ok(Vec::new()));
+        assert_eq!(r.pending_bytes(), 0);
+        assert_eq!(r.segment(6, &[0; 11], false), Err(Error::Overflow));
     }
 
     #[test]

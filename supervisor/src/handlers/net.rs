@@ -101,19 +101,19 @@ async fn redirect_tcp(
     // connect below, so the pod side starts first.
     tokio::task::yield_now().await;
     let local = sockets::connect(socket.as_fd(), &proxy_addr);
-    let port = match local {
-        Ok(()) | Err(libc::EINPROGRESS) => sockets::local_port(socket.as_fd()),
+    let app = match local {
+        Ok(()) | Err(libc::EINPROGRESS) => crate::outgoing::app_endpoint(socket.as_fd()),
         Err(errno) => Err(errno),
     };
-    let port = match port {
-        Ok(port) => port,
+    let app = match app {
+        Ok(app) => app,
         Err(errno) => {
             Proxy::discard(opening);
             return Err(errno);
         }
     };
     let (verdict, upstream) = oneshot::channel();
-    ctx.proxy.register(port, upstream, inode, dest);
+    ctx.proxy.register(app, upstream, inode, dest);
     let opened = if sockets::is_nonblocking(socket.as_fd()) {
         match tokio::time::timeout(NONBLOCKING_BUDGET, &mut opening).await {
             Ok(opened) => opened.unwrap_or_else(|e| Err(closed(e))),
@@ -209,7 +209,20 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
         return ctx.listener.continue_call(n.id);
     };
-    let flow = match ctx.proxy.udp_flow(dest).await {
+    // Bound first (as connect's own autobind would), so the relay can be tied to the socket's
+    // address before the socket learns the relay's.
+    let app =
+        sockets::ensure_bound(socket.as_fd()).and_then(|_| crate::outgoing::app_endpoint(socket.as_fd()));
+    let app = match app {
+        Ok(app) => app,
+        Err(errno) => {
+            if ctx.listener.is_valid(n.id) {
+                ctx.listener.return_errno(n.id, errno);
+            }
+            return;
+        }
+    };
+    let flow = match ctx.proxy.udp_flow(app, dest).await {
         Ok(flow) => flow,
         Err(errno) => {
             if ctx.listener.is_valid(n.id) {
@@ -219,10 +232,8 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
         }
     };
     let result = sockets::connect(socket.as_fd(), &net::encode_sockaddr(flow.relay_addr(), family));
-    if result.is_ok()
-        && let Ok(port) = sockets::local_port(socket.as_fd())
-    {
-        ctx.proxy.start_udp(flow, port, inode, dest);
+    if result.is_ok() {
+        ctx.proxy.start_udp(flow, inode, dest);
     }
     if !ctx.listener.is_valid(n.id) {
         return;
