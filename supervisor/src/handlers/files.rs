@@ -359,17 +359,27 @@ fn mirror_entries(dir: &std::path::Path, entries: &[DirEntry]) -> std::io::Resul
             let _ = if kind == libc::DT_DIR { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         }
     }
+    // One system call per entry, relative to the directory: a pod directory can hold tens of
+    // thousands of entries, and each path lookup and extra call shows.
+    let dirfd: OwnedFd = std::fs::File::open(dir)?.into();
     for entry in entries {
-        let p = dir.join(std::ffi::OsStr::from_bytes(&entry.name));
-        if p.symlink_metadata().is_ok() {
-            continue;
-        }
-        // Races with a concurrent listing of the same directory only cause EEXIST: ignored.
-        let _ = match mirror_kind(entry.kind) {
-            libc::DT_DIR => std::fs::create_dir(&p),
-            libc::DT_LNK => std::os::unix::fs::symlink("kmirror-pod-symlink", &p),
-            _ => std::fs::File::create(&p).map(drop),
+        let name = std::ffi::CString::new(entry.name.as_slice()).expect("checked: no NUL");
+        let fd = dirfd.as_raw_fd();
+        // SAFETY: `fd` is an open directory and `name` a NUL-terminated single component.
+        let rc = unsafe {
+            match mirror_kind(entry.kind) {
+                libc::DT_DIR => libc::mkdirat(fd, name.as_ptr(), 0o755),
+                libc::DT_LNK => libc::symlinkat(c"kmirror-pod-symlink".as_ptr(), fd, name.as_ptr()),
+                _ => libc::mknodat(fd, name.as_ptr(), libc::S_IFREG | 0o644, 0),
+            }
         };
+        // EEXIST: the entry was mirrored before (or by a concurrent listing of the directory).
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
