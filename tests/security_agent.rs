@@ -227,7 +227,7 @@ fn line(out: &mut BufReader<std::process::ChildStdout>) -> String {
 
 /// The agent serves 200 threads of the app stat'ing pod files as fast as they can with its
 /// threads and memory bounded: at most 32 requests run at once (48 blocking threads), the
-/// rest wait in the tunnel.
+/// rest wait as tasks or in the tunnel.
 #[test]
 fn a_request_flood_is_served_with_bounded_threads_and_memory() {
     let pod = LocalPod::start(155);

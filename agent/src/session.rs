@@ -12,10 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-/// Requests served at once; more wait in the tunnel (see `serve`). File requests each hold a
-/// blocking thread and at most one 512 KiB chunk, so this also bounds the agent's threads and
-/// buffers: a flood costs at most this many threads and about 16 MiB.
+/// Requests served at once. File requests each hold a blocking thread and at most one 512 KiB
+/// chunk, so this also bounds the agent's threads and buffers for them (about 16 MiB).
 pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+/// Requests taken from the tunnel that wait for one of those slots (a task each, no thread).
+/// Beyond it the agent stops taking messages and requests wait in the tunnel (see `serve`):
+/// a burst of lookups does not hold up stream opens and relays until it is that deep.
+const MAX_PENDING_REQUESTS: usize = 256;
 /// How long the agent waits for the pod's resolv.conf before DNS gives up on it.
 const RESOLV_CONF_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -79,21 +82,24 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
     });
     let exited = target.exit_watch()?;
     let incoming_service = IncomingService::new(tunnel.clone(), netns.clone(), target.netns.try_clone()?);
-    let requests = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    let running = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    let pending = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS + MAX_PENDING_REQUESTS));
 
     loop {
-        // A request runs only with a permit, taken before the next message is read: at the
-        // bound the tunnel's incoming queue fills and its reader stops reading the socket, so
-        // a flood of requests waits in the supervisor, not in the agent's memory or threads.
+        // A request is taken only with a pending slot, acquired before the next message is
+        // read: at the bound the tunnel's incoming queue fills and its reader stops reading the
+        // socket, so a flood of requests waits in the supervisor, not in the agent's memory.
+        // It then runs once one of the running slots is free: threads stay bounded too.
         let permit = tokio::select! {
-            permit = requests.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = pending.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = exited.readable() => return target_exited(&target, &tunnel, &incoming_service).await,
         };
         tokio::select! {
             message = incoming.recv() => match message {
                 Some(Incoming::Request { id, body: Request::Subscribe { port, mode, filter } }) => {
-                    let (tunnel, service) = (tunnel.clone(), incoming_service.clone());
+                    let (tunnel, service, running) = (tunnel.clone(), incoming_service.clone(), running.clone());
                     tokio::spawn(async move {
+                        let _running = running.acquire().await.expect("the semaphore is never closed");
                         let answer = match service.subscribe(port, mode, filter).await {
                             Ok(()) => Response::Subscribed,
                             Err(errno) => Response::Error(errno),
@@ -103,9 +109,16 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
                     });
                 }
                 Some(Incoming::Request { id, body }) => {
-                    let (tunnel, target, netns, nameservers, handles) =
-                        (tunnel.clone(), target.clone(), netns.clone(), nameservers.clone(), handles.clone());
+                    let (tunnel, target, netns, nameservers, handles, running) = (
+                        tunnel.clone(),
+                        target.clone(),
+                        netns.clone(),
+                        nameservers.clone(),
+                        handles.clone(),
+                        running.clone(),
+                    );
                     tokio::spawn(async move {
+                        let _running = running.acquire().await.expect("the semaphore is never closed");
                         let answer = answer(body, &target, &netns, &nameservers, &handles).await;
                         tunnel.respond(id, answer).await;
                         drop(permit);
