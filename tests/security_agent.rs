@@ -112,6 +112,9 @@ fn a_device_hostname_falls_back_and_devices_give_enxio() {
     let out = kmirror(pod.target_pid, &["--fs-mode", "read"], &["head", "-c", "4", "/data/zero"]);
     assert!(out.stdout.is_empty());
     assert!(stderr_of(&out).contains("No such device or address"), "{}", stderr_of(&out));
+    // A regular file beside it still reads (whole, from the answer that opened it).
+    let out = kmirror(pod.target_pid, &["--fs-mode", "read"], &["cat", "/data/pod-only.txt"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pod-only file 152\n", "{}", stderr_of(&out));
 }
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
