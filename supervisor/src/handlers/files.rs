@@ -20,6 +20,10 @@ use std::sync::Arc;
 const MAX_REMOTE_FILE: u64 = 256 << 20;
 /// Pod directories with more entries than this are refused (EFBIG) rather than mirrored.
 const MAX_DIR_ENTRIES: usize = 1 << 20;
+/// Fetches and listings that may hold an agent handle at once: the agent refuses more than
+/// 64 handles per session (EMFILE), so more concurrent opens of the app wait here instead.
+/// (One session per process: a static is that session's.)
+static HANDLE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 const READ_CHUNK: u32 = 512 * 1024;
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 
@@ -239,6 +243,7 @@ async fn fetch_by_handle(
     follow: bool,
     mut file: &std::fs::File,
 ) -> Result<(), i32> {
+    let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
     let opened = remote(ctx, Request::OpenFile { path: path.to_vec(), follow }).await?;
     let Response::FileOpened { handle, stat, bytes } = opened else { return Err(libc::EIO) };
     let mut handle = RemoteHandle { ctx, handle };
@@ -304,6 +309,7 @@ async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBu
 
 /// Lists a pod directory in as many answers as it takes (one frame holds some 30k names).
 async fn list_by_handle(ctx: &Context, path: &[u8]) -> Result<Vec<DirEntry>, i32> {
+    let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
     let Response::DirEntries { mut entries, more } =
         remote(ctx, Request::OpenDir { path: path.to_vec() }).await?
     else {
