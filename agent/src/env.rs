@@ -1,10 +1,18 @@
 //! The target's environment, as the kernel recorded it at exec (`/proc/<pid>/environ`).
 
+use crate::target::Target;
 use kmirror_protocol::{EnvVars, Errno};
+use std::io::Read;
 
-pub fn read_environ(pid: u32) -> Result<EnvVars, Errno> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ"))
-        .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+pub fn read_environ(target: &Target) -> Result<EnvVars, Errno> {
+    let errno = |e: std::io::Error| Errno(e.raw_os_error().unwrap_or(libc::EIO));
+    // Through the held /proc/<pid> directory, which names the target whatever its pid comes
+    // to mean; the liveness check after reading makes sure it was the target that answered.
+    let mut raw = Vec::new();
+    std::fs::File::from(target.open_proc_file("environ").map_err(errno)?)
+        .read_to_end(&mut raw)
+        .map_err(errno)?;
+    target.ensure_alive().map_err(errno)?;
     Ok(parse_environ(&raw))
 }
 
@@ -33,5 +41,15 @@ mod tests {
                 (b"EMPTY".to_vec(), b"".to_vec()),
             ]
         );
+    }
+
+    /// A target whose process is gone while its pid names another (this test's) process:
+    /// its environment is not answered with the other process's.
+    #[test]
+    fn the_environment_of_a_reused_pid_is_refused() {
+        let me = Target::open(std::process::id()).unwrap();
+        assert!(!read_environ(&me).unwrap().is_empty());
+        let gone = Target { pidfd: crate::target::tests::reaped_pidfd(), ..me };
+        assert_eq!(read_environ(&gone), Err(Errno(libc::ESRCH)));
     }
 }

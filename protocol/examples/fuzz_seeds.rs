@@ -32,6 +32,11 @@ fn main() {
             mode: IncomingMode::Steal,
             filter: Some(HttpFilter { header: Some("^X-Dev: a$".into()), path: None }),
         },
+        Request::OpenFile { path: b"/data/x".to_vec(), follow: false },
+        Request::ReadHandle { handle: 3, len: 512 * 1024 },
+        Request::OpenDir { path: b"/data".to_vec() },
+        Request::ReadDir { handle: 4 },
+        Request::CloseHandle { handle: 3 },
     ];
     let responses = [
         Response::Environ(vec![(b"A".to_vec(), b"1".to_vec())]),
@@ -43,6 +48,16 @@ fn main() {
         Response::Dns(vec![1, 2, 3]),
         Response::Subscribed,
         Response::Error(Errno(2)),
+        Response::FileOpened {
+            handle: Some(3),
+            stat: FileStat { size: 1 << 20, mode: 0o100644, ..Default::default() },
+            bytes: b"head".to_vec(),
+        },
+        Response::DirEntries {
+            entries: vec![DirEntry { name: b"b".to_vec(), kind: 4, ino: 9 }],
+            more: Some(4),
+        },
+        Response::Closed,
     ];
     let controls = [
         Control::Open { stream: 1, target: OpenTarget::Tcp("10.0.0.1:80".parse().unwrap()) },
@@ -61,6 +76,11 @@ fn main() {
         Control::Reset { stream: 3 },
         Control::Goodbye { reason: "bye".into() },
         Control::Request { id: 9, body: Request::Environ },
+        Control::Request {
+            id: 10,
+            body: Request::OpenFile { path: b"/etc/hostname".to_vec(), follow: true },
+        },
+        Control::Response { id: 10, body: Response::DirEntries { entries: Vec::new(), more: None } },
     ];
     write("handshake", "hello", &encode_message(&hello).unwrap());
     for (i, r) in replies.iter().enumerate() {

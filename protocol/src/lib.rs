@@ -15,10 +15,19 @@ pub mod tunnel;
 
 pub use message::*;
 
-/// The protocol version this build speaks natively.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest protocol version this build still accepts (2 added `Opened::local`).
+/// The protocol version this build speaks natively. New message kinds are appended to their
+/// enums (so older kinds keep their encoding) and a side sends them only to a peer that
+/// negotiated a version which has them ([`tunnel::Tunnel::version`]):
+///
+/// * 2: `Opened::local`;
+/// * 3: file and directory handles (`OpenFile`, `ReadHandle`, `OpenDir`, `ReadDir`,
+///   `CloseHandle`), so a fetched file is read through one open file description and a large
+///   directory is listed in several frames.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// The first version with file and directory handles.
+pub const HANDLES_VERSION: u16 = 3;
 
 /// Negotiates the version both sides use: the highest one both support.
 pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {

@@ -65,6 +65,21 @@ pub enum Request {
     Dns { query: Vec<u8>, tcp: bool },
     /// Start delivering the pod's incoming connections to `port` (see [`IncomingMode`]).
     Subscribe { port: u16, mode: IncomingMode, filter: Option<HttpFilter> },
+    // ---- protocol 3: handles, so that one fetch reads one open file description ----
+    /// Opens a regular file inside the target's root once (`follow`: whether a final symlink is
+    /// followed) and reads its first chunk; answered by [`Response::FileOpened`]. Anything but
+    /// a regular file on a disk file system is refused (ENXIO; EISDIR for a directory).
+    OpenFile { path: Vec<u8>, follow: bool },
+    /// The next (at most `len`) bytes of a file opened by [`Request::OpenFile`]; answered by
+    /// [`Response::FileChunk`]. The handle is closed once `eof` is reported.
+    ReadHandle { handle: u64, len: u32 },
+    /// Opens a directory inside the target's root and lists its first entries; answered by
+    /// [`Response::DirEntries`].
+    OpenDir { path: Vec<u8> },
+    /// The next entries of a directory opened by [`Request::OpenDir`].
+    ReadDir { handle: u64 },
+    /// Closes a handle before its end was read; answered by [`Response::Closed`].
+    CloseHandle { handle: u64 },
 }
 
 /// How the pod's incoming connections reach the local app.
@@ -90,13 +105,32 @@ pub struct HttpFilter {
 pub enum Response {
     Environ(EnvVars),
     Stat(FileStat),
-    FileChunk { bytes: Vec<u8>, eof: bool },
+    FileChunk {
+        bytes: Vec<u8>,
+        eof: bool,
+    },
     Access,
     ReadLink(Vec<u8>),
     ListDir(Vec<DirEntry>),
     Dns(Vec<u8>),
     Subscribed,
     Error(Errno),
+    // ---- protocol 3 ----
+    /// A regular file was opened: its metadata (of the opened file itself) and its first
+    /// bytes. `handle` is `None` when `bytes` is the whole file (the agent closed it already);
+    /// otherwise read on with [`Request::ReadHandle`].
+    FileOpened {
+        handle: Option<u64>,
+        stat: FileStat,
+        bytes: Vec<u8>,
+    },
+    /// Some entries of a directory; `more` is the handle to ask for the next ones with
+    /// [`Request::ReadDir`], `None` once the listing is complete (and the handle closed).
+    DirEntries {
+        entries: Vec<DirEntry>,
+        more: Option<u64>,
+    },
+    Closed,
 }
 
 /// What `stat(2)` reports, in the kernel's own units.

@@ -22,10 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 /// Payload bytes a sender may have unacknowledged on one stream.
 pub const STREAM_WINDOW: usize = 1024 * 1024;
+/// Requests and stream opens from the peer that wait for this side to take them: beyond it
+/// the reader stops reading the tunnel, so a peer that floods requests is slowed down by
+/// the socket instead of growing this side's memory.
+pub const INCOMING_QUEUE: usize = 64;
+/// Encoded replies queued for the writer, in bytes: a responder waits beyond it, so a peer
+/// that sends requests but reads no answers cannot make this side buffer them without bound.
+/// Four times the largest frame, so one large answer never waits for another.
+pub const MAX_QUEUED_REPLY_BYTES: usize = 4 * codec::MAX_FRAME;
 /// Smallest read buffer of a relay (see `next_read_size`).
 const MIN_READ_BUFFER: usize = 16 * 1024;
 
@@ -120,6 +128,7 @@ pub enum TunnelError {
     Closed(String),
     #[error("no answer from the agent within {0:?}")]
     Timeout(Duration),
+    /// Also reports a request too large for one frame (E2BIG), refused before it was sent.
     #[error("the pod side refused: errno {}", .0.0)]
     Refused(Errno),
 }
@@ -153,6 +162,12 @@ enum Event {
 /// What the writer puts on the tunnel.
 enum Outgoing {
     Frame(Frame),
+    /// A control frame encoded by its sender (who checked its size); a queued reply holds its
+    /// share of the reply budget until it is written.
+    Encoded {
+        bytes: Vec<u8>,
+        _budget: Option<OwnedSemaphorePermit>,
+    },
     /// A data frame whose `len`-byte payload waits in `pipe`; `drained` fires once it left.
     Spliced {
         stream: StreamId,
@@ -173,6 +188,11 @@ struct Slot {
 
 struct Shared {
     out: mpsc::UnboundedSender<Outgoing>,
+    side: Side,
+    /// The protocol version negotiated in the handshake.
+    version: u16,
+    /// Bounds the bytes of replies queued for the writer ([`MAX_QUEUED_REPLY_BYTES`]).
+    reply_budget: Arc<Semaphore>,
     /// Whether payloads can be spliced into the tunnel (its write half is a Unix socket).
     splice_out: bool,
     /// Whether payloads can be spliced out of the tunnel (its read half is a Unix socket).
@@ -198,17 +218,32 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Starts the reader and writer tasks on the current tokio runtime. Call after the
-    /// handshake. Requests and stream opens from the peer arrive on the returned receiver.
+    /// Starts the reader and writer tasks on the current tokio runtime, for a peer that speaks
+    /// this build's [`crate::PROTOCOL_VERSION`]. See [`Tunnel::start_with_version`].
     pub fn start<R: TunnelRead, W: TunnelWrite>(
+        reader: R,
+        writer: W,
+        side: Side,
+    ) -> (Tunnel, mpsc::Receiver<Incoming>) {
+        Tunnel::start_with_version(reader, writer, side, crate::PROTOCOL_VERSION)
+    }
+
+    /// Starts the reader and writer tasks on the current tokio runtime. Call after the
+    /// handshake, with the version it negotiated. Requests and stream opens from the peer
+    /// arrive on the returned receiver, which holds at most [`INCOMING_QUEUE`] of them.
+    pub fn start_with_version<R: TunnelRead, W: TunnelWrite>(
         reader: R,
         mut writer: W,
         side: Side,
-    ) -> (Tunnel, mpsc::UnboundedReceiver<Incoming>) {
+        version: u16,
+    ) -> (Tunnel, mpsc::Receiver<Incoming>) {
         let (out, out_rx) = mpsc::unbounded_channel();
-        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let shared = Arc::new(Shared {
             out,
+            side,
+            version,
+            reply_budget: Arc::new(Semaphore::new(MAX_QUEUED_REPLY_BYTES)),
             splice_out: writer.link().is_some(),
             splice_in: reader.link().is_some(),
             pipes: PipeBudget::new(PAGE_BUDGET),
@@ -230,9 +265,21 @@ impl Tunnel {
         (tunnel, incoming_rx)
     }
 
-    /// Sends a request and waits for its answer, at most `timeout`.
+    /// The protocol version negotiated with the peer: message kinds newer than it must not
+    /// be sent.
+    pub fn version(&self) -> u16 {
+        self.shared.version
+    }
+
+    /// Sends a request and waits for its answer, at most `timeout`. A request too large for
+    /// one frame fails at once with E2BIG.
     pub async fn request(&self, body: Request, timeout: Duration) -> Result<Response, TunnelError> {
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let mut encoded = Vec::new();
+        if let Err(e) = codec::encode(&Frame::Control(Control::Request { id, body }), &mut encoded) {
+            tracing::warn!("a request cannot be sent: {e}");
+            return Err(TunnelError::Refused(Errno(E2BIG)));
+        }
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.pending).insert(id, tx);
         // `shut_down` marks the tunnel closed before it clears the waiters, so checking after
@@ -241,7 +288,7 @@ impl Tunnel {
             lock(&self.shared.pending).remove(&id);
             return Err(self.closed_error());
         }
-        self.send(Control::Request { id, body });
+        let _ = self.shared.out.send(Outgoing::Encoded { bytes: encoded, _budget: None });
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) => Err(self.closed_error()),
@@ -252,14 +299,21 @@ impl Tunnel {
         }
     }
 
-    /// Answers a request received as [`Incoming::Request`].
-    pub fn respond(&self, id: u64, body: Response) {
-        self.send(Control::Response { id, body });
+    /// Answers a request received as [`Incoming::Request`]. An answer too large for one frame
+    /// is replaced by `Error(E2BIG)`, so the requester learns at once instead of timing out.
+    /// Waits while [`MAX_QUEUED_REPLY_BYTES`] of answers are queued for the writer (a peer
+    /// that does not read its answers).
+    pub async fn respond(&self, id: u64, body: Response) {
+        let bytes = encode_reply(id, body);
+        let Ok(budget) = self.shared.reply_budget.clone().acquire_many_owned(bytes.len() as u32).await else {
+            return; // the tunnel is closed
+        };
+        let _ = self.shared.out.send(Outgoing::Encoded { bytes, _budget: Some(budget) });
     }
 
     /// Asks the peer to open a stream to `target` and waits for its verdict, at most `timeout`.
     pub async fn open(&self, target: OpenTarget, timeout: Duration) -> Result<Stream, TunnelError> {
-        let id = self.shared.next_stream.fetch_add(2, Ordering::Relaxed);
+        let id = self.next_stream_id();
         let mut stream = self.register(id);
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.opening).insert(id, tx);
@@ -281,6 +335,23 @@ impl Tunnel {
                 Err(TunnelError::Timeout(timeout))
             }
         }
+    }
+
+    /// The next id for a stream this side opens: of this side's parity, never 0, and never
+    /// one still in use (the counter wraps after 2^31 opens).
+    fn next_stream_id(&self) -> StreamId {
+        loop {
+            let id = self.shared.next_stream.fetch_add(2, Ordering::Relaxed);
+            if id != 0 && !lock(&self.shared.streams).contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Whether `id` is one the peer may choose for a stream it opens.
+    fn is_peer_stream_id(&self, id: StreamId) -> bool {
+        let peer_ids_are_even = self.shared.side == Side::Supervisor;
+        id != 0 && id.is_multiple_of(2) == peer_ids_are_even
     }
 
     /// Tells the peer the session is over.
@@ -353,6 +424,8 @@ impl Tunnel {
         }
         lock(&self.shared.pending).clear();
         lock(&self.shared.opening).clear();
+        // Responders waiting for room in the queue give up: nothing will be written.
+        self.shared.reply_budget.close();
     }
 
     /// Hands `len` received payload bytes of `stream` to its consumer, unless they overrun
@@ -394,19 +467,26 @@ impl Tunnel {
         }
     }
 
-    fn route(&self, control: Control, incoming: &mpsc::UnboundedSender<Incoming>) -> Result<(), String> {
+    /// Acts on one control frame; returns what must be handed to this side's consumer.
+    /// Frames no honest peer sends are a protocol violation (`Err`): the tunnel is closed.
+    fn route(&self, control: Control) -> Result<Option<Incoming>, String> {
         match control {
-            Control::Request { id, body } => {
-                let _ = incoming.send(Incoming::Request { id, body });
-            }
+            Control::Request { id, body } => return Ok(Some(Incoming::Request { id, body })),
             Control::Response { id, body } => {
                 if let Some(waiter) = lock(&self.shared.pending).remove(&id) {
                     let _ = waiter.send(body);
                 }
             }
             Control::Open { stream, target } => {
+                if !self.is_peer_stream_id(stream) {
+                    return Err(format!("the peer opened stream {stream}, an id it may not choose"));
+                }
+                // A duplicate would replace a live stream's slot and take over its traffic.
+                if lock(&self.shared.streams).contains_key(&stream) {
+                    return Err(format!("the peer opened stream {stream}, which is still open"));
+                }
                 let stream = self.register(stream);
-                let _ = incoming.send(Incoming::Open { stream, target });
+                return Ok(Some(Incoming::Open { stream, target }));
             }
             Control::Opened { stream, result, local } => {
                 if let Some(waiter) = lock(&self.shared.opening).remove(&stream) {
@@ -414,8 +494,18 @@ impl Tunnel {
                 }
             }
             Control::Credit { stream, bytes } => {
-                if let Some(slot) = lock(&self.shared.streams).get(&stream) {
-                    slot.credit.add_permits(bytes as usize);
+                let streams = lock(&self.shared.streams);
+                if let Some(slot) = streams.get(&stream) {
+                    // The peer returns only credit for bytes it received: more than the window
+                    // is a lie that would let this side buffer without bound (and overflow the
+                    // semaphore).
+                    if slot.credit.available_permits() + bytes as usize > STREAM_WINDOW {
+                        drop(streams);
+                        tracing::warn!(stream, bytes, "peer granted credit beyond the window; resetting");
+                        self.reset_stream(stream);
+                    } else {
+                        slot.credit.add_permits(bytes as usize);
+                    }
                 }
             }
             Control::Shutdown { stream } => {
@@ -429,14 +519,12 @@ impl Tunnel {
                     let _ = slot.inbound.send(Event::Inbound(Inbound::Reset));
                 }
             }
-            Control::Goodbye { reason } => {
-                let _ = incoming.send(Incoming::Goodbye { reason });
-            }
+            Control::Goodbye { reason } => return Ok(Some(Incoming::Goodbye { reason })),
             Control::Hello(_) | Control::HelloReply(_) => {
                 return Err("handshake message after the handshake".into());
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn reset_stream(&self, id: StreamId) {
@@ -450,6 +538,24 @@ impl Tunnel {
 
 /// The peer's answer to an open: its socket's own address (if it told), or why it failed.
 type OpenVerdict = Result<Option<SocketAddr>, Errno>;
+
+const E2BIG: i32 = 7;
+
+/// The frame answering request `id` with `body`, or with `Error(E2BIG)` if `body` does not fit
+/// in one frame.
+fn encode_reply(id: u64, body: Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    match codec::encode(&Frame::Control(Control::Response { id, body }), &mut out) {
+        Ok(()) => out,
+        Err(e) => {
+            tracing::warn!("the answer to request {id} does not fit in one frame ({e}); answering E2BIG");
+            out.clear();
+            let refusal = Frame::Control(Control::Response { id, body: Response::Error(Errno(E2BIG)) });
+            codec::encode(&refusal, &mut out).expect("an error answer fits in a frame");
+            out
+        }
+    }
+}
 
 /// Payloads at least this long are written from their own buffer (a vectored write) instead
 /// of being copied into the batch.
@@ -499,6 +605,10 @@ async fn write_loop<W: TunnelWrite>(
                     Some((Piece::Payload(batch.len()), bytes.len())),
                 ),
                 Outgoing::Frame(frame) => (codec::encode(frame, &mut encoded), None),
+                Outgoing::Encoded { bytes, .. } => {
+                    encoded.extend_from_slice(bytes);
+                    (Ok(()), None)
+                }
                 Outgoing::Spliced { stream, len, .. } => (
                     codec::encode_data_header(*stream, *len, &mut encoded),
                     Some((Piece::Pipe(batch.len()), *len)),
@@ -581,7 +691,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn read_loop<R: TunnelRead>(mut reader: R, incoming: mpsc::UnboundedSender<Incoming>, tunnel: Tunnel) {
+async fn read_loop<R: TunnelRead>(mut reader: R, incoming: mpsc::Sender<Incoming>, tunnel: Tunnel) {
     let mut frames = codec::FrameReader::default();
     let reason = loop {
         let head = match frames.read_head(&mut reader).await {
@@ -592,7 +702,16 @@ async fn read_loop<R: TunnelRead>(mut reader: R, incoming: mpsc::UnboundedSender
         let routed = match head {
             Head::Control(control) => {
                 frames.set_lean(false);
-                tunnel.route(control, &incoming).map_err(|reason| format!("protocol violation: {reason}"))
+                match tunnel.route(control) {
+                    // Waits while the consumer is [`INCOMING_QUEUE`] behind: back-pressure on
+                    // the peer. (A consumer that went away drops what comes.)
+                    Ok(Some(item)) => {
+                        let _ = incoming.send(item).await;
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(reason) => Err(format!("protocol violation: {reason}")),
+                }
             }
             Head::Data { stream, len } => match tunnel.splice_pipe(stream, len) {
                 Some(pipe) => {
@@ -1013,7 +1132,7 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    fn pair() -> ((Tunnel, mpsc::UnboundedReceiver<Incoming>), (Tunnel, mpsc::UnboundedReceiver<Incoming>)) {
+    fn pair() -> ((Tunnel, mpsc::Receiver<Incoming>), (Tunnel, mpsc::Receiver<Incoming>)) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
@@ -1021,8 +1140,7 @@ mod tests {
     }
 
     /// Two tunnel ends over a Unix socket pair, where bulk payloads are spliced.
-    fn unix_pair()
-    -> ((Tunnel, mpsc::UnboundedReceiver<Incoming>), (Tunnel, mpsc::UnboundedReceiver<Incoming>)) {
+    fn unix_pair() -> ((Tunnel, mpsc::Receiver<Incoming>), (Tunnel, mpsc::Receiver<Incoming>)) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (ar, aw) = crate::link::split(a).unwrap();
         let (br, bw) = crate::link::split(b).unwrap();
@@ -1031,7 +1149,7 @@ mod tests {
 
     /// Serves opens on `incoming` by connecting to the target with `send_buffer` (if any) and
     /// relaying.
-    fn serve_opens(mut incoming: mpsc::UnboundedReceiver<Incoming>, send_buffer: Option<u32>) {
+    fn serve_opens(mut incoming: mpsc::Receiver<Incoming>, send_buffer: Option<u32>) {
         tokio::spawn(async move {
             while let Some(Incoming::Open { stream, target: OpenTarget::Tcp(addr) }) = incoming.recv().await {
                 let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1196,7 +1314,7 @@ mod tests {
                     Request::ReadLink { path } => Response::ReadLink(path),
                     _ => Response::Error(Errno(38)),
                 };
-                agent.respond(id, answer);
+                agent.respond(id, answer).await;
             }
         });
         let t = Duration::from_secs(5);
@@ -1206,6 +1324,147 @@ mod tests {
         );
         assert_eq!(a.unwrap(), Response::ReadLink(b"x".to_vec()));
         assert_eq!(b.unwrap(), Response::Error(Errno(38)));
+    }
+
+    /// An agent-side tunnel end driven by hand: what a hostile or broken supervisor can send.
+    fn raw_peer() -> (
+        Tunnel,
+        mpsc::Receiver<Incoming>,
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let (tunnel, incoming) = Tunnel::start(ar, aw, Side::Agent);
+        (tunnel, incoming, br, bw)
+    }
+
+    fn open_frame(stream: StreamId) -> Control {
+        Control::Open { stream, target: OpenTarget::Tcp("10.0.0.1:1".parse().unwrap()) }
+    }
+
+    /// A stream id the peer may not choose (this side's parity, or 0), or one that is still
+    /// open, ends the tunnel: a duplicate would take over the live stream's traffic.
+    #[tokio::test]
+    async fn foreign_and_duplicate_stream_ids_close_the_tunnel() {
+        for (ids, why) in
+            [(&[1u32, 1][..], "still open"), (&[2][..], "may not choose"), (&[0][..], "may not choose")]
+        {
+            let (agent, mut incoming, _peer_reads, mut peer) = raw_peer();
+            let mut live = Vec::new();
+            for (i, &id) in ids.iter().enumerate() {
+                write_control(&mut peer, open_frame(id)).await.unwrap();
+                if i + 1 < ids.len() {
+                    let Some(Incoming::Open { stream, .. }) = incoming.recv().await else {
+                        panic!("no open")
+                    };
+                    assert_eq!(stream.id(), id);
+                    live.push(stream);
+                }
+            }
+            let reason = tokio::time::timeout(Duration::from_secs(5), agent.closed())
+                .await
+                .unwrap_or_else(|_| panic!("stream ids {ids:?} were accepted"));
+            assert!(reason.contains("protocol violation") && reason.contains(why), "{ids:?}: {reason}");
+        }
+    }
+
+    /// Credit the peer never owed (more than the window) resets the stream instead of letting
+    /// this side send without bound.
+    #[tokio::test]
+    async fn credit_beyond_the_window_resets_the_stream() {
+        let (_agent, mut incoming, mut peer_reads, mut peer) = raw_peer();
+        write_control(&mut peer, open_frame(1)).await.unwrap();
+        let Some(Incoming::Open { mut stream, .. }) = incoming.recv().await else { panic!("no open") };
+        write_control(&mut peer, Control::Credit { stream: 1, bytes: 1 }).await.unwrap();
+        let event =
+            tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.expect("credit accepted");
+        assert_eq!(event, Inbound::Reset);
+        let reset =
+            tokio::time::timeout(Duration::from_secs(5), read_control(&mut peer_reads)).await.unwrap();
+        assert_eq!(reset.unwrap(), Control::Reset { stream: 1 });
+    }
+
+    /// An answer too large for one frame reaches the requester at once as E2BIG (instead of
+    /// being dropped by the writer, which left the requester waiting for its timeout); a
+    /// request too large fails before it is sent.
+    #[tokio::test]
+    async fn an_answer_too_large_for_a_frame_fails_at_once_with_e2big() {
+        let ((sup, _), (agent, mut agent_in)) = pair();
+        tokio::spawn(async move {
+            while let Some(Incoming::Request { id, .. }) = agent_in.recv().await {
+                let big: EnvVars =
+                    (0..20).map(|i| (format!("V{i}").into_bytes(), vec![b'x'; 100_000])).collect();
+                agent.respond(id, Response::Environ(big)).await;
+            }
+        });
+        let started = std::time::Instant::now();
+        let answer = sup.request(Request::Environ, Duration::from_secs(20)).await;
+        assert_eq!(answer, Ok(Response::Error(Errno(E2BIG))));
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        let huge = Request::ReadLink { path: vec![b'a'; codec::MAX_FRAME] };
+        assert_eq!(sup.request(huge, Duration::from_secs(20)).await, Err(TunnelError::Refused(Errno(E2BIG))));
+    }
+
+    /// A peer that asks but never reads its answers: answers queue up to the reply budget,
+    /// then responders wait, instead of every answer being buffered.
+    #[tokio::test]
+    async fn answers_the_peer_does_not_read_are_bounded() {
+        let (agent, _incoming, _unread, _peer) = raw_peer();
+        const CHUNK: usize = 256 * 1024;
+        const ANSWERS: usize = 64;
+        let queued = Arc::new(AtomicUsize::new(0));
+        for id in 0..ANSWERS as u64 {
+            let (agent, queued) = (agent.clone(), queued.clone());
+            tokio::spawn(async move {
+                agent.respond(id, Response::FileChunk { bytes: vec![7; CHUNK], eof: false }).await;
+                queued.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        // Bounded wait for something that must not happen: every answer queued.
+        let all = async {
+            while queued.load(Ordering::SeqCst) < ANSWERS {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        assert!(tokio::time::timeout(Duration::from_secs(1), all).await.is_err(), "every answer was queued");
+        let queued = queued.load(Ordering::SeqCst);
+        assert!(queued > 0 && queued * CHUNK <= MAX_QUEUED_REPLY_BYTES, "{queued} answers queued");
+    }
+
+    /// Requests the consumer has not taken yet wait in the socket, not in memory: the queue
+    /// holds at most INCOMING_QUEUE of them, and none is lost once the consumer catches up.
+    #[tokio::test]
+    async fn a_request_flood_waits_in_the_socket_and_loses_nothing() {
+        let ((sup, _), (agent, mut agent_in)) = pair();
+        const FLOOD: usize = 1000;
+        let mut asked = Vec::new();
+        for i in 0..FLOOD {
+            let sup = sup.clone();
+            let path = format!("/{i}").into_bytes();
+            asked.push(tokio::spawn(async move {
+                sup.request(Request::ReadLink { path: path.clone() }, Duration::from_secs(60)).await
+                    == Ok(Response::ReadLink(path))
+            }));
+        }
+        // Bounded wait for something that must not happen: the whole flood queued.
+        let grows = async {
+            while agent_in.len() < FLOOD {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        assert!(tokio::time::timeout(Duration::from_secs(1), grows).await.is_err());
+        assert_eq!(agent_in.len(), INCOMING_QUEUE, "the reader fills the queue, then waits");
+        tokio::spawn(async move {
+            while let Some(Incoming::Request { id, body: Request::ReadLink { path } }) = agent_in.recv().await
+            {
+                agent.respond(id, Response::ReadLink(path)).await;
+            }
+        });
+        for answered in asked {
+            assert!(answered.await.unwrap());
+        }
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 pub struct Agent {
     pub tunnel: Tunnel,
-    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+    pub incoming: mpsc::Receiver<Incoming>,
     pub child: tokio::process::Child,
 }
 
@@ -48,13 +48,21 @@ pub async fn start_local(pid: u32, allow_host_network: bool) -> Result<Agent> {
     let token = crate::random::token();
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair for the agent")?;
     let their_fd = theirs.as_raw_fd();
+    // The token goes through a pipe: in the agent's environment it would stay readable in
+    // /proc/<agent>/environ for the agent's whole life. It fits the pipe's buffer, so the
+    // write end can be closed before the agent starts.
+    let (token_read, mut token_write) = std::io::pipe().context("pipe for the session token")?;
+    std::io::Write::write_all(&mut token_write, token.as_bytes()).context("cannot pass the session token")?;
+    drop(token_write);
     let mut command = tokio::process::Command::new(&binary);
     command
         .arg("--tunnel-fd")
         .arg(their_fd.to_string())
+        .arg("--token-fd")
+        .arg(token_read.as_raw_fd().to_string())
         .arg("--target-pid")
         .arg(pid.to_string())
-        .env("KMIRROR_SESSION_TOKEN", &token)
+        .env_remove("KMIRROR_SESSION_TOKEN")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     // The agent inherits its tunnel end: close-on-exec is cleared on it for this spawn only,
@@ -63,9 +71,11 @@ pub async fn start_local(pid: u32, allow_host_network: bool) -> Result<Agent> {
     // the spawn takes the posix_spawn path (a vfork, no copy of our page tables): 0.15 ms
     // less before the app starts, measured over 240 runs.
     make_inheritable(&theirs).context("cannot pass the tunnel to the agent")?;
+    make_inheritable(&token_read).context("cannot pass the session token to the agent")?;
     command.arg("--parent-pid").arg(std::process::id().to_string());
     let spawned = command.spawn();
     drop(theirs);
+    drop(token_read);
     let child = spawned.with_context(|| format!("cannot start the agent {}", binary.display()))?;
 
     let (mut reader, mut writer) = kmirror_protocol::link::split(ours)?;
@@ -84,15 +94,22 @@ pub async fn start_local(pid: u32, allow_host_network: bool) -> Result<Agent> {
         .await
         .context("the agent did not answer the handshake within 30 s")?
         .context("the agent ended the session during the handshake (see its message above)")?;
-    match reply {
+    let version = match reply {
         Control::HelloReply(HelloReply::Accepted { version, capabilities, target }) => {
             tracing::debug!(version, ?capabilities, target, "agent ready");
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+                bail!(
+                    "the agent chose protocol version {version}, outside this kmirror's \
+                     {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}: install matching versions"
+                );
+            }
+            version
         }
         Control::HelloReply(HelloReply::Rejected { reason }) => {
             bail!("the agent refused the session: {reason}")
         }
         other => bail!("unexpected first message from the agent: {other:?}"),
-    }
-    let (tunnel, incoming) = Tunnel::start(reader, writer, Side::Supervisor);
+    };
+    let (tunnel, incoming) = Tunnel::start_with_version(reader, writer, Side::Supervisor, version);
     Ok(Agent { tunnel, incoming, child })
 }

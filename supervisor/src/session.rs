@@ -92,7 +92,16 @@ async fn session(
         }
         match tunnel.request(Request::Environ, REMOTE_TIMEOUT).await? {
             Response::Environ(vars) => Ok(vars),
-            other => anyhow::bail!("cannot read the environment of {target}: {other:?}"),
+            Response::Error(kmirror_protocol::Errno(libc::E2BIG)) => anyhow::bail!(
+                "the environment of {target} is larger than one tunnel message ({} MiB); \
+                 run with --no-env to start without it",
+                kmirror_protocol::codec::MAX_FRAME >> 20
+            ),
+            Response::Error(errno) => anyhow::bail!(
+                "cannot read the environment of {target}: {} (run with --no-env to start without it)",
+                std::io::Error::from_raw_os_error(errno.0)
+            ),
+            other => anyhow::bail!("cannot read the environment of {target}: unexpected answer {other:?}"),
         }
     };
     let pod_resolv = async {
@@ -234,7 +243,11 @@ async fn session(
                     stream.opened(Err(kmirror_protocol::Errno(libc::EINVAL)));
                 }
                 kmirror_protocol::tunnel::Incoming::Request { id, .. } => {
-                    tunnel.respond(id, Response::Error(kmirror_protocol::Errno(libc::ENOSYS)));
+                    // Not awaited here: this loop must keep taking what the agent sends.
+                    let tunnel = tunnel.clone();
+                    tokio::spawn(async move {
+                        tunnel.respond(id, Response::Error(kmirror_protocol::Errno(libc::ENOSYS))).await
+                    });
                 }
             },
             reason = tunnel.closed(), if tunnel_up => {

@@ -20,6 +20,12 @@ use std::sync::Arc;
 
 /// Remote files larger than this are refused (EFBIG) rather than copied into memory.
 const MAX_REMOTE_FILE: u64 = 256 << 20;
+/// Pod directories with more entries than this are refused (EFBIG) rather than mirrored.
+const MAX_DIR_ENTRIES: usize = 1 << 20;
+/// Fetches and listings that may hold an agent handle at once: the agent refuses more than
+/// 64 handles per session (EMFILE), so more concurrent opens of the app wait here instead.
+/// (One session per process: a static is that session's.)
+static HANDLE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 const READ_CHUNK: u32 = 512 * 1024;
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 const XATTR_NAME_MAX: usize = 255;
@@ -337,13 +343,13 @@ async fn open_remote(ctx: &Context, path: &[u8], flags: i32) -> Result<OwnedFd, 
             Ok(std::fs::File::open(local).map_err(errno_of)?.into())
         }
         _ if flags & libc::O_DIRECTORY != 0 => Err(libc::ENOTDIR),
-        libc::S_IFREG => fetch_file(ctx, path, st.size.max(0) as u64).await,
+        libc::S_IFREG => fetch_file(ctx, path, st.size.max(0) as u64, flags & libc::O_NOFOLLOW == 0).await,
         libc::S_IFLNK => Err(libc::ELOOP),
         _ => Err(libc::ENXIO),
     }
 }
 
-async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64) -> Result<OwnedFd, i32> {
+async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64, follow: bool) -> Result<OwnedFd, i32> {
     if size_hint > MAX_REMOTE_FILE {
         return Err(libc::EFBIG);
     }
@@ -352,19 +358,10 @@ async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64) -> Result<OwnedF
         .allow_sealing(true)
         .create(format!("kmirror:{}", String::from_utf8_lossy(name)))
         .map_err(|_| libc::ENOMEM)?;
-    let mut file = memfd.as_file();
-    let mut offset = 0u64;
-    loop {
-        let chunk = remote(ctx, Request::ReadFile { path: path.to_vec(), offset, len: READ_CHUNK }).await?;
-        let Response::FileChunk { bytes, eof } = chunk else { return Err(libc::EIO) };
-        file.write_all(&bytes).map_err(errno_of)?;
-        offset += bytes.len() as u64;
-        if offset > MAX_REMOTE_FILE {
-            return Err(libc::EFBIG);
-        }
-        if eof || bytes.is_empty() {
-            break;
-        }
+    if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
+        fetch_by_handle(ctx, path, follow, memfd.as_file()).await?;
+    } else {
+        fetch_by_path(ctx, path, memfd.as_file()).await?;
     }
     memfd
         .add_seals(&[
@@ -377,11 +374,86 @@ async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64) -> Result<OwnedF
     reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)
 }
 
+/// A handle the agent holds for this side; closed in the agent if the fetch stops before the
+/// agent closed it itself (an error, a file grown too large, the app's call abandoned).
+struct RemoteHandle<'a> {
+    ctx: &'a Context,
+    handle: Option<u64>,
+}
+
+impl Drop for RemoteHandle<'_> {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let (tunnel, timeout) = (self.ctx.tunnel.clone(), self.ctx.remote_timeout);
+            self.ctx.runtime.spawn(async move {
+                let _ = tunnel.request(Request::CloseHandle { handle }, timeout).await;
+            });
+        }
+    }
+}
+
+/// Copies a pod file into `file` through one open file description in the agent, so the
+/// copy is one version of the file even if the pod replaces it meanwhile.
+async fn fetch_by_handle(
+    ctx: &Context,
+    path: &[u8],
+    follow: bool,
+    mut file: &std::fs::File,
+) -> Result<(), i32> {
+    let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
+    let opened = remote(ctx, Request::OpenFile { path: path.to_vec(), follow }).await?;
+    let Response::FileOpened { handle, stat, bytes } = opened else { return Err(libc::EIO) };
+    let mut handle = RemoteHandle { ctx, handle };
+    if stat.size.max(0) as u64 > MAX_REMOTE_FILE {
+        return Err(libc::EFBIG);
+    }
+    file.write_all(&bytes).map_err(errno_of)?;
+    let mut copied = bytes.len() as u64;
+    while let Some(id) = handle.handle {
+        let chunk = remote(ctx, Request::ReadHandle { handle: id, len: READ_CHUNK }).await;
+        if chunk.is_err() {
+            handle.handle = None; // the agent closed it on its error (or the session is gone)
+        }
+        let Response::FileChunk { bytes, eof } = chunk? else { return Err(libc::EIO) };
+        if eof {
+            handle.handle = None;
+        }
+        file.write_all(&bytes).map_err(errno_of)?;
+        copied += bytes.len() as u64;
+        if copied > MAX_REMOTE_FILE {
+            return Err(libc::EFBIG);
+        }
+    }
+    Ok(())
+}
+
+/// Protocol 2: each chunk is read by path (a replaced file can mix versions).
+async fn fetch_by_path(ctx: &Context, path: &[u8], mut file: &std::fs::File) -> Result<(), i32> {
+    let mut offset = 0u64;
+    loop {
+        let chunk = remote(ctx, Request::ReadFile { path: path.to_vec(), offset, len: READ_CHUNK }).await?;
+        let Response::FileChunk { bytes, eof } = chunk else { return Err(libc::EIO) };
+        file.write_all(&bytes).map_err(errno_of)?;
+        offset += bytes.len() as u64;
+        if offset > MAX_REMOTE_FILE {
+            return Err(libc::EFBIG);
+        }
+        if eof || bytes.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
 /// Mirrors a pod directory's entries (names and types, empty content) under the session's
 /// materialisation root and returns the local directory.
 async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBuf, i32> {
-    let Response::ListDir(entries) = remote(ctx, Request::ListDir { path: path.to_vec() }).await? else {
-        return Err(libc::EIO);
+    let entries = if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
+        list_by_handle(ctx, path).await?
+    } else {
+        let Response::ListDir(entries) = remote(ctx, Request::ListDir { path: path.to_vec() }).await? else {
+            return Err(libc::EIO);
+        };
+        entries
     };
     let local = ctx.materialized.join(std::ffi::OsStr::from_bytes(path.strip_prefix(b"/").unwrap_or(path)));
     let dir = local.clone();
@@ -392,10 +464,56 @@ async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBu
     Ok(local)
 }
 
+/// Lists a pod directory in as many answers as it takes (one frame holds some 30k names).
+async fn list_by_handle(ctx: &Context, path: &[u8]) -> Result<Vec<DirEntry>, i32> {
+    let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
+    let Response::DirEntries { mut entries, more } =
+        remote(ctx, Request::OpenDir { path: path.to_vec() }).await?
+    else {
+        return Err(libc::EIO);
+    };
+    let mut handle = RemoteHandle { ctx, handle: more };
+    while let Some(id) = handle.handle {
+        if entries.len() > MAX_DIR_ENTRIES {
+            return Err(libc::EFBIG);
+        }
+        let part = remote(ctx, Request::ReadDir { handle: id }).await;
+        if part.is_err() {
+            handle.handle = None; // the agent closed it on its error (or the session is gone)
+        }
+        let Response::DirEntries { entries: part, more } = part? else { return Err(libc::EIO) };
+        handle.handle = more;
+        entries.extend(part);
+    }
+    if entries.len() > MAX_DIR_ENTRIES {
+        return Err(libc::EFBIG);
+    }
+    Ok(entries)
+}
+
+/// Whether a name from the agent can be joined to a local directory as one entry of it.
+fn is_entry_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
+/// The kind of placeholder that stands for a pod entry of `d_type` `kind`.
+fn mirror_kind(kind: u8) -> u8 {
+    match kind {
+        libc::DT_DIR | libc::DT_LNK => kind,
+        _ => libc::DT_REG,
+    }
+}
+
 fn mirror_entries(dir: &std::path::Path, entries: &[DirEntry]) -> std::io::Result<()> {
+    // Names come from the agent: one with a `/`, `..` or NUL would create or delete files
+    // outside the mirror. The kernel never lists such names, so the listing is refused.
+    if let Some(bad) = entries.iter().find(|e| !is_entry_name(&e.name)) {
+        tracing::warn!(name = %String::from_utf8_lossy(&bad.name), "the agent listed an impossible entry name");
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
     std::fs::create_dir_all(dir)?;
     let wanted: std::collections::HashMap<&[u8], u8> =
-        entries.iter().map(|e| (e.name.as_slice(), e.kind)).collect();
+        entries.iter().map(|e| (e.name.as_slice(), mirror_kind(e.kind))).collect();
     for existing in std::fs::read_dir(dir)? {
         let existing = existing?;
         let kind = existing.file_type().map(kind_of).unwrap_or(libc::DT_UNKNOWN);
@@ -404,17 +522,27 @@ fn mirror_entries(dir: &std::path::Path, entries: &[DirEntry]) -> std::io::Resul
             let _ = if kind == libc::DT_DIR { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         }
     }
+    // One system call per entry, relative to the directory: a pod directory can hold tens of
+    // thousands of entries, and each path lookup and extra call shows.
+    let dirfd: OwnedFd = std::fs::File::open(dir)?.into();
     for entry in entries {
-        let p = dir.join(std::ffi::OsStr::from_bytes(&entry.name));
-        if p.symlink_metadata().is_ok() {
-            continue;
-        }
-        // Races with a concurrent listing of the same directory only cause EEXIST: ignored.
-        let _ = match entry.kind {
-            libc::DT_DIR => std::fs::create_dir(&p),
-            libc::DT_LNK => std::os::unix::fs::symlink("kmirror-pod-symlink", &p),
-            _ => std::fs::File::create(&p).map(drop),
+        let name = std::ffi::CString::new(entry.name.as_slice()).expect("checked: no NUL");
+        let fd = dirfd.as_raw_fd();
+        // SAFETY: `fd` is an open directory and `name` a NUL-terminated single component.
+        let rc = unsafe {
+            match mirror_kind(entry.kind) {
+                libc::DT_DIR => libc::mkdirat(fd, name.as_ptr(), 0o755),
+                libc::DT_LNK => libc::symlinkat(c"kmirror-pod-symlink".as_ptr(), fd, name.as_ptr()),
+                _ => libc::mknodat(fd, name.as_ptr(), libc::S_IFREG | 0o644, 0),
+            }
         };
+        // EEXIST: the entry was mirrored before (or by a concurrent listing of the directory).
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
@@ -580,4 +708,43 @@ pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
         }
         _ => answer(ctx, &n, if list { Ok(0) } else { Err(libc::ENODATA) }),
     });
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::*;
+
+    fn entry(name: &[u8], kind: u8) -> DirEntry {
+        DirEntry { name: name.to_vec(), kind, ino: 1 }
+    }
+
+    /// Names that would leave the mirror directory are refused before anything is created
+    /// or removed; plain ones are mirrored by kind.
+    #[test]
+    fn entry_names_from_the_agent_cannot_leave_the_mirror() {
+        let base = std::env::temp_dir().join(format!("kmirror-mirror-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("pod/data");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(base.join("pod/keep"), b"x").unwrap();
+        for bad in [&b"../escape"[..], b"..", b".", b"", b"a/b", b"/abs", b"nul\0byte", b"../../keep"] {
+            let listing = [entry(b"fine", libc::DT_REG), entry(bad, libc::DT_DIR)];
+            let err = mirror_entries(&dir, &listing).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{bad:?}");
+        }
+        assert!(!base.join("pod/escape").exists() && !base.join("escape").exists());
+        assert!(base.join("pod/keep").exists(), "a file outside the mirror was removed");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing was mirrored from a bad listing");
+        let good = [
+            entry(b"a", libc::DT_REG),
+            entry(b"d", libc::DT_DIR),
+            entry(b"l", libc::DT_LNK),
+            entry(b"f", libc::DT_FIFO),
+        ];
+        mirror_entries(&dir, &good).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["a", "d", "f", "l"]);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
