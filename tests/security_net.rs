@@ -14,6 +14,14 @@ use std::time::{Duration, Instant};
 
 const PYTHON: &str = "/usr/bin/python3";
 
+/// The floods below load both cores for seconds; a test that waits on an answer meanwhile
+/// would measure the flood, not kmirror. Each test here holds this while it runs.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A file whose appearance tells a waiting test app to go on.
 struct GoFile(PathBuf);
 
@@ -184,6 +192,7 @@ print("done", flush=True)
 /// the app's source port gets nothing of the app's pod connection, which stays intact.
 #[test]
 fn outgoing_proxy_takes_connections_from_the_app_socket_only() {
+    let _serial = one_at_a_time();
     let pod = LocalPod::start(170);
     let go = GoFile::new(&pod, "tcp");
     let port = (41000 + pod.index as u16).to_string();
@@ -258,6 +267,7 @@ print("done", flush=True)
 /// the pod's answers reach the app's socket only.
 #[test]
 fn udp_relay_talks_to_the_app_socket_only() {
+    let _serial = one_at_a_time();
     let pod = LocalPod::start(171);
     let go = GoFile::new(&pod, "udp");
     let port = (41000 + pod.index as u16).to_string();
@@ -387,6 +397,7 @@ const ONE_CLIENT_GROWTH_KIB: u64 = 16 * 1024;
 /// filter, for other clients) keeps answering.
 #[test]
 fn an_endless_header_line_is_cut_off_at_the_head_limit() {
+    let _serial = one_at_a_time();
     use std::io::Write;
     let pod = LocalPod::start(172);
     let app = start_incoming(&pod, &["--incoming", "steal", "--steal-header", "^X-Dev: me$"]);
@@ -451,6 +462,7 @@ const MAX_STOLEN: usize = 256;
 /// memory stay within bounds, and the pod's app keeps answering.
 #[test]
 fn a_connection_flood_against_a_stolen_port_stays_within_bounds() {
+    let _serial = one_at_a_time();
     raise_fd_limit();
     let pod = LocalPod::start(173);
     let app = start_incoming(&pod, &["--incoming", "steal", "--steal-header", "^X-Dev: me$"]);
@@ -514,6 +526,7 @@ print("sent", count, flush=True)
 /// and the agent's memory and descriptors stay within bounds while the pod's app answers.
 #[test]
 fn floods_against_a_mirrored_port_stay_within_bounds() {
+    let _serial = one_at_a_time();
     raise_fd_limit();
     let pod = LocalPod::start(174);
     let app = start_incoming(&pod, &["--incoming", "mirror"]);
@@ -582,6 +595,7 @@ impl Drop for HostProcess {
 /// `--allow-host-network` it is allowed.
 #[test]
 fn incoming_traffic_of_a_host_network_target_needs_an_explicit_flag() {
+    let _serial = one_at_a_time();
     let target = HostProcess::start();
     let go = kmirror_suite::run::go_fixtures()[0].to_str().unwrap().to_string();
     let port = "18176";
@@ -620,6 +634,7 @@ fn incoming_traffic_of_a_host_network_target_needs_an_explicit_flag() {
 /// accepts as local through a route (not an address of its interfaces) reaches the pod's app.
 #[test]
 fn only_traffic_to_the_targets_addresses_is_stolen() {
+    let _serial = one_at_a_time();
     let pod = LocalPod::start(175);
     let extra = format!("10.213.{}.77", pod.index);
     let run = |argv: &[&str]| {
