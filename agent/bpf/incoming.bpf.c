@@ -275,10 +275,21 @@ static __always_inline void mirror(struct __sk_buff *skb, struct parsed *p)
 		if (cl > CHUNK)
 			cl = CHUNK;
 		c->chunk_len = cl;
-		if (cl >= 1 && bpf_skb_load_bytes(skb, payload_off + off, c->data, cl) < 0) {
-			bpf_ringbuf_discard(c, 0);
-			count(STAT_MIRROR_LOST);
-			return;
+		if (cl >= 1) {
+			/* The length is bounded on one register, then passed as that register plus
+			 * one: clang otherwise tests `cl >= 1` on a copy, and verifiers before 6.x
+			 * (Debian 12's 6.1) then see a length that may be 0 and reject the program. */
+			__u64 last = cl - 1; /* 64 bits: a 32-bit value is compared on a zero-extended copy */
+			asm volatile("" : "+r"(last));
+			if (last >= CHUNK) {
+				bpf_ringbuf_discard(c, 0);
+				return;
+			}
+			if (bpf_skb_load_bytes(skb, payload_off + off, c->data, last + 1) < 0) {
+				bpf_ringbuf_discard(c, 0);
+				count(STAT_MIRROR_LOST);
+				return;
+			}
 		}
 		bpf_ringbuf_submit(c, 0);
 	}

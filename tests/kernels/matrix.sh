@@ -5,6 +5,7 @@
 # use; exits non-zero if any kernel fails.
 #
 #   KERNELS="5.10 6.1 6.12" tests/kernels/matrix.sh      (make kernel-matrix)
+#   KERNELS=6.1 ONLY=incoming tests/kernels/matrix.sh     (only the subset entries naming it)
 #
 # The guest sees this machine's root file system read-only over 9p (the test binaries, the
 # fixtures, python3, ip, ...), with fresh /proc, /sys, /dev and temp dirs of its own: the same
@@ -45,7 +46,7 @@ suite_of() {
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[[ -x /bin/busybox ]] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v depmod >/dev/null || need+=(kmod)
 command -v cpio >/dev/null || need+=(cpio)
 if ((${#need[@]})); then
@@ -127,7 +128,7 @@ for k in $KERNELS; do
   plan=$gdir/plan.sh
   {
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp RUST_BACKTRACE=1"
-    echo "export KMIRROR_RUNTIMES='go static (Debian Go),c static (musl)'"
+    echo "export KMIRROR_RUNTIMES='go static (Debian Go),c static (musl)' KMIRROR_MIRROR_REQUESTS=50"
     echo "cd '$root'"
     echo "ip link set lo up"
     echo "echo '--- features'; target/debug/kmirror features; features=\$?"
@@ -138,6 +139,7 @@ for k in $KERNELS; do
     echo "  exit 0"
     echo "fi"
     for entry in "${SUBSET[@]}"; do
+      [[ -z ${ONLY:-} || $entry == *"$ONLY"* ]] || continue
       test=${entry%% *} filter=${entry#* }
       echo "echo '--- $test $filter'; ${binary[$test]} --test-threads=1 --color never '$filter' 2>&1"
     done
