@@ -1,5 +1,5 @@
 # The two entry points: `make demo` and `make test`. Both do all set-up first.
-.PHONY: setup build fixtures demo test lint audit fuzz clean
+.PHONY: setup build fixtures demo test lint audit fuzz clean kernel-matrix
 
 CARGO ?= cargo
 
@@ -43,6 +43,11 @@ test: build fixtures lint fuzz
 
 clean:
 	$(CARGO) clean
+
+# Boots Debian's 5.10, 6.1 and 6.12 kernels under qemu and runs the core end-to-end subset in
+# each (needs root; KERNELS="6.1" for one). One line per kernel; fails if any kernel fails.
+kernel-matrix: build fixtures
+	@tests/kernels/matrix.sh
 
 # Measures kmirror's overheads against same-run baselines (needs root); BENCH_ARGS=--quick for
 # a short run. Prints a table and writes target/bench/results.json; see BENCHMARKS.md.
