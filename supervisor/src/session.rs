@@ -127,10 +127,6 @@ async fn session(
     let env = merged.env;
 
     let mut virtual_files = HashMap::new();
-    if let Some(name) = &pod_hostname {
-        let content = policy::host::proc_hostname_file(name);
-        virtual_files.insert(VirtualFile::Hostname, sealed_file("hostname", content.as_bytes())?);
-    }
     if !args.no_remote_dns {
         let forwarder = dns_server::start(tunnel.clone()).await?;
         let resolv =
@@ -155,7 +151,6 @@ async fn session(
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
-        pod_hostname: pod_hostname.is_some(),
         extra_local: local_only_paths(&program, &env),
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
     };
@@ -207,7 +202,7 @@ async fn session(
         incoming_filter,
         subscribed: Default::default(),
         incoming_peers: Default::default(),
-        pod_hostname,
+        hostname: handlers::host::Hostname::new(pod_hostname.unwrap_or_else(handlers::host::local_hostname)),
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
     });
     start_notify_thread(ctx.clone());

@@ -245,9 +245,36 @@ async fn remote_stat(ctx: &Context, path: &[u8], follow: bool) -> Result<FileSta
     }
 }
 
+/// A synthesised file's current content, as an open sealed memfd.
+fn virtual_file(ctx: &Context, v: VirtualFile) -> Result<std::fs::File, i32> {
+    match v {
+        VirtualFile::Hostname => {
+            sealed(b"hostname", crate::policy::host::proc_hostname_file(&ctx.hostname.get()).as_bytes())
+        }
+        _ => ctx.virtual_files[&v].try_clone().map_err(errno_of),
+    }
+}
+
+fn sealed(name: &[u8], content: &[u8]) -> Result<std::fs::File, i32> {
+    let memfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create(format!("kmirror:{}", String::from_utf8_lossy(name)))
+        .map_err(|_| libc::ENOMEM)?;
+    memfd.as_file().write_all(content).map_err(errno_of)?;
+    memfd
+        .add_seals(&[
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealWrite,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(|_| libc::EIO)?;
+    Ok(memfd.into_file())
+}
+
 fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
     use std::os::unix::fs::MetadataExt;
-    let meta = ctx.virtual_files[&v].metadata().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    let meta = virtual_file(ctx, v)?.metadata().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
     let ts = |sec: i64, nsec: i64| kmirror_protocol::Timestamp { sec, nsec: nsec as u32 };
     Ok(FileStat {
         dev: meta.dev(),
@@ -296,8 +323,12 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
         Plan::Virtual(v) => {
             let result = if flags & libc::O_DIRECTORY != 0 {
                 Err(libc::ENOTDIR)
+            } else if write && v == VirtualFile::Hostname {
+                super::host::open_for_write(ctx, &n)
+            } else if write {
+                Err(libc::EACCES)
             } else {
-                reopen_read_only(ctx.virtual_files[&v].as_raw_fd()).map_err(errno_of)
+                virtual_file(ctx, v).and_then(|f| reopen_read_only(f.as_raw_fd()).map_err(errno_of))
             };
             deliver_fd(ctx, &n, result, flags);
         }

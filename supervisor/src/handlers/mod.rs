@@ -8,7 +8,7 @@
 
 mod datagram;
 mod files;
-mod host;
+pub mod host;
 mod net;
 
 use crate::outgoing::Proxy;
@@ -51,6 +51,7 @@ pub const TRAPPED: &[&str] = &[
     "listxattr",
     "llistxattr",
     "uname",
+    "sethostname",
 ];
 
 /// Calls trapped only when an argument is set: `sendto` with a destination address and
@@ -79,8 +80,8 @@ pub struct Context {
     pub incoming_filter: Option<kmirror_protocol::HttpFilter>,
     /// Pod clients of the loopback connections kmirror makes to the app's listeners.
     pub incoming_peers: Arc<crate::incoming::IncomingPeers>,
-    /// The pod's host name, shown by `uname` (when the pod's `/etc/hostname` has one).
-    pub pod_hostname: Option<String>,
+    /// The host name the app sees (`uname`, `/proc/sys/kernel/hostname`, `sethostname`).
+    pub hostname: host::Hostname,
     /// Pod ports already subscribed (a listener may be re-created).
     pub subscribed: Mutex<std::collections::HashSet<u16>>,
     /// Upper bound of any single request to the agent.
@@ -236,6 +237,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
         libc::SYS_getsockname => net::on_getsockname(ctx, n),
         libc::SYS_uname => host::on_uname(ctx, n),
+        libc::SYS_sethostname => host::on_sethostname(ctx, n),
         libc::SYS_listen => net::on_listen(ctx, n),
         libc::SYS_accept | libc::SYS_accept4 => net::on_accept(ctx, n),
         libc::SYS_sendto => datagram::on_sendto(ctx, n),

@@ -22,7 +22,8 @@ pub enum VirtualFile {
     /// The local nsswitch.conf with `hosts: files dns`, so glibc asks neither nscd, nor
     /// systemd-resolved, nor mDNS on the developer's machine.
     NsSwitch,
-    /// `/proc/sys/kernel/hostname` with the pod's host name.
+    /// `/proc/sys/kernel/hostname`: the host name the app sees (the pod's, or what the app set);
+    /// writes set it for the app without touching the machine's.
     Hostname,
 }
 
@@ -83,8 +84,6 @@ pub struct FilePolicy {
     pub mode: FsMode,
     /// Resolver configuration comes from the pod (DNS feature on).
     pub remote_dns: bool,
-    /// The app sees the pod's host name (it was found in the pod's `/etc/hostname`).
-    pub pod_hostname: bool,
     /// Extra local-only prefixes found at start: the app's own directory, the working
     /// directory, runtime homes (JAVA_HOME, GOROOT).
     pub extra_local: Vec<Vec<u8>>,
@@ -101,7 +100,7 @@ fn under(path: &[u8], prefix: &[u8]) -> bool {
 impl FilePolicy {
     /// Decides for an absolute, normalised path. `write` is set for opens that may modify.
     pub fn route(&self, path: &[u8], write: bool) -> FileRoute {
-        if self.pod_hostname && !write && path == b"/proc/sys/kernel/hostname" {
+        if path == b"/proc/sys/kernel/hostname" {
             return FileRoute::Virtual(VirtualFile::Hostname);
         }
         if self.remote_dns {
@@ -199,7 +198,6 @@ mod tests {
         FilePolicy {
             mode,
             remote_dns: true,
-            pod_hostname: true,
             extra_local: vec![b"/work/app".to_vec()],
             materialized_root: b"/tmp/kmirror-1/pod".to_vec(),
         }
@@ -254,15 +252,17 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_hostname_file_is_the_pods_in_every_mode() {
+    fn the_kernel_hostname_file_is_virtual_in_every_mode() {
         for mode in [FsMode::Local, FsMode::LocalWithOverrides, FsMode::Read] {
-            let mut p = policy(mode);
+            let p = policy(mode);
             let hostname = b"/proc/sys/kernel/hostname";
             assert_eq!(p.route(hostname, false), FileRoute::Virtual(VirtualFile::Hostname));
-            assert_eq!(p.route(hostname, true), FileRoute::Local, "writes stay local");
+            assert_eq!(
+                p.route(hostname, true),
+                FileRoute::Virtual(VirtualFile::Hostname),
+                "writes never reach the machine"
+            );
             assert_eq!(p.route(b"/proc/sys/kernel/domainname", false), FileRoute::Local);
-            p.pod_hostname = false;
-            assert_eq!(p.route(hostname, false), FileRoute::Local);
         }
     }
 

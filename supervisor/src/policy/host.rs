@@ -30,6 +30,23 @@ pub fn with_nodename(utsname: &[u8; UTSNAME_SIZE], hostname: &str) -> [u8; UTSNA
     out
 }
 
+/// The longest host name Linux keeps (`HOST_NAME_MAX`).
+pub const HOST_NAME_MAX: usize = UTS_FIELD - 1;
+
+/// The node name in a raw `struct utsname`.
+pub fn nodename(utsname: &[u8; UTSNAME_SIZE]) -> String {
+    let field = &utsname[NODENAME_AT..NODENAME_AT + UTS_FIELD];
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+/// The host name a write to `/proc/sys/kernel/hostname` sets: the bytes written, without one
+/// trailing newline; `None` for an empty or over-long write (the kernel refuses those).
+pub fn name_written(bytes: &[u8]) -> Option<String> {
+    let name = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    (!name.is_empty() && name.len() <= HOST_NAME_MAX).then(|| String::from_utf8_lossy(name).into_owned())
+}
+
 /// What `/proc/sys/kernel/hostname` reads.
 pub fn proc_hostname_file(hostname: &str) -> String {
     format!("{hostname}\n")
@@ -65,5 +82,15 @@ mod tests {
         assert_eq!(&pod[UTS_FIELD..UTS_FIELD + 6], b"web-1\0");
         assert!(pod[UTS_FIELD + 5..2 * UTS_FIELD].iter().all(|&b| b == 0));
         assert_eq!(&pod[2 * UTS_FIELD..], &local[2 * UTS_FIELD..]);
+    }
+
+    #[test]
+    fn names_written_to_the_proc_file() {
+        assert_eq!(name_written(b"renamed\n"), Some("renamed".into()));
+        assert_eq!(name_written(b"renamed"), Some("renamed".into()));
+        assert_eq!(name_written(b"\n"), None);
+        assert_eq!(name_written(&[b'a'; 65]), None);
+        let uts = with_nodename(&[0; UTSNAME_SIZE], "node-1");
+        assert_eq!(nodename(&uts), "node-1");
     }
 }
