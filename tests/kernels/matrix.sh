@@ -128,7 +128,7 @@ for k in $KERNELS; do
   plan=$gdir/plan.sh
   {
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp RUST_BACKTRACE=1"
-    echo "export KMIRROR_RUNTIMES='go static (Debian Go),c static (musl)' KMIRROR_MIRROR_REQUESTS=50"
+    echo "export KMIRROR_RUNTIMES='go static (Debian Go),c static (musl)' KMIRROR_MIRROR_REQUESTS=20 KMIRROR_MIRROR_CLIENTS=5"
     echo "cd '$root'"
     echo "ip link set lo up"
     echo "echo '--- features'; target/debug/kmirror features; features=\$?"

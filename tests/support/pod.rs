@@ -41,8 +41,9 @@ const PODSVC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pod/podsvc.py")
 /// `PATH` inside the pod (what a Debian-based container image would have).
 const POD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// How long the target and the services get to come up.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the target and the services get to come up (generous: a loaded machine, or a
+/// kernel-matrix guest under emulation, takes many times the usual second).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Inside the pod, host binaries handed to [`LocalPod::exec_in_pod`] are
 /// copied here (see there for why).
