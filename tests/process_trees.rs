@@ -652,12 +652,16 @@ fn the_keeper_refuses_to_run_on_its_own() {
 fn a_killed_keeper_takes_the_tree_with_it_and_kmirror_says_so() {
     let pod = LocalPod::start(198);
     let dir = temp_dir("keeper-killed");
-    let orphan_file = dir.join("orphan");
-    let script = format!("sh -c 'sleep 300 & echo $! > {}' ; sleep 300", orphan_file.display());
+    let (orphan_file, main_file) = (dir.join("orphan"), dir.join("main"));
+    let script = format!(
+        "sh -c 'sleep 300 & echo $! > {}'; echo $$ > {}; exec sleep 300",
+        orphan_file.display(),
+        main_file.display()
+    );
     let mut app = BackgroundApp::start(pod.target_pid, &[], &["sh", "-c", &script]);
-    let orphan = pid_from(&orphan_file);
-    let _leftovers = Leftovers::pids(vec![(orphan, "sleep")]);
-    wait_until("the orphan sleeps", Duration::from_secs(10), || sleeping(orphan));
+    let (orphan, main) = (pid_from(&orphan_file), pid_from(&main_file));
+    let _leftovers = Leftovers::pids(vec![(orphan, "sleep"), (main, "sleep")]);
+    wait_until("both sleep", Duration::from_secs(10), || sleeping(orphan) && sleeping(main));
     let keeper = keeper_of(app.child.id()).expect("kmirror has a keeper");
     // SAFETY: SIGKILL to the keeper of the kmirror this test started.
     unsafe { libc::kill(keeper as i32, libc::SIGKILL) };
@@ -671,6 +675,7 @@ fn a_killed_keeper_takes_the_tree_with_it_and_kmirror_says_so() {
     };
     assert!(!status.success());
     assert!(!alive(orphan), "the orphan outlived the keeper and kmirror");
+    assert!(!alive(main), "the main process outlived the keeper");
     let stderr = app.stderr_text();
     assert!(stderr.contains("the process keeper") && stderr.contains("ended unexpectedly"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
