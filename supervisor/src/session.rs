@@ -215,8 +215,9 @@ async fn session(
     let mut main_status: Option<ExitStatus> = None;
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Served until the last process of the tree has exited (the keeper then exits).
-    let keeper_status = loop {
+    // Served until the last process of the tree has exited; the keeper's status only if it
+    // died before.
+    let keeper_died = loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(TreeEvent::MainExited(status)) => {
@@ -226,8 +227,9 @@ async fn session(
                         tree.end();
                     }
                 }
-                Some(TreeEvent::Ended(status)) => break status,
-                None => break ExitStatus::from_raw(1 << 8),
+                Some(TreeEvent::TreeEnded) => break None,
+                Some(TreeEvent::KeeperDied(status)) => break Some(status),
+                None => break Some(ExitStatus::from_raw(1 << 8)),
             },
             Some(received) = received.recv() => {
                 let main_running = main_status.is_none() && !main.has_exited();
@@ -277,7 +279,7 @@ async fn session(
             _ = agent_child.wait(), if agent_running => agent_running = false,
         }
     };
-    if !keeper_status.success() {
+    if let Some(keeper_status) = keeper_died {
         // The keeper was killed on its own (it never fails while kmirror lives): the main
         // process died with it (PDEATHSIG) and its orphans came to kmirror, the subreaper.
         let ended = tokio::task::spawn_blocking(move || keeper::end_leftovers(agent_pid, STOP_GRACE))

@@ -15,8 +15,9 @@
 //! - It is a child subreaper: every process of the tree whose parent exits (double forks,
 //!   `setsid` daemons, `nohup x &` from a wrapper that returns) becomes its child, so it can
 //!   reap them, and the tree ends exactly when it has no child left (`waitpid` says ECHILD).
-//! - It reports the main process's wait status when the main process ends, and exits (status
-//!   0) when the tree has ended: kmirror then exits the way the main process did.
+//! - It reports the main process's wait status when the main process ends, and that the tree
+//!   has ended before it exits: kmirror then exits the way the main process did, without
+//!   waiting for the keeper's own exit (a process exit and a wake-up later, up to a few ms).
 //! - It learns that kmirror is gone from end-of-file on their socket, whatever ended kmirror
 //!   (SIGKILL, a crash, the OOM killer): the kernel closes a dead process's descriptors and
 //!   kmirror's end is never inherited by anyone. It then SIGKILLs every process under it,
@@ -60,9 +61,10 @@ pub fn invoked() -> bool {
 pub enum TreeEvent {
     /// The main process ended like this.
     MainExited(ExitStatus),
-    /// The keeper exited like this: status 0 once the tree has ended; anything else means it
-    /// was killed or failed, and the tree with it.
-    Ended(ExitStatus),
+    /// The last process of the tree has ended.
+    TreeEnded,
+    /// The keeper ended before the tree (killed on its own, or failed), like this.
+    KeeperDied(ExitStatus),
 }
 
 /// Sends commands to the keeper; cheap to clone. A keeper that is gone ignores them.
@@ -153,6 +155,7 @@ pub fn spawn() -> std::io::Result<Keeper> {
     let mut reports = control.try_clone()?;
     std::thread::Builder::new().name("kmirror-keeper".into()).spawn(move || {
         let mut started_tx = Some(started_tx);
+        let mut tree_ended = false;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 256];
         'read: loop {
@@ -181,12 +184,19 @@ pub fn spawn() -> std::io::Result<Keeper> {
                     Report::MainExited(status) => {
                         let _ = events_tx.send(TreeEvent::MainExited(ExitStatus::from_raw(status)));
                     }
+                    Report::TreeEnded => {
+                        tree_ended = true;
+                        let _ = events_tx.send(TreeEvent::TreeEnded);
+                    }
                 }
             }
         }
         drop(started_tx);
         let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
-        let _ = events_tx.send(TreeEvent::Ended(status));
+        tracing::debug!(?status, "the keeper exited");
+        if !tree_ended {
+            let _ = events_tx.send(TreeEvent::KeeperDied(status));
+        }
     })?;
     Ok(Keeper { pid, control: TreeControl(Arc::new(control)), handoff, started, events })
 }
@@ -351,7 +361,10 @@ fn watch(mut control: UnixStream, mut buf: Vec<u8>, main: u32) -> std::io::Resul
                 break;
             }
             match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::ECHILD) => return Ok(()),
+                Some(libc::ECHILD) => {
+                    let _ = control.write_all(&Report::TreeEnded.encode());
+                    return Ok(());
+                }
                 Some(libc::EINTR) => continue,
                 _ => return Err(std::io::Error::last_os_error()),
             }

@@ -38,6 +38,8 @@ pub enum Report {
     SpawnFailed(i32),
     /// The main process ended; the raw wait status.
     MainExited(i32),
+    /// The last process of the tree has been reaped; the keeper exits now.
+    TreeEnded,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,6 +170,7 @@ impl Report {
             Report::Started(pid) => (b's', pid),
             Report::SpawnFailed(errno) => (b'f', errno as u32),
             Report::MainExited(status) => (b'm', status as u32),
+            Report::TreeEnded => (b't', 0),
         };
         let mut body = vec![tag];
         body.extend_from_slice(&value.to_le_bytes());
@@ -187,6 +190,7 @@ impl Report {
             b's' => Report::Started(value),
             b'f' => Report::SpawnFailed(value as i32),
             b'm' => Report::MainExited(value as i32),
+            b't' => Report::TreeEnded,
             _ => return Err(WireError::Malformed),
         }))
     }
@@ -228,7 +232,12 @@ mod tests {
 
     #[test]
     fn reports_survive_the_round_trip() {
-        let reports = [Report::Started(4242), Report::SpawnFailed(libc::ENOENT), Report::MainExited(9 << 8)];
+        let reports = [
+            Report::Started(4242),
+            Report::SpawnFailed(libc::ENOENT),
+            Report::MainExited(9 << 8),
+            Report::TreeEnded,
+        ];
         let mut buf: Vec<u8> = reports.iter().flat_map(Report::encode).collect();
         for report in reports {
             assert_eq!(Report::decode(&mut buf).unwrap(), Some(report));
