@@ -680,3 +680,36 @@ fn a_killed_keeper_takes_the_tree_with_it_and_kmirror_says_so() {
     assert!(stderr.contains("the process keeper") && stderr.contains("ended unexpectedly"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The app starts with the signal dispositions it had when kmirror forked it itself: what
+/// kmirror inherited as ignored stays ignored, SIGPIPE (which Rust ignores) is default, and
+/// nothing else is ignored (glibc's posix_spawn, which starts the keeper, leaves its internal
+/// signal 33 ignored in the new program; the keeper puts it back).
+#[test]
+fn the_app_starts_with_the_signal_dispositions_kmirror_had() {
+    let pod = LocalPod::start(199);
+    let ignored = |status: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .expect("SigIgn")
+    };
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    let mine = ignored(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let mut cmd = kmirror_cmd(pod.target_pid, &[], &["cat", "/proc/self/status"]);
+    // SAFETY: only a raw system call between fork and exec: kmirror starts with SIGALRM ignored,
+    // as under `nohup`-like wrappers that ignore a signal for their child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGALRM, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = kmirror_suite::run::output_within(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let app = ignored(&String::from_utf8_lossy(&out.stdout));
+    let expected = (mine | bit(libc::SIGALRM)) & !bit(libc::SIGPIPE);
+    assert_eq!(app, expected, "the app ignores {app:#x}, expected {expected:#x}");
+}

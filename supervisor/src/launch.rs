@@ -52,6 +52,7 @@ pub fn launch(
 ) -> Result<App, LaunchError> {
     let shown = program.display().to_string();
     let request = LaunchRequest {
+        ignored: crate::keeper::ignored_signals(),
         program: program.as_os_str().as_bytes().to_vec(),
         args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: env.into_iter().collect(),

@@ -272,6 +272,61 @@ fn install_signal_handlers() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The kernel's `struct sigaction` (x86_64), for raw `rt_sigaction`: glibc's wrapper refuses
+/// its internal signals (32 and 33).
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// The disposition of `sig` (0 default, 1 ignored, else a handler), or None if unreadable.
+fn disposition(sig: i32) -> Option<usize> {
+    let mut old = KernelSigaction::default();
+    // SAFETY: rt_sigaction that only reads into a kernel-layout struct of the right size.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<KernelSigaction>(), &mut old, 8)
+    };
+    (rc == 0).then_some(old.handler)
+}
+
+/// Signals ignored in this process, bit n-1 for signal n.
+pub fn ignored_signals() -> u64 {
+    (1..=64).filter(|&sig| disposition(sig) == Some(libc::SIG_IGN)).fold(0, |mask, sig| mask | 1 << (sig - 1))
+}
+
+/// Makes the keeper ignore exactly the signals kmirror ignores (those it catches itself reset
+/// at exec anyway), so the app inherits the same as when kmirror forked it. The keeper's own
+/// start differs: glibc's posix_spawn, which started it, leaves glibc's internal signals (32,
+/// 33) ignored in the new program.
+fn ignore_like(ignored: u64) {
+    for sig in 1..=64 {
+        if matches!(sig, libc::SIGKILL | libc::SIGSTOP | libc::SIGCHLD) || OUTLIVED.contains(&sig) {
+            continue;
+        }
+        let wanted = if ignored & 1 << (sig - 1) != 0 { libc::SIG_IGN } else { libc::SIG_DFL };
+        match disposition(sig) {
+            Some(now) if now != wanted && (now == libc::SIG_IGN || now == libc::SIG_DFL) => {
+                let action = KernelSigaction { handler: wanted, ..Default::default() };
+                // SAFETY: rt_sigaction setting SIG_IGN or SIG_DFL, which need no restorer.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        &action,
+                        std::ptr::null_mut::<KernelSigaction>(),
+                        8,
+                    )
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
 fn fd_arg(arg: Option<String>) -> std::io::Result<RawFd> {
     arg.and_then(|a| a.parse().ok()).ok_or_else(|| {
         std::io::Error::other("started without its descriptors (it is started by kmirror only)")
@@ -309,6 +364,7 @@ fn keep() -> std::io::Result<()> {
         }
     };
 
+    ignore_like(request.ignored);
     let mut command = std::process::Command::new(OsStr::from_bytes(&request.program));
     command.args(request.args.iter().map(|a| OsStr::from_bytes(a))).env_clear();
     for (name, value) in &request.env {

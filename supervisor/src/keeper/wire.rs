@@ -23,6 +23,8 @@ pub enum Command {
 
 #[derive(Clone)]
 pub struct LaunchRequest {
+    /// Signals ignored in kmirror (bit n-1 for signal n), which the app inherits as before.
+    pub ignored: u64,
     pub program: Vec<u8>,
     pub args: Vec<Vec<u8>>,
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
@@ -109,6 +111,7 @@ impl Command {
         match self {
             Command::Launch(req) => {
                 body.push(b'L');
+                body.extend_from_slice(&req.ignored.to_le_bytes());
                 put_bytes(&mut body, &req.program);
                 body.extend_from_slice(&(req.args.len() as u32).to_le_bytes());
                 for arg in &req.args {
@@ -143,6 +146,7 @@ impl Command {
         let mut f = Fields(&body);
         let command = match f.u8()? {
             b'L' => {
+                let ignored = u64::from_le_bytes(f.take(8)?.try_into().expect("8 bytes"));
                 let program = f.bytes()?;
                 let args = (0..f.u32()?).map(|_| f.bytes()).collect::<Result<_, _>>()?;
                 let env = (0..f.u32()?).map(|_| Ok((f.bytes()?, f.bytes()?))).collect::<Result<_, _>>()?;
@@ -153,7 +157,7 @@ impl Command {
                         Ok(libc::sock_filter { code, jt, jf, k: f.u32()? })
                     })
                     .collect::<Result<_, _>>()?;
-                Command::Launch(LaunchRequest { program, args, env, filter })
+                Command::Launch(LaunchRequest { ignored, program, args, env, filter })
             }
             b'S' => Command::Signal { sig: f.u8()? as i32, outside_group_only: f.u8()? != 0 },
             b'E' => Command::EndTree,
@@ -202,6 +206,7 @@ mod tests {
 
     fn launch() -> Command {
         Command::Launch(LaunchRequest {
+            ignored: 1 << 31 | 1 << 12,
             program: b"/bin/sh".to_vec(),
             args: vec![b"-c".to_vec(), b"exit 3".to_vec(), Vec::new()],
             env: vec![(b"PATH".to_vec(), b"/bin".to_vec()), (b"EMPTY".to_vec(), Vec::new())],
@@ -252,7 +257,7 @@ mod tests {
         let malformed = |buf: &mut Vec<u8>| matches!(Command::decode(buf), Err(WireError::Malformed));
         // A launch request whose argument count promises more than the frame holds.
         let mut short = Vec::new();
-        frame(&mut short, &[b'L', 0, 0, 0, 0, 9, 0, 0, 0]);
+        frame(&mut short, &[b'L', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0]);
         assert!(malformed(&mut short));
         let mut unknown = Vec::new();
         frame(&mut unknown, b"?");
