@@ -163,14 +163,22 @@ pub fn spawn() -> std::io::Result<Keeper> {
                 Ok(0) => break,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
+                Err(e) => {
+                    tracing::error!("cannot read from the process keeper: {e}; ending it");
+                    let _ = child.kill();
+                    break;
+                }
             }
             loop {
                 let report = match Report::decode(&mut buf) {
                     Ok(Some(report)) => report,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::error!("the process keeper sent {e}");
+                        // Cannot happen between two copies of one binary; if it does, the keeper
+                        // cannot be trusted to report the end of the tree: end it (and kmirror
+                        // then ends what is left, as for a keeper killed from outside).
+                        tracing::error!("the process keeper sent {e}; ending it");
+                        let _ = child.kill();
                         break 'read;
                     }
                 };
