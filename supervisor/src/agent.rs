@@ -64,6 +64,9 @@ pub async fn start_local(pid: u32, allow_host_network: bool) -> Result<Agent> {
         .arg(pid.to_string())
         .env_remove("KMIRROR_SESSION_TOKEN")
         .stdin(std::process::Stdio::null())
+        // A group of its own: a terminal's Ctrl-C is for the app's foreground group, and the
+        // agent must keep serving the app's processes that outlive it (it ends with kmirror).
+        .process_group(0)
         .kill_on_drop(true);
     // The agent inherits its tunnel end: close-on-exec is cleared on it for this spawn only,
     // and nothing else is spawned meanwhile (the app starts after the handshake). With no code

@@ -87,6 +87,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub remote_loopback: bool,
 
+    /// End every other process of the app when its main process exits (SIGKILL, as a
+    /// container's runtime does), instead of serving them until the last one exits.
+    #[arg(long)]
+    pub exit_with_main: bool,
+
     /// The command to run, and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

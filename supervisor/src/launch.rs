@@ -1,32 +1,34 @@
 //! Starting the app under the seccomp filter and taking its listener.
 //!
-//! Sequence: a long-lived "launcher" thread forks the app (std's `Command` with a `pre_exec`
-//! hook). In the child, before exec: `PR_SET_PDEATHSIG(SIGKILL)` (if kmirror dies, trapped
-//! calls would fail with ENOSYS, so the app must die too — and the signal follows the *thread*
-//! that forked, hence the dedicated thread that lives until the app exits), then `seccomp(2)`
-//! with `NEW_LISTENER | WAIT_KILLABLE_RECV` (without the latter Go's SIGURG preemption restarts
-//! trapped calls forever), then the child tells the parent its pid and the listener's number
-//! over a socketpair (the parent copies the listener out with pidfd_getfd) and waits for an
-//! acknowledgement before it execs. Only raw system calls run between fork and exec.
+//! Sequence: the keeper (see [`crate::keeper`]), started at the beginning of the session,
+//! receives a launch request and forks the app (std's `Command` with a `pre_exec` hook). In the
+//! child, before exec: `PR_SET_PDEATHSIG(SIGKILL)` (if its parent, the keeper, dies, the app
+//! dies too; the keeper is single-threaded, so the signal cannot come from a thread that merely
+//! ended), then `seccomp(2)` with `NEW_LISTENER | WAIT_KILLABLE_RECV` (without the latter Go's
+//! SIGURG preemption restarts trapped calls forever), then the child tells kmirror its pid and
+//! the listener's number over a socketpair (kmirror copies the listener out with pidfd_getfd)
+//! and waits for an acknowledgement before it execs. Only raw system calls run between fork and
+//! exec.
 
+use crate::keeper::{Keeper, TreeControl, TreeEvent, wire::LaunchRequest};
 use crate::seccomp::filter::Program;
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::Duration;
 
 pub struct App {
-    /// Signals the app without ever hitting a process that reuses its pid.
+    /// Signals the main process without ever hitting a process that reuses its pid.
     pub handle: crate::signals::Pidfd,
     pub listener: OwnedFd,
-    /// Delivers the app's exit status once it has exited.
-    pub exited: tokio::sync::oneshot::Receiver<ExitStatus>,
+    /// The main process's exit, then the end of the whole tree.
+    pub events: tokio::sync::mpsc::UnboundedReceiver<TreeEvent>,
+    /// Signals or ends every process of the tree.
+    pub tree: TreeControl,
+    pub keeper_pid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,67 +41,47 @@ pub enum LaunchError {
     Setup(std::io::Error),
 }
 
-/// Starts `program` with exactly `env`, its stdio inherited from kmirror.
+/// Has the keeper start `program` with exactly `env`, its stdio inherited from kmirror.
 pub fn launch(
+    keeper: Keeper,
     program: PathBuf,
     args: Vec<std::ffi::OsString>,
     env: BTreeMap<Vec<u8>, Vec<u8>>,
     filter: Program,
-    on_listener: impl FnOnce(&OwnedFd) + Send + 'static,
+    on_listener: impl FnOnce(&OwnedFd),
 ) -> Result<App, LaunchError> {
-    let (parent_end, child_end) = UnixStream::pair().map_err(LaunchError::Setup)?;
-    let (started_tx, started_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
-    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
-    // SAFETY: getpid has no preconditions.
-    let supervisor_pid = unsafe { libc::getpid() };
     let shown = program.display().to_string();
+    let request = LaunchRequest {
+        ignored: crate::keeper::ignored_signals(),
+        program: program.as_os_str().as_bytes().to_vec(),
+        args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: env.into_iter().collect(),
+        filter: filter.instructions,
+    };
+    keeper.launch(request).map_err(LaunchError::Setup)?;
+    let Keeper { pid: keeper_pid, control, handoff, started, events } = keeper;
 
-    std::thread::Builder::new()
-        .name("kmirror-launcher".into())
-        .spawn(move || {
-            let mut command = Command::new(&program);
-            command.args(&args).env_clear();
-            for (name, value) in &env {
-                command.env(OsStr::from_bytes(name), OsStr::from_bytes(value));
-            }
-            let child_fd = child_end.as_raw_fd();
-            let instructions = filter.instructions;
-            // SAFETY: the hook only makes raw, async-signal-safe system calls on memory that
-            // was allocated before fork.
-            unsafe {
-                command.pre_exec(move || install_filter(&instructions, child_fd, supervisor_pid));
-            }
-            match command.spawn() {
-                Ok(mut child) => {
-                    drop(child_end);
-                    let _ = started_tx.send(Ok(child.id()));
-                    let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
-                    let _ = exit_tx.send(status);
-                }
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
-                }
-            }
-        })
-        .map_err(LaunchError::Setup)?;
-
-    // The child blocks before exec until we acknowledge, so the spawn above cannot succeed
-    // before the listener arrived here; it can only fail (exec of a bad program, ...).
-    let (listener, child_pid, handle) = match receive_fd(&parent_end, &started_rx) {
+    // The child blocks before exec until we acknowledge, so the spawn cannot succeed before
+    // the listener arrived here; it can only fail (exec of a bad program, ...).
+    let (listener, child_pid, handle) = match receive_fd(&handoff, &started) {
         Ok(Handoff::Listener(fd, pid, handle)) => (fd, pid, handle),
         Ok(Handoff::SpawnFailed(source)) => return Err(LaunchError::Spawn { program: shown, source }),
         Err(e) => return Err(LaunchError::Handoff(e)),
     };
     on_listener(&listener);
-    send_ack(&parent_end).map_err(LaunchError::Handoff)?;
-    let pid = match started_rx.recv() {
+    send_ack(&handoff).map_err(LaunchError::Handoff)?;
+    let pid = match started.recv() {
         Ok(Ok(pid)) => pid,
         Ok(Err(source)) => return Err(LaunchError::Spawn { program: shown, source }),
-        Err(_) => return Err(LaunchError::Handoff(std::io::Error::other("launcher thread died"))),
+        Err(_) => return Err(LaunchError::Handoff(keeper_lost())),
     };
     debug_assert_eq!(pid, child_pid);
-    tracing::debug!(pid, "app started");
-    Ok(App { handle, listener, exited: exit_rx })
+    tracing::debug!(pid, keeper_pid, "app started");
+    Ok(App { handle, listener, events, tree: control, keeper_pid })
+}
+
+fn keeper_lost() -> std::io::Error {
+    std::io::Error::other("the process keeper ended before the app started")
 }
 
 fn send_ack(mut sock: &UnixStream) -> std::io::Result<()> {
@@ -126,9 +108,7 @@ fn receive_fd(
                 match started.try_recv() {
                     Ok(Err(spawn_error)) => return Ok(Handoff::SpawnFailed(spawn_error)),
                     Ok(Ok(_)) => return Err(std::io::Error::other("the app started without a filter")),
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        return Err(std::io::Error::other("launcher thread died"));
-                    }
+                    Err(mpsc::TryRecvError::Disconnected) => return Err(keeper_lost()),
                     Err(mpsc::TryRecvError::Empty) => {}
                 }
                 if std::time::Instant::now() > deadline {
@@ -170,11 +150,12 @@ fn recv_fd(sock: RawFd) -> std::io::Result<(OwnedFd, u32, crate::signals::Pidfd)
     Ok((child.take_fd(fd)?, pid, child))
 }
 
-/// Runs in the forked child: only raw system calls, no allocation.
-fn install_filter(
+/// Runs in the forked child (forked by the keeper, `parent_pid`): only raw system calls, no
+/// allocation.
+pub fn install_filter(
     instructions: &[libc::sock_filter],
     sock: RawFd,
-    supervisor_pid: libc::pid_t,
+    parent_pid: libc::pid_t,
 ) -> std::io::Result<()> {
     let fail = || Err(std::io::Error::last_os_error());
     // SAFETY (whole block): raw system calls on valid arguments and on memory allocated before
@@ -183,8 +164,9 @@ fn install_filter(
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
             return fail();
         }
-        // The supervisor may have died between fork and prctl: then nobody would answer.
-        if libc::getppid() != supervisor_pid {
+        // The keeper may have died between fork and prctl: then nobody would end the app with
+        // kmirror.
+        if libc::getppid() != parent_pid {
             return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
         }
         let prog =

@@ -8,6 +8,7 @@ mod command;
 mod dns_server;
 mod handlers;
 mod incoming;
+mod keeper;
 mod kernel;
 mod launch;
 mod localfs;
@@ -39,6 +40,10 @@ fn raise_fd_limit() {
 }
 
 fn main() {
+    // kmirror's own binary started again as the app's keeper: nothing of a session runs there.
+    if keeper::invoked() {
+        keeper::main();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KMIRROR_LOG").unwrap_or_else(|_| "warn".into()),

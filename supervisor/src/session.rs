@@ -2,18 +2,20 @@
 
 use crate::cli::RunArgs;
 use crate::handlers::{self, Context};
+use crate::keeper::{TreeControl, TreeEvent};
 use crate::policy::env::EnvPolicy;
 use crate::policy::files::{FilePolicy, VirtualFile};
 use crate::policy::incoming::IncomingPolicy;
 use crate::policy::net::OutgoingPolicy;
 use crate::seccomp::{Listener, filter};
-use crate::{agent, command, dns_server, launch, outgoing::Proxy, policy, signals, target};
+use crate::{agent, command, dns_server, keeper, launch, outgoing::Proxy, policy, signals, target};
 use anyhow::{Context as _, Result};
 use kmirror_protocol::{Request, Response};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -21,6 +23,13 @@ use std::time::Duration;
 
 /// Bound of the set-up requests (environment, resolv.conf) before the app starts.
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the app's processes get between SIGTERM (or the signal kmirror passed on) and
+/// SIGKILL when kmirror stops them.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How often pidfds of the app's threads that have exited are let go.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A failure that ends kmirror with a specific exit status.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +90,8 @@ async fn session(
     let filter = tokio::task::spawn_blocking(|| {
         filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
     });
+    // The keeper first: its start-up (an exec of this binary) then overlaps the agent's.
+    let keeper = keeper::spawn().context("cannot start the process keeper")?;
     let agent = agent::start_local(pid, args.allow_host_network)
         .await
         .with_context(|| format!("cannot start a session with {target}"))?;
@@ -167,7 +178,7 @@ async fn session(
         filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = args.command[1..].to_vec();
     let app = tokio::task::spawn_blocking(move || {
-        launch::launch(program, app_args, env, filter, |listener| {
+        launch::launch(keeper, program, app_args, env, filter, |listener| {
             if let Err(e) = Listener::set_sync_wake_up_fd(listener) {
                 tracing::info!(
                     "seccomp SYNC_WAKE_UP unavailable ({e}; Linux 6.6): each trapped call's answer wakes the app more slowly"
@@ -185,8 +196,10 @@ async fn session(
         };
         Exit { message: e.to_string(), code }
     })?;
-    let app_handle = Arc::new(app.handle);
-    signals::forward_to(signal_pipe, app_handle.clone());
+    let main = app.handle;
+    let tree = app.tree;
+    let (signals_tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    signals::report_to(signal_pipe, signals_tx);
 
     let ctx = Arc::new(Context {
         listener: Arc::new(Listener::new(app.listener)),
@@ -207,8 +220,9 @@ async fn session(
     });
     start_notify_thread(ctx.clone());
 
-    let mut exited = app.exited;
+    let mut events = app.events;
     let mut agent_child = agent.child;
+    let agent_pid = agent_child.id();
     let mut agent_running = true;
     // Our own flag, not `tunnel.is_closed()`: when the agent dies, its exit can wake this loop
     // first, and by the next turn the tunnel is already closed; a guard on the tunnel's state
@@ -217,14 +231,44 @@ async fn session(
     let mut from_agent = agent.incoming;
     // Why the session failed while the app ran, if it did: kmirror then exits non-zero.
     let mut failure: Option<String> = None;
-    let status = loop {
+    let mut main_status: Option<ExitStatus> = None;
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Served until the last process of the tree has exited; the keeper's status only if it
+    // died before.
+    let keeper_died = loop {
         tokio::select! {
-            status = &mut exited => break status.context("lost track of the app")?,
+            event = events.recv() => match event {
+                Some(TreeEvent::MainExited(status)) => {
+                    tracing::debug!(?status, "the main process exited");
+                    main_status = Some(status);
+                    if args.exit_with_main {
+                        tree.end();
+                    }
+                }
+                Some(TreeEvent::TreeEnded) => break None,
+                Some(TreeEvent::KeeperDied(status)) => break Some(status),
+                None => break Some(ExitStatus::from_raw(1 << 8)),
+            },
+            Some(received) = received.recv() => {
+                let main_running = main_status.is_none() && !main.has_exited();
+                match signals::route(received, main_running) {
+                    signals::Route::Main => main.signal(received.sig),
+                    signals::Route::Nowhere => {}
+                    signals::Route::Rest { outside_group_only, then_end } => {
+                        tree.signal(received.sig, outside_group_only);
+                        if then_end {
+                            end_after_grace(tree.clone());
+                        }
+                    }
+                }
+            }
+            _ = sweep.tick() => ctx.threads.forget_exited(),
             Some(message) = from_agent.recv() => match message {
                 kmirror_protocol::tunnel::Incoming::Goodbye { reason } => {
                     eprintln!("kmirror: the session ended: {reason}; stopping the app");
                     failure.get_or_insert(reason);
-                    stop_app(app_handle.clone());
+                    stop_tree(&tree);
                 }
                 kmirror_protocol::tunnel::Incoming::Open {
                     stream,
@@ -258,6 +302,25 @@ async fn session(
             _ = agent_child.wait(), if agent_running => agent_running = false,
         }
     };
+    if let Some(keeper_status) = keeper_died {
+        // The keeper was killed on its own (it never fails while kmirror lives): the main
+        // process died with it (PDEATHSIG) and its orphans came to kmirror, the subreaper.
+        let ended = tokio::task::spawn_blocking(move || keeper::end_leftovers(agent_pid, STOP_GRACE))
+            .await
+            .unwrap_or(0);
+        let reason = format!(
+            "the process keeper (pid {}) ended unexpectedly ({keeper_status}); the app ended with it{}",
+            app.keeper_pid,
+            if ended > 0 {
+                format!("; kmirror ended the {ended} processes left of it")
+            } else {
+                String::new()
+            }
+        );
+        eprintln!("kmirror: {reason}");
+        failure.get_or_insert(reason);
+    }
+    let status = main_status.unwrap_or(ExitStatus::from_raw(libc::SIGKILL));
     let trapped: Vec<&str> = handlers::TRAPPED
         .iter()
         .copied()
@@ -275,13 +338,17 @@ async fn session(
     }
 }
 
-/// Asks the app to stop (SIGTERM) and makes sure it does (SIGKILL after a grace period).
-/// Signals go through a pidfd, so a pid reused after the app exited is never hit.
-fn stop_app(app: Arc<signals::Pidfd>) {
-    app.signal(libc::SIGTERM);
+/// Asks every process of the app to stop (SIGTERM) and makes sure they do (SIGKILL after a
+/// grace period). The keeper signals through pidfds, so a reused pid is never hit.
+fn stop_tree(tree: &TreeControl) {
+    tree.signal(libc::SIGTERM, false);
+    end_after_grace(tree.clone());
+}
+
+fn end_after_grace(tree: TreeControl) {
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        app.signal(libc::SIGKILL);
+        tokio::time::sleep(STOP_GRACE).await;
+        tree.end();
     });
 }
 

@@ -1,9 +1,11 @@
 //! Passing termination signals on to the app.
 //!
 //! A signal sent to kmirror with kill(2) (systemd stopping a unit, `kill <pid>`, a CI runner's
-//! timeout) is forwarded to the app. A signal the terminal generated (Ctrl-C, hang-up) already
-//! reached the app, which shares kmirror's process group, so forwarding it would deliver it
-//! twice; such signals are recognised by `si_code == SI_KERNEL` and not forwarded.
+//! timeout) is forwarded to the app's main process. A signal the terminal generated (Ctrl-C,
+//! hang-up) already reached every process of the foreground process group, which the app
+//! shares with kmirror, so forwarding it would deliver it twice; such signals are recognised by
+//! `si_code == SI_KERNEL` and not forwarded. Once the main process has exited, kmirror is only
+//! waiting for the rest of the tree, and [`route`] decides what a signal does then.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -50,8 +52,16 @@ pub fn install() -> std::io::Result<RawFd> {
     Ok(fds[0])
 }
 
-/// Forwards reported signals to the app until the pipe closes (runs on its own thread).
-pub fn forward_to(read_fd: RawFd, app: std::sync::Arc<Pidfd>) {
+/// A signal kmirror received, and whether the terminal generated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub sig: i32,
+    pub from_terminal: bool,
+}
+
+/// Reports received signals on `to` until the pipe closes (runs on its own thread); the
+/// session decides with [`route`] where they go.
+pub fn report_to(read_fd: RawFd, to: tokio::sync::mpsc::UnboundedSender<Received>) {
     std::thread::Builder::new()
         .name("kmirror-signals".into())
         .spawn(move || {
@@ -60,8 +70,9 @@ pub fn forward_to(read_fd: RawFd, app: std::sync::Arc<Pidfd>) {
                 // SAFETY: reads into a local buffer.
                 let n = unsafe { libc::read(read_fd, msg.as_mut_ptr().cast(), 2) };
                 if n == 2 {
-                    if msg[1] == 0 {
-                        app.signal(msg[0] as i32);
+                    let received = Received { sig: msg[0] as i32, from_terminal: msg[1] != 0 };
+                    if to.send(received).is_err() {
+                        return;
                     }
                 } else if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
                 {
@@ -70,6 +81,35 @@ pub fn forward_to(read_fd: RawFd, app: std::sync::Arc<Pidfd>) {
             }
         })
         .expect("cannot start the signal thread");
+}
+
+/// Where a received signal goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// To the main process (pidfd).
+    Main,
+    /// Nowhere: the terminal already delivered it to the main process's group.
+    Nowhere,
+    /// To the processes left after the main process exited (only those outside kmirror's
+    /// process group if the terminal sent it, as the others already have it); with
+    /// `then_end`, those still running after a grace period are SIGKILLed.
+    Rest { outside_group_only: bool, then_end: bool },
+}
+
+/// While the main process runs, signals are its own, as they always were. After it exited,
+/// kmirror only waits for the rest of the tree, which cannot outlive kmirror: a signal whose
+/// default action would have ended kmirror (interrupt, quit, termination, hang-up) is passed
+/// on and then ends the rest, so that Ctrl-C or a service manager's stop gets its answer;
+/// SIGUSR1/2 are only passed on.
+pub fn route(received: Received, main_running: bool) -> Route {
+    match (main_running, received.from_terminal) {
+        (true, false) => Route::Main,
+        (true, true) => Route::Nowhere,
+        (false, outside_group_only) => Route::Rest {
+            outside_group_only,
+            then_end: [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT, libc::SIGHUP].contains(&received.sig),
+        },
+    }
 }
 
 /// A process handle that stays valid (and never names another process) after it exits.
@@ -97,6 +137,15 @@ impl Pidfd {
         }
         // SAFETY: a fresh descriptor from the kernel.
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as RawFd) })
+    }
+
+    /// True once the process has exited (also while it is a zombie).
+    pub fn has_exited(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no waiting.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        rc > 0 && pfd.revents & libc::POLLIN != 0
     }
 
     /// Sends `sig`; a process that already exited is not an error.
@@ -127,4 +176,45 @@ pub fn exit_like(status: std::process::ExitStatus) -> ! {
     }
     // Signals whose default action is not fatal end up here.
     std::process::exit(128 + sig);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_go_to_the_main_process_while_it_runs_then_to_the_rest() {
+        let killed = |sig| Received { sig, from_terminal: false };
+        let typed = |sig| Received { sig, from_terminal: true };
+        assert_eq!(route(killed(libc::SIGTERM), true), Route::Main);
+        assert_eq!(route(killed(libc::SIGUSR1), true), Route::Main);
+        assert_eq!(route(typed(libc::SIGINT), true), Route::Nowhere);
+        assert_eq!(
+            route(killed(libc::SIGTERM), false),
+            Route::Rest { outside_group_only: false, then_end: true }
+        );
+        assert_eq!(
+            route(typed(libc::SIGINT), false),
+            Route::Rest { outside_group_only: true, then_end: true }
+        );
+        assert_eq!(
+            route(killed(libc::SIGUSR2), false),
+            Route::Rest { outside_group_only: false, then_end: false }
+        );
+    }
+
+    #[test]
+    fn a_pidfd_tells_when_its_process_has_exited() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = Pidfd::open(child.id()).unwrap();
+        assert!(!pidfd.has_exited());
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !pidfd.has_exited() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(pidfd.has_exited());
+    }
 }

@@ -176,6 +176,10 @@ const NOT_THE_THREADS: i32 = libc::EXDEV;
 /// of a fast answer (getpeername is trapped on every socket). A thread pidfd names one thread
 /// for good: once that thread is gone, a call through it fails with ESRCH — even if its tid was
 /// reused — and the entry is reopened. On kernels without thread pidfds, see [`Handle`].
+/// Handles of threads that have exited are let go within a second ([`forget_exited`], called
+/// by the session), so a tree of many short-lived processes leaves no descriptors behind.
+///
+/// [`forget_exited`]: ThreadHandles::forget_exited
 pub struct ThreadHandles {
     cache: std::sync::Mutex<std::collections::HashMap<u32, std::sync::Arc<Handle>>>,
     thread_pidfds: bool,
@@ -214,6 +218,38 @@ impl ThreadHandles {
             return Err(std::io::Error::from_raw_os_error(NOT_THE_THREADS));
         }
         Ok(taken)
+    }
+
+    /// Closes the handles of threads that have exited (a thread pidfd polls readable then; a
+    /// process pidfd, without thread pidfds, once the process has).
+    pub fn forget_exited(&self) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.is_empty() {
+            return;
+        }
+        let tids: Vec<u32> = cache.keys().copied().collect();
+        let mut fds: Vec<libc::pollfd> = tids
+            .iter()
+            .map(|tid| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&cache[tid].pidfd),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` holds valid pollfds of descriptors the cache keeps open; no waiting.
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) } <= 0 {
+            return;
+        }
+        for (tid, fd) in tids.iter().zip(&fds) {
+            if fd.revents != 0 {
+                cache.remove(tid);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn cached(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Duplicates descriptor `fd` of thread `tid` into this process. The copy shares the open
@@ -330,6 +366,24 @@ mod tests {
             assert_eq!(sig, libc::SIGUSR2);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         }
+    }
+
+    #[test]
+    fn handles_of_exited_threads_are_let_go() {
+        let handles = ThreadHandles::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Descriptor 0 of the child: the pipe.
+        handles.take_fd(child.id(), 0).unwrap();
+        handles.forget_exited();
+        assert_eq!(handles.cached(), 1, "a running thread keeps its handle");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        handles.forget_exited();
+        assert_eq!(handles.cached(), 0, "an exited thread's handle is closed");
     }
 
     #[test]
