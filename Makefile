@@ -26,6 +26,7 @@ lint: setup
 	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
 	$(CARGO) deny --workspace check licenses bans sources
 	@scripts/advisories.sh
+	@scripts/test-advisories.sh
 
 # Everything cargo deny checks, with advisories for all three lock files against the live
 # RustSec database (needs GitHub; fails if it cannot be reached).
