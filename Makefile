@@ -16,21 +16,24 @@ fixtures: setup
 demo: build fixtures
 	$(CARGO) run -q --example demo
 
-# Format, clippy, and cargo deny (licences, bans, sources; see deny.toml), plus its advisories
-# check wherever the RustSec database on GitHub can be reached (scripts/advisories.sh says so
-# loudly where it cannot).
+# Format, clippy, and cargo deny: licences, bans and sources (see deny.toml), then security
+# advisories for all three Rust lock files (workspace, protocol/fuzz, fixtures/rust-app) against
+# the RustSec snapshot in ../shared/advisory-db with fetching disabled, then a test that this
+# advisories check does report a vulnerable crate (scripts/test-advisories.sh).
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
 	$(CARGO) deny --workspace check licenses bans sources
 	@scripts/advisories.sh
+	@scripts/test-advisories.sh
 
-# Everything cargo deny checks, security advisories included (needs the RustSec database,
-# fetched from GitHub).
+# Everything cargo deny checks, with advisories for all three lock files against the live
+# RustSec database (needs GitHub; fails if it cannot be reached).
 audit: setup
 	@command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny
-	$(CARGO) deny --workspace check
+	$(CARGO) deny --workspace check licenses bans sources
+	@scripts/advisories.sh --live
 
 # Every wire-protocol decoder under libFuzzer for a bounded time (FUZZ_SECONDS per target).
 fuzz: setup
