@@ -97,6 +97,8 @@ for k in $KERNELS; do
     rm -rf "$kdir" && mkdir -p "$kdir"
     (cd "$CACHE/debs" && apt-get "${APT[@]}" download -qq "$version" 2>&1 | grep -v unsandboxed || true)
     dpkg-deb -x "$CACHE"/debs/"$version"_*.deb "$kdir/root"
+    # Debian 13 installs modules under /usr/lib (merged /usr); depmod and modprobe look in /lib.
+    [[ -e $kdir/root/lib ]] || ln -s usr/lib "$kdir/root/lib"
     touch "$kdir/ready"
   fi
   kver=$(ls "$kdir/root/lib/modules")
