@@ -72,3 +72,31 @@ fn renaming_the_host_stays_with_the_app() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("rc=1\n{}\n", pod.pod_hostname()));
     assert_eq!(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), before);
 }
+
+/// An opened pod file describes itself as `stat` of its path does: mode, owner, size and
+/// modification time (an app checking its key file's mode, as ssh does, sees the pod's).
+#[test]
+fn an_open_pod_file_fstats_like_its_path() {
+    let pod = LocalPod::start(137);
+    // An owner and a time that a fresh copy on this side would not have by chance.
+    let file = pod.rootfs.join("data/pod-only.txt");
+    std::os::unix::fs::chown(&file, Some(1234), Some(1235)).unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
+    let script = "import os, sys\n\
+                  p = sys.argv[1]\n\
+                  s = os.stat(p)\n\
+                  f = open(p, 'rb')\n\
+                  t = os.fstat(f.fileno())\n\
+                  for st in (s, t):\n    print(oct(st.st_mode), st.st_uid, st.st_gid, st.st_size, int(st.st_mtime))\n";
+    let path = "/data/pod-only.txt";
+    let under = kmirror(pod.target_pid, &["--fs-mode", "read"], &["/usr/bin/python3", "-c", script, path]);
+    let inside = pod.exec_in_pod("/usr/bin/python3", &["-c", script, path]);
+    let (under, inside) = (String::from_utf8_lossy(&under.stdout), String::from_utf8_lossy(&inside.stdout));
+    let lines: Vec<&str> = under.lines().collect();
+    assert_eq!(lines.len(), 2, "{under}");
+    assert_eq!(lines[0], lines[1], "fstat of the open file (right) against stat of its path (left)");
+    assert_eq!(under, inside, "under kmirror (left) and in the pod (right)");
+    assert!(lines[0].starts_with("0o100640 1234 1235 "), "the pod file's mode and owner: {under}");
+    assert!(lines[0].ends_with(" 1600000000"), "the pod file's time: {under}");
+}

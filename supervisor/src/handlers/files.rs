@@ -374,14 +374,14 @@ async fn open_remote(ctx: &Context, path: &[u8], flags: i32) -> Result<OwnedFd, 
             Ok(std::fs::File::open(local).map_err(errno_of)?.into())
         }
         _ if flags & libc::O_DIRECTORY != 0 => Err(libc::ENOTDIR),
-        libc::S_IFREG => fetch_file(ctx, path, st.size.max(0) as u64, flags & libc::O_NOFOLLOW == 0).await,
+        libc::S_IFREG => fetch_file(ctx, path, &st, flags & libc::O_NOFOLLOW == 0).await,
         libc::S_IFLNK => Err(libc::ELOOP),
         _ => Err(libc::ENXIO),
     }
 }
 
-async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64, follow: bool) -> Result<OwnedFd, i32> {
-    if size_hint > MAX_REMOTE_FILE {
+async fn fetch_file(ctx: &Context, path: &[u8], st: &FileStat, follow: bool) -> Result<OwnedFd, i32> {
+    if st.size.max(0) as u64 > MAX_REMOTE_FILE {
         return Err(libc::EFBIG);
     }
     let name = path.rsplit(|&b| b == b'/').next().unwrap_or(b"file");
@@ -389,11 +389,12 @@ async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64, follow: bool) ->
         .allow_sealing(true)
         .create(format!("kmirror:{}", String::from_utf8_lossy(name)))
         .map_err(|_| libc::ENOMEM)?;
-    if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
-        fetch_by_handle(ctx, path, follow, memfd.as_file()).await?;
+    let read = if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
+        fetch_by_handle(ctx, path, follow, memfd.as_file()).await?
     } else {
         fetch_by_path(ctx, path, memfd.as_file()).await?;
-    }
+        *st
+    };
     memfd
         .add_seals(&[
             memfd::FileSeal::SealShrink,
@@ -402,7 +403,25 @@ async fn fetch_file(ctx: &Context, path: &[u8], size_hint: u64, follow: bool) ->
             memfd::FileSeal::SealSeal,
         ])
         .map_err(|_| libc::EIO)?;
-    reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)
+    let app_fd = reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)?;
+    // After the reopen (a mode without read permission must not stop it): the copy describes
+    // the pod's file to fstat, as stat of its path does.
+    dress_as(memfd.as_file(), &read);
+    Ok(app_fd)
+}
+
+/// Gives a fetched copy the pod file's mode, owner and times, as far as this side may: an
+/// app that checks its key file's mode (ssh) or compares times sees the pod's. The inode and
+/// device stay the copy's own. Best effort: without root the owner stays kmirror's.
+fn dress_as(file: &std::fs::File, st: &FileStat) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(st.mode & 0o7777));
+    let _ = std::os::unix::fs::fchown(file, Some(st.uid), Some(st.gid));
+    let time = |t: &kmirror_protocol::Timestamp| {
+        std::time::UNIX_EPOCH + std::time::Duration::new(t.sec.max(0) as u64, t.nsec)
+    };
+    let times = std::fs::FileTimes::new().set_accessed(time(&st.atime)).set_modified(time(&st.mtime));
+    let _ = file.set_times(times);
 }
 
 /// A handle the agent holds for this side; closed in the agent if the fetch stops before the
@@ -430,7 +449,7 @@ async fn fetch_by_handle(
     path: &[u8],
     follow: bool,
     mut file: &std::fs::File,
-) -> Result<(), i32> {
+) -> Result<FileStat, i32> {
     let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
     let opened = remote(ctx, Request::OpenFile { path: path.to_vec(), follow }).await?;
     let Response::FileOpened { handle, stat, bytes } = opened else { return Err(libc::EIO) };
@@ -455,7 +474,7 @@ async fn fetch_by_handle(
             return Err(libc::EFBIG);
         }
     }
-    Ok(())
+    Ok(stat)
 }
 
 /// Protocol 2: each chunk is read by path (a replaced file can mix versions).
