@@ -256,11 +256,22 @@ fn virtual_file(ctx: &Context, v: VirtualFile) -> Result<std::fs::File, i32> {
 }
 
 fn sealed(name: &[u8], content: &[u8]) -> Result<std::fs::File, i32> {
-    let memfd = memfd::MemfdOptions::default()
+    let memfd = new_memfd(name)?;
+    memfd.as_file().write_all(content).map_err(errno_of)?;
+    seal(&memfd)?;
+    Ok(memfd.into_file())
+}
+
+/// An empty memfd that can be sealed, named after the file it will hold.
+fn new_memfd(name: &[u8]) -> Result<memfd::Memfd, i32> {
+    memfd::MemfdOptions::default()
         .allow_sealing(true)
         .create(format!("kmirror:{}", String::from_utf8_lossy(name)))
-        .map_err(|_| libc::ENOMEM)?;
-    memfd.as_file().write_all(content).map_err(errno_of)?;
+        .map_err(|_| libc::ENOMEM)
+}
+
+/// Makes a filled memfd read-only for good: no write, no resize, no unsealing.
+fn seal(memfd: &memfd::Memfd) -> Result<(), i32> {
     memfd
         .add_seals(&[
             memfd::FileSeal::SealShrink,
@@ -268,8 +279,7 @@ fn sealed(name: &[u8], content: &[u8]) -> Result<std::fs::File, i32> {
             memfd::FileSeal::SealWrite,
             memfd::FileSeal::SealSeal,
         ])
-        .map_err(|_| libc::EIO)?;
-    Ok(memfd.into_file())
+        .map_err(|_| libc::EIO)
 }
 
 fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
@@ -384,25 +394,14 @@ async fn fetch_file(ctx: &Context, path: &[u8], st: &FileStat, follow: bool) -> 
     if st.size.max(0) as u64 > MAX_REMOTE_FILE {
         return Err(libc::EFBIG);
     }
-    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(b"file");
-    let memfd = memfd::MemfdOptions::default()
-        .allow_sealing(true)
-        .create(format!("kmirror:{}", String::from_utf8_lossy(name)))
-        .map_err(|_| libc::ENOMEM)?;
+    let memfd = new_memfd(path.rsplit(|&b| b == b'/').next().unwrap_or(b"file"))?;
     let read = if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
         fetch_by_handle(ctx, path, follow, memfd.as_file()).await?
     } else {
         fetch_by_path(ctx, path, memfd.as_file()).await?;
         *st
     };
-    memfd
-        .add_seals(&[
-            memfd::FileSeal::SealShrink,
-            memfd::FileSeal::SealGrow,
-            memfd::FileSeal::SealWrite,
-            memfd::FileSeal::SealSeal,
-        ])
-        .map_err(|_| libc::EIO)?;
+    seal(&memfd)?;
     let app_fd = reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)?;
     // After the reopen (a mode without read permission must not stop it): the copy describes
     // the pod's file to fstat, as stat of its path does.
