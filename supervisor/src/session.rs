@@ -79,7 +79,12 @@ async fn session(
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment
     // and resolv.conf are asked for together: every step here delays the app's start.
     let filter = tokio::task::spawn_blocking(|| {
-        filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
+        filter::build(
+            handlers::TRAPPED,
+            handlers::TRAPPED_WITH_ARG,
+            handlers::TRAPPED_WHEN_EQUAL,
+            handlers::DISABLED,
+        )
     });
     let agent = agent::start_local(pid, args.allow_host_network)
         .await
@@ -267,6 +272,7 @@ async fn session(
         .iter()
         .copied()
         .chain(handlers::TRAPPED_WITH_ARG.iter().map(|&(name, _)| name))
+        .chain(handlers::TRAPPED_WHEN_EQUAL.iter().map(|&(name, _)| name))
         .collect();
     crate::stats::write_if_requested(&trapped);
     tunnel.goodbye("the app exited".into());

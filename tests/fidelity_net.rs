@@ -1,0 +1,137 @@
+//! System-call fidelity of outgoing and incoming traffic (issue 21, network items): what the
+//! app sees of its sockets under kmirror is what the same program sees inside the pod.
+//!
+//! Each test runs one program twice, inside the pod (`exec_in_pod`) and under kmirror against
+//! the same pod, and compares what it printed. Pod indices 200..=220.
+
+use kmirror_suite::pod::LocalPod;
+use kmirror_suite::run::{expect_status, field, fixture, kmirror};
+use std::process::Output;
+
+/// Runs `program args` inside the pod and under kmirror; both outputs.
+fn both(pod: &LocalPod, program: &str, args: &[&str]) -> (Output, Output) {
+    let inside = pod.exec_in_pod(program, args);
+    let mut command = vec![program];
+    command.extend_from_slice(args);
+    let under = kmirror(pod.target_pid, &[], &command);
+    (inside, under)
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a Python script in the pod and under kmirror and checks both print the same, and
+/// exit 0; returns that output.
+fn same_in_pod_and_under_kmirror(pod: &LocalPod, script: &str) -> String {
+    let (inside, under) = both(pod, "python3", &["-c", script]);
+    let inside = expect_status(&inside, 0);
+    let under = expect_status(&under, 0);
+    assert_eq!(under, inside, "under kmirror (left) vs inside the pod (right)");
+    under
+}
+
+/// The issue's example: port 7781 of the pod's service address drops SYNs (tests/pod/podsvc.py).
+/// A client with a connect timeout sees it time out in the pod; under kmirror it must too,
+/// instead of connecting after 100 ms to kmirror's loopback proxy.
+#[test]
+fn a_filtered_pod_port_times_out_as_in_the_pod() {
+    let pod = LocalPod::start(200);
+    let service = pod.service_ip.to_string();
+
+    let python = format!(
+        "import socket, time\n\
+         start = time.monotonic()\n\
+         try:\n\
+         \x20   socket.create_connection(('{service}', 7781), timeout=2); print('result=connected')\n\
+         except OSError as e: print('result=' + type(e).__name__)\n\
+         print('waited_enough=%s' % (time.monotonic() - start >= 1.9))\n"
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &python);
+    assert_eq!(out, "result=TimeoutError\nwaited_enough=True\n");
+
+    // OpenBSD netcat's connect test: non-blocking connect, poll with the -w timeout. (By its
+    // own name: `nc` is an alternatives link into /etc, which the pod has its own of.)
+    let nc = "/usr/bin/nc.openbsd";
+    let (inside, under) = both(&pod, nc, &["-z", "-w", "2", &service, "7781"]);
+    assert_eq!(inside.status.code(), Some(1), "nc in the pod: {inside:?}");
+    assert_eq!(under.status.code(), inside.status.code(), "nc under kmirror: {under:?}");
+    // And an open port is still open.
+    let (inside, under) = both(&pod, nc, &["-z", "-w", "2", &service, "7777"]);
+    assert_eq!(inside.status.code(), Some(0), "nc in the pod: {inside:?}");
+    assert_eq!(under.status.code(), Some(0), "nc under kmirror: {under:?}");
+
+    // Go: net.DialTimeout with 3 s (the fixture's `connect`).
+    let go = fixture("go-app-static");
+    let go = go.to_str().unwrap();
+    let target = format!("{service}:7781");
+    let (inside, under) = both(&pod, go, &["connect", &target]);
+    assert_eq!(field(&text(&inside), "errno"), Some("ETIMEDOUT"), "Go in the pod: {inside:?}");
+    assert_eq!(field(&text(&under), "errno"), Some("ETIMEDOUT"), "Go under kmirror: {under:?}");
+}
+
+/// What a non-blocking connect shows while it is in progress and once it is decided, for a
+/// filtered, an open and a refused pod port: not writable, no peer, no error while connecting
+/// (and the connect call itself returns at once, without waiting for the pod); then writable
+/// with the peer, or failed with ECONNREFUSED (POLLERR, SO_ERROR), as the kernel shows it.
+#[test]
+fn a_non_blocking_connect_stays_in_progress_until_the_pod_side_is_known() {
+    let pod = LocalPod::start(201);
+    let script = format!(
+        "import socket, select, errno, time\n\
+         def name(e): return errno.errorcode.get(e, str(e))\n\
+         def start(port):\n\
+         \x20   s = socket.socket(); s.setblocking(False)\n\
+         \x20   t = time.monotonic(); rc = s.connect_ex(('{ip}', port))\n\
+         \x20   print('%d connect=%s quick=%s' % (port, name(rc), time.monotonic() - t < 0.08))\n\
+         \x20   return s\n\
+         def state(s, port, wait_ms):\n\
+         \x20   p = select.poll(); p.register(s, select.POLLOUT)\n\
+         \x20   ev = p.poll(wait_ms)\n\
+         \x20   flags = ev[0][1] if ev else 0\n\
+         \x20   print('%d writable=%s err=%s' % (port, bool(flags & select.POLLOUT), bool(flags & select.POLLERR)))\n\
+         \x20   print('%d so_error=%s' % (port, name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))))\n\
+         \x20   try: print('%d peer=%s:%d' % ((port,) + s.getpeername()))\n\
+         \x20   except OSError as e: print('%d peer=%s' % (port, name(e.errno)))\n\
+         filtered = start(7781); state(filtered, 7781, 300)\n\
+         ok = start(7777); state(ok, 7777, 5000)\n\
+         ok.sendall(b'hi\\n'); ok.setblocking(True); ok.settimeout(5); print('7777 echo=' + ok.recv(100).decode().strip())\n\
+         refused = start(1); state(refused, 1, 5000)\n\
+         print('1 again=%s' % name(refused.connect_ex(('{ip}', 1))))\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    let ip = pod.service_ip;
+    assert_eq!(
+        out,
+        format!(
+            "7781 connect=EINPROGRESS quick=True\n7781 writable=False err=False\n7781 so_error=0\n7781 peer=ENOTCONN\n\
+             7777 connect=EINPROGRESS quick=True\n7777 writable=True err=False\n7777 so_error=0\n7777 peer={ip}:7777\n\
+             7777 echo=pod-echo {}: hi\n\
+             1 connect=EINPROGRESS quick=True\n1 writable=True err=True\n1 so_error=ECONNREFUSED\n1 peer=ENOTCONN\n\
+             1 again=ECONNABORTED\n",
+            pod.index
+        )
+    );
+}
+
+/// A pod-side failure other than a refusal, learnt after EINPROGRESS, reaches the app with the
+/// pod's errno: an IPv6 address on the pod's own link that nobody holds is EHOSTUNREACH once
+/// the pod's neighbour discovery gives up (kmirror's local stand-in error is ECONNRESET).
+#[test]
+fn a_late_pod_side_failure_keeps_its_errno() {
+    let pod = LocalPod::start(202);
+    let nobody = format!("{}99", pod.pod_ip6.to_string().trim_end_matches('2'));
+    let script = format!(
+        "import socket, select, errno\n\
+         s = socket.socket(socket.AF_INET6); s.setblocking(False)\n\
+         print('connect=' + errno.errorcode[s.connect_ex(('{nobody}', 80))])\n\
+         p = select.poll(); p.register(s, select.POLLOUT)\n\
+         ev = p.poll(15000)\n\
+         print('err=%s' % bool(ev and ev[0][1] & select.POLLERR))\n\
+         print('so_error=' + errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), '0'))\n\
+         print('so_error_again=%d' % s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))\n"
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(out, "connect=EINPROGRESS\nerr=True\nso_error=EHOSTUNREACH\nso_error_again=0\n");
+}
