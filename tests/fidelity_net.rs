@@ -135,3 +135,73 @@ fn a_late_pod_side_failure_keeps_its_errno() {
     let out = same_in_pod_and_under_kmirror(&pod, &script);
     assert_eq!(out, "connect=EINPROGRESS\nerr=True\nso_error=EHOSTUNREACH\nso_error_again=0\n");
 }
+
+/// A redirected connection's addresses stay the pod's after it has ended: `getsockname` of a
+/// socket whose connection closed both ways still shows the pod-side address, as in the pod
+/// (kmirror forgot the socket 30 s after its pod side closed, and it then showed the local
+/// loopback end). `getpeername` says ENOTCONN, as for any closed socket.
+#[test]
+fn addresses_stay_the_pods_after_the_connection_ends() {
+    let pod = LocalPod::start(203);
+    let script = format!(
+        "import socket, time, errno\n\
+         s = socket.create_connection(('{ip}', 7779), timeout=5)\n\
+         s.sendall(b'5\\n'); s.shutdown(socket.SHUT_WR)\n\
+         got = b''\n\
+         while True:\n\
+         \x20   chunk = s.recv(100)\n\
+         \x20   if not chunk: break\n\
+         \x20   got += chunk\n\
+         print('got=%d' % len(got))\n\
+         time.sleep(31)\n\
+         print('sock=' + s.getsockname()[0])\n\
+         try: print('peer=%s:%d' % s.getpeername())\n\
+         except OSError as e: print('peer=' + errno.errorcode[e.errno])\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(out, format!("got=5\nsock={}\npeer=ENOTCONN\n", pod.service_ip));
+}
+
+/// `recvfrom` with an address buffer but no length pointer fails with EFAULT (the datagram is
+/// taken), on a UDP socket whose datagrams come through kmirror's relay as on any other.
+#[test]
+fn recvfrom_without_an_address_length_is_efault() {
+    let pod = LocalPod::start(204);
+    let script = format!(
+        "import socket, ctypes, errno, select\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{ip}', 7778))\n\
+         s.send(b'one')\n\
+         select.select([s], [], [], 5)\n\
+         buf = ctypes.create_string_buffer(100); addr = ctypes.create_string_buffer(128)\n\
+         n = libc.recvfrom(s.fileno(), buf, 100, 0, addr, None)\n\
+         print('n=%d errno=%s' % (n, errno.errorcode.get(ctypes.get_errno(), '0')))\n\
+         s.settimeout(0.5)\n\
+         try: print('left=' + s.recv(100).decode())\n\
+         except OSError: print('left=nothing')\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(out, "n=-1 errno=EFAULT\nleft=nothing\n");
+}
+
+/// An IPv6 datagram may carry 65527 bytes (IPv4's limit, 65507, does not apply), through a
+/// dual-stack socket as through an IPv6-only one; one byte more is EMSGSIZE.
+#[test]
+fn ipv6_datagrams_may_be_as_large_as_ipv6_allows() {
+    let pod = LocalPod::start(205);
+    let script = format!(
+        "import socket, errno\n\
+         for only in (0, 1):\n\
+         \x20   s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         \x20   s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, only); s.settimeout(5)\n\
+         \x20   for size in (65527, 65528):\n\
+         \x20       try:\n\
+         \x20           s.sendto(b'x' * size, ('{ip6}', 7782)); print('%d %d: %s' % (only, size, s.recv(100).decode()))\n\
+         \x20       except OSError as e: print('%d %d: %s' % (only, size, errno.errorcode.get(e.errno, e)))\n",
+        ip6 = pod.pod_ip6
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(out, "0 65527: size=65527\n0 65528: EMSGSIZE\n1 65527: size=65527\n1 65528: EMSGSIZE\n");
+}

@@ -398,6 +398,11 @@ impl Proxy {
         }
     }
 
+    /// Whether IPv6 sockets can have relays on `::1` (see [`app_endpoint`]).
+    pub fn v6_loopback(&self) -> bool {
+        self.hold_v6.is_some()
+    }
+
     /// Opens the pod side of a UDP flow and a local relay socket for it that talks to the app
     /// socket at `app` only (see [`app_endpoint`]).
     pub async fn udp_flow(&self, app: SocketAddr, dest: SocketAddr) -> Result<UdpFlow, i32> {
@@ -458,7 +463,7 @@ impl Proxy {
             return Ok(*relay);
         }
         crate::sockets::ensure_bound(socket.as_fd())?;
-        let flow = self.udp_flow(app_endpoint(socket.as_fd())?, dest).await?;
+        let flow = self.udp_flow(app_endpoint(socket.as_fd(), dest, self.v6_loopback())?, dest).await?;
         let relay = flow.relay_addr();
         lock(&self.sendto_relays).insert((inode, dest), relay);
         let this = self.clone();
@@ -486,46 +491,43 @@ impl Drop for UdpFlowCount {
     }
 }
 
-/// Where datagrams and connections of the app's socket (our duplicate of it) come from on
-/// loopback: its local address, with a wildcard bind read as 127.0.0.1, the source the kernel
-/// picks for a socket bound to the wildcard that sends to kmirror's loopback endpoints.
-pub fn app_endpoint(socket: BorrowedFd<'_>) -> Result<SocketAddr, i32> {
-    // SAFETY: zeroed storage is a valid (empty) sockaddr.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `storage`.
-    let rc = unsafe {
-        libc::getsockname(socket.as_raw_fd(), (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len)
+/// Where datagrams of the app's socket (our duplicate of it) come from when it sends them to
+/// a relay of kmirror's for `dest`: its local address, a wildcard read as the loopback address
+/// the kernel picks as the source. The relay is on IPv6 loopback (`::1`) for an IPv6-only
+/// socket, and for an IPv6 destination of a dual-stack socket (an IPv6 datagram may carry
+/// 65527 bytes, an IPv4 one 65507); on 127.0.0.1 otherwise. `v6_loopback`: whether the
+/// machine has `::1`.
+pub fn app_endpoint(socket: BorrowedFd<'_>, dest: SocketAddr, v6_loopback: bool) -> Result<SocketAddr, i32> {
+    let raw = sockets::local_addr(socket)?;
+    let Some(crate::policy::net::Destination::Inet(local)) = crate::policy::net::parse_sockaddr(&raw) else {
+        return Err(libc::EAFNOSUPPORT);
     };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+    let family = sockets::socket_domain(socket)?;
+    let v6 = family == libc::AF_INET6
+        && (sockets::v6_only(socket)
+            || (v6_loopback
+                && canonical(dest).is_ipv6()
+                && (local.ip().is_unspecified() || canonical(local).is_ipv6())));
+    let local = if v6 { local } else { canonical(local) };
+    if !local.ip().is_unspecified() {
+        return Ok(local);
     }
-    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-    // SAFETY: the first `len` bytes of `storage` are initialised (zeroed, then written).
-    let raw =
-        unsafe { std::slice::from_raw_parts((&storage as *const libc::sockaddr_storage).cast::<u8>(), len) };
-    match crate::policy::net::parse_sockaddr(raw) {
-        Some(crate::policy::net::Destination::Inet(addr)) => Ok(loopback_source(addr)),
-        _ => Err(libc::EAFNOSUPPORT),
-    }
-}
-
-/// The canonical form of a socket's local address as seen by a loopback peer (see
-/// [`app_endpoint`]).
-fn loopback_source(addr: SocketAddr) -> SocketAddr {
-    let addr = canonical(addr);
-    if addr.ip().is_unspecified() { SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
+    let loopback: IpAddr = if v6 { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
+    Ok(SocketAddr::new(loopback, local.port()))
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     crate::policy::net::canonical(addr)
 }
 
-/// A relay socket on 127.0.0.1 connected to `app` before anyone learns its port. A datagram
-/// that arrived between its bind and its connect came from someone else (the app cannot
-/// know the port yet) and is dropped: a connected UDP socket keeps what is already queued.
+/// A relay socket on loopback (127.0.0.1 or ::1, as `app`) connected to `app` before anyone
+/// learns its port. A datagram that arrived between its bind and its connect came from
+/// someone else (the app cannot know the port yet) and is dropped: a connected UDP socket
+/// keeps what is already queued.
 async fn udp_relay_for(app: SocketAddr) -> std::io::Result<UdpSocket> {
-    let relay = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let loopback: IpAddr =
+        if app.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
+    let relay = UdpSocket::bind((loopback, 0)).await?;
     relay.connect(app).await?;
     let mut scratch = [0u8; 1];
     // The queue is finite (nothing new gets in once connected); the bound is a backstop.

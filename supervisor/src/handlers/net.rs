@@ -251,8 +251,8 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     };
     // Bound first (as connect's own autobind would), so the relay can be tied to the socket's
     // address before the socket learns the relay's.
-    let app =
-        sockets::ensure_bound(socket.as_fd()).and_then(|_| crate::outgoing::app_endpoint(socket.as_fd()));
+    let app = sockets::ensure_bound(socket.as_fd())
+        .and_then(|_| crate::outgoing::app_endpoint(socket.as_fd(), dest, ctx.proxy.v6_loopback()));
     let app = match app {
         Ok(app) => app,
         Err(errno) => {
