@@ -317,7 +317,7 @@ fn delivered_from(ctx: &Context, raw_peer: &[u8]) -> Option<crate::incoming::Del
 
 /// The pod client behind a loopback connection kmirror made to the app, in the socket's family.
 fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8>> {
-    delivered_from(ctx, raw_peer).map(|d| net::encode_sockaddr(d.client, family))
+    delivered_from(ctx, raw_peer).and_then(|d| net::encode_for_socket(d.client, family))
 }
 
 /// getpeername: a redirected socket shows the destination the app asked for instead of the
@@ -384,10 +384,13 @@ pub fn on_getsockname(ctx: &Arc<Context>, n: Notification) {
     let Some(pod_local) = redirected.or_else(delivered) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
+    let Some(encoded) = sockets::socket_domain(socket.as_fd())
+        .ok()
+        .and_then(|family| net::encode_for_socket(pod_local, family))
+    else {
         return ctx.listener.continue_call(n.id);
     };
-    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &net::encode_sockaddr(pod_local, family)) {
+    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
         Ok(()) => ctx.listener.return_value(n.id, 0),
         Err(0) => {}
         Err(errno) => ctx.listener.return_errno(n.id, errno),
