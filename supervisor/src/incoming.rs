@@ -99,11 +99,20 @@ impl IncomingPeers {
 const PEER_GRACE: Duration = Duration::from_secs(30);
 
 /// Connects to the app from a source reserved for `client` (see [`IncomingPeers`]).
+///
+/// An IPv6 client reaches the app over IPv6 loopback only, so only an IPv6 listener (IPv6-only
+/// or dual-stack) gets it: in the pod, an IPv4-only listener never sees IPv6 clients (they are
+/// refused), and an AF_INET socket cannot have an IPv6 peer to show. An IPv4 client goes to
+/// 127.0.0.1 (an IPv4 or dual-stack listener), or else to an app listening on `[::1]` only,
+/// which shows it as `::ffff:a.b.c.d`, as a dual-stack socket would.
 async fn connect_local(
     port: u16,
     client: Delivered,
     peers: &IncomingPeers,
 ) -> std::io::Result<(TcpStream, LocalEnd)> {
+    if crate::policy::net::canonical(client.client).is_ipv6() {
+        return connect_local_v6(port, client, peers).await;
+    }
     match connect_local_v4(port, client, peers).await {
         Ok(conn) => Ok(conn),
         // An app listening on [::1] only.

@@ -1,45 +1,66 @@
 //! The local end of redirected connections.
 //!
-//! A redirected TCP socket of the app is connected (by the supervisor, through a duplicate of
-//! its descriptor) to one loopback listener. The listener learns which pod stream belongs to
-//! an accepted connection from the app socket's exact local address (address and port),
-//! registered by the connect handler — which may happen just after the accept, since the
-//! loopback handshake completes inside the handler's own connect — and, once the pod side is
-//! connected too (the two connects overlap), relays bytes between the two. UDP sockets get a
-//! relay socket per flow, connected to the app socket's exact address before the app learns
-//! the relay's, so the kernel drops datagrams from anyone else.
+//! # TCP: the app's socket is connected only when its pod side is
 //!
-//! The listener is reachable by every local user, from every address of 127.0.0.0/8: a port
-//! alone does not identify the app's socket (another user can connect from 127.0.0.2 with the
-//! same port). A live TCP connection is identified by its 4-tuple, so an accepted connection
-//! whose peer is the app socket's address, while the app's socket holds that address
-//! connected to the proxy, is the app's; one whose peer has already gone (a stale connection
-//! from a socket that held the address before) is not taken for it. The table of redirected sockets (by inode) lives here too: it answers
-//! `getpeername` while the connection is alive and a little after.
+//! A redirected TCP socket of the app must look, at every moment, as a socket connecting to
+//! the pod destination would: "connecting" (not writable, no peer, no pending error) until the
+//! pod side has connected or failed, then connected or failed the same way. The connect is made
+//! on the app's own socket (a duplicate of its descriptor, so the same open file description,
+//! epoll registrations and options), in three steps:
+//!
+//! 1. **Hold.** The socket connects to a *hold point*: a loopback listener whose one-slot
+//!    accept queue is kept full by a connection of our own, so the kernel drops every SYN sent
+//!    to it. The app's socket is then in SYN-SENT, exactly as one waiting for a slow or filtered
+//!    destination: `poll` does not report it writable, `getpeername` says ENOTCONN, SO_ERROR is
+//!    0, and a blocking connect can wait in the kernel (signals and SO_SNDTIMEO act natively).
+//!    A non-blocking connect is answered EINPROGRESS at once: no event loop waits for the pod.
+//! 2. **Connected**: once the pod side has connected, a socket of ours bound to the hold
+//!    point's own address (SO_REUSEPORT) connects to the app socket's address. The two SYNs
+//!    cross (a TCP simultaneous open, RFC 793), both sockets become ESTABLISHED, and the app's
+//!    socket is connected to ours, which relays to the pod stream. Only the socket that holds
+//!    exactly that address pair in SYN-SENT can complete it, and kmirror holds a duplicate of
+//!    the app's socket until then, so no other socket can take its place.
+//! 3. **Failed**: the socket is disconnected and, for a refusal, connected once more, to a
+//!    loopback port of ours that is bound but never listens: the kernel answers that SYN with a
+//!    reset, so the socket fails with ECONNREFUSED exactly as a refused connect does (pending
+//!    SO_ERROR, POLLERR, the same state for a later connect). Other errors (ETIMEDOUT,
+//!    EHOSTUNREACH, ...) have no such local cause: the disconnect leaves ECONNRESET pending and
+//!    kmirror answers the app's `getsockopt(SO_ERROR)` with the pod's errno instead.
+//!
+//! SO_REUSEPORT lets only sockets of kmirror's own user share the hold point's port; a process
+//! of that user could join it, but such a process can already trace the app.
+//!
+//! # UDP
+//!
+//! UDP sockets get a relay socket per flow, connected to the app socket's exact address before
+//! the app learns the relay's, so the kernel drops datagrams from anyone else. The table of
+//! redirected sockets (by inode) lives here too: it answers `getpeername` and `getsockname`
+//! for as long as the socket is likely to be asked (see [`FINISHED_KEPT`]).
 
 use crate::handlers::lock;
+use crate::sockets;
 use kmirror_protocol::OpenTarget;
 use kmirror_protocol::tunnel::{Stream, Tunnel, TunnelError};
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::watch;
 
-/// How long an accepted connection waits for its registration.
-const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
-/// How long a registration waits for its connection (normally claimed within microseconds;
-/// generous, so a loaded machine does not fail connections). One left unclaimed (the app
-/// abandoned its socket) must not be taken by a later socket that got the same address.
-const REGISTRATION_TTL: Duration = Duration::from_secs(10);
-/// How long a finished connection's original destination stays known to `getpeername`.
-const PEER_GRACE: Duration = Duration::from_secs(30);
+/// Redirected sockets whose connection has ended, whose addresses `getpeername` and
+/// `getsockname` still report: the most recently finished ones. Socket inodes are not reused
+/// while the kernel runs (a 32-bit counter per boot, in practice), so an entry never describes
+/// another socket; the bound only caps memory (about 100 bytes each).
+pub const FINISHED_KEPT: usize = 16384;
+/// Failed connects whose errno waits for the app's SO_ERROR, at most (the oldest go first).
+const FAILURES_KEPT: usize = 4096;
 /// A UDP flow idle this long in both directions is closed.
 const UDP_IDLE: Duration = Duration::from_secs(300);
 const UDP_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long our end of a simultaneous open may take (both ends are on loopback: microseconds).
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A redirected socket of the app: the destination it asked for and, once the pod side is
 /// connected, that connection's own address in the pod.
@@ -47,27 +68,120 @@ const UDP_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 struct Redirect {
     dest: SocketAddr,
     pod_local: Option<SocketAddr>,
+    /// Tells this registration apart from a later one of the same socket.
+    generation: u64,
 }
 
-struct Registration {
-    /// The pod side, once connected; a dropped sender means its connect failed or was
-    /// abandoned.
-    upstream: oneshot::Receiver<Stream>,
-    inode: u64,
-    since: tokio::time::Instant,
+/// The redirected sockets, live ones and the most recently finished ones.
+#[derive(Default)]
+struct Redirects {
+    by_inode: HashMap<u64, Redirect>,
+    /// Finished entries, oldest first, as (inode, generation).
+    finished: VecDeque<(u64, u64)>,
+    next_generation: u64,
+}
+
+impl Redirects {
+    fn insert(&mut self, inode: u64, dest: SocketAddr, pod_local: Option<SocketAddr>) -> u64 {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.by_inode.insert(inode, Redirect { dest, pod_local, generation });
+        generation
+    }
+
+    /// Forgets the entry of `inode` if it is still registration `generation`.
+    fn remove(&mut self, inode: u64, generation: u64) {
+        if self.by_inode.get(&inode).is_some_and(|r| r.generation == generation) {
+            self.by_inode.remove(&inode);
+        }
+    }
+
+    /// The connection behind `inode` ended: its entry is kept among the last [`FINISHED_KEPT`].
+    fn finish(&mut self, inode: u64, generation: u64) {
+        self.finished.push_back((inode, generation));
+        while self.finished.len() > FINISHED_KEPT {
+            let Some((old, generation)) = self.finished.pop_front() else { break };
+            self.remove(old, generation);
+        }
+    }
+}
+
+/// What a redirected TCP connect has come to, as the app's socket shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The pod side is still connecting; the app's socket is in SYN-SENT.
+    Pending,
+    /// Connected through to the pod.
+    Connected,
+    /// The pod side failed with this errno; so did the app's socket.
+    Failed(i32),
+    /// kmirror gave the pod side up (the app stopped waiting); the app's socket is left as is.
+    Abandoned,
+}
+
+/// Where redirected TCP sockets wait for their pod side (see the module documentation).
+struct HoldPoint {
+    /// The listener whose accept queue is full.
+    addr: SocketAddr,
+    /// A port that is bound but never listens: a SYN to it is refused.
+    refuser: SocketAddr,
+    _listener: TcpListener,
+    _filler: std::net::TcpStream,
+    _refuser: TcpSocket,
+}
+
+impl HoldPoint {
+    fn new(ip: IpAddr) -> std::io::Result<HoldPoint> {
+        let socket = new_tcp(ip)?;
+        socket.set_reuseport(true)?;
+        socket.bind(SocketAddr::new(ip, 0))?;
+        let listener = socket.listen(0)?;
+        let addr = listener.local_addr()?;
+        // A backlog of 0 queues one connection; with ours in it, every other SYN is dropped.
+        let filler = std::net::TcpStream::connect(addr)?;
+        let refuser_socket = new_tcp(ip)?;
+        refuser_socket.bind(SocketAddr::new(ip, 0))?;
+        let refuser = refuser_socket.local_addr()?;
+        Ok(HoldPoint { addr, refuser, _listener: listener, _filler: filler, _refuser: refuser_socket })
+    }
+}
+
+/// A TCP socket of `ip`'s family; an IPv6 one is IPv6-only (it serves IPv6-only app sockets).
+fn new_tcp(ip: IpAddr) -> std::io::Result<TcpSocket> {
+    match ip {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => {
+            let socket = TcpSocket::new_v6()?;
+            sockets::set_int_option(socket.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)
+                .map_err(std::io::Error::from_raw_os_error)?;
+            Ok(socket)
+        }
+    }
+}
+
+/// A redirected connect still waiting for its pod side.
+struct PendingConnect {
+    outcome: watch::Receiver<Outcome>,
+    /// The pod's errno, for SO_ERROR to report once the socket failed with a stand-in one.
+    failed_with: Option<i32>,
+    /// Orders failures, so the oldest unreported ones can be dropped.
+    failed_seq: u64,
 }
 
 pub struct Proxy {
     tunnel: Tunnel,
-    tcp_addr: SocketAddr,
-    /// By the app socket's local address (canonical: IPv4-mapped addresses as IPv4).
-    waiting: Mutex<HashMap<SocketAddr, Registration>>,
-    registered: Notify,
-    redirected: Mutex<HashMap<u64, Redirect>>,
+    hold_v4: HoldPoint,
+    /// `None` where the machine has no IPv6 loopback.
+    hold_v6: Option<HoldPoint>,
+    redirected: Mutex<Redirects>,
+    /// Sockets whose pod side is connecting, or whose failure SO_ERROR has yet to report.
+    pending: Mutex<HashMap<u64, PendingConnect>>,
     /// Relays of unconnected UDP sockets, by (socket inode, pod destination).
     sendto_relays: Mutex<HashMap<(u64, SocketAddr), SocketAddr>>,
     /// Live UDP relays (connected flows and sendto relays).
     udp_flows: std::sync::atomic::AtomicUsize,
+    /// Failures recorded so far (see [`Proxy::record_failure`]).
+    failures: std::sync::atomic::AtomicU64,
 }
 
 /// A UDP relay socket with its pod-side flow, before the app's socket is connected to it.
@@ -85,148 +199,208 @@ impl UdpFlow {
 
 impl Proxy {
     pub async fn start(tunnel: Tunnel) -> std::io::Result<Arc<Proxy>> {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        // Accepted connections inherit it: no setsockopt per connection.
-        socket.set_nodelay(true)?;
-        socket.bind((Ipv4Addr::LOCALHOST, 0).into())?;
-        let listener = socket.listen(1024)?;
-        let proxy = Arc::new(Proxy {
+        let hold_v4 = HoldPoint::new(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let hold_v6 = HoldPoint::new(IpAddr::V6(Ipv6Addr::LOCALHOST))
+            .inspect_err(|e| tracing::info!("no IPv6 loopback ({e}): IPv6-only sockets cannot reach the pod"))
+            .ok();
+        Ok(Arc::new(Proxy {
             tunnel,
-            tcp_addr: listener.local_addr()?,
-            waiting: Mutex::default(),
-            registered: Notify::new(),
+            hold_v4,
+            hold_v6,
             redirected: Mutex::default(),
+            pending: Mutex::default(),
             sendto_relays: Mutex::default(),
             udp_flows: Default::default(),
-        });
-        tokio::spawn(proxy.clone().accept_loop(listener));
-        Ok(proxy)
-    }
-
-    /// Where redirected TCP sockets are connected.
-    pub fn tcp_addr(&self) -> SocketAddr {
-        self.tcp_addr
+            failures: Default::default(),
+        }))
     }
 
     /// The destination the app asked for on a redirected socket.
     pub fn redirect_of(&self, inode: u64) -> Option<SocketAddr> {
-        lock(&self.redirected).get(&inode).map(|r| r.dest)
+        lock(&self.redirected).by_inode.get(&inode).map(|r| r.dest)
     }
 
     /// The pod-side address of a redirected socket's connection: what `getsockname` shows.
     pub fn pod_local_of(&self, inode: u64) -> Option<SocketAddr> {
-        lock(&self.redirected).get(&inode).and_then(|r| r.pod_local)
+        lock(&self.redirected).by_inode.get(&inode).and_then(|r| r.pod_local)
     }
 
     /// Whether any socket of the app is redirected (most `getsockname` calls need no lookup).
     pub fn has_redirects(&self) -> bool {
-        !lock(&self.redirected).is_empty()
+        !lock(&self.redirected).by_inode.is_empty()
     }
 
-    /// Records the pod-side address of a redirected socket's connection.
-    pub fn set_pod_local(&self, inode: u64, pod_local: Option<SocketAddr>) {
-        if let Some(redirect) = lock(&self.redirected).get_mut(&inode) {
-            redirect.pod_local = pod_local;
-        }
+    /// The outcome of the redirected connect of socket `inode` while it is pending.
+    pub fn pending_outcome(&self, inode: u64) -> Option<watch::Receiver<Outcome>> {
+        let pending = lock(&self.pending);
+        pending.get(&inode).filter(|p| p.failed_with.is_none()).map(|p| p.outcome.clone())
     }
 
-    /// Forgets a redirected socket whose pod-side connect failed.
-    pub fn forget(&self, inode: u64) {
-        lock(&self.redirected).remove(&inode);
+    /// Whether any connect's failure waits to be reported through SO_ERROR.
+    pub fn has_failures_to_report(&self) -> bool {
+        lock(&self.pending).values().any(|p| p.failed_with.is_some())
     }
 
-    /// Announces the app connection coming from `app` (the app socket's local address, see
-    /// [`app_endpoint`]), whose pod side comes through `upstream`.
-    pub fn register(
-        &self,
-        app: SocketAddr,
-        upstream: oneshot::Receiver<Stream>,
+    /// The pod's errno for socket `inode`, whose own pending error is a stand-in: reported
+    /// once, as SO_ERROR reports an error once.
+    pub fn take_failure(&self, inode: u64) -> Option<i32> {
+        let mut pending = lock(&self.pending);
+        let errno = pending.get(&inode)?.failed_with?;
+        pending.remove(&inode);
+        Some(errno)
+    }
+
+    /// Starts connecting the app's fresh TCP socket (`socket`, our duplicate of it) to `dest`
+    /// through the pod, giving the pod side at most `limit`: the socket is put on hold at once
+    /// (see the module documentation) and its outcome is reported on the returned channel.
+    /// `Err` is the errno the connect itself reports (a socket that cannot connect at all).
+    /// With `apps_limit`, `limit` is the app's own (SO_SNDTIMEO of a blocking connect): when it
+    /// runs out the pod side is given up and the app's socket left connecting, as Linux leaves
+    /// it; otherwise the connect fails with ETIMEDOUT.
+    pub fn redirect_tcp(
+        self: &Arc<Self>,
+        socket: OwnedFd,
         inode: u64,
         dest: SocketAddr,
-    ) {
-        lock(&self.redirected).insert(inode, Redirect { dest, pod_local: None });
-        let since = tokio::time::Instant::now();
-        let mut waiting = lock(&self.waiting);
-        // Registrations nobody claimed in time (their connection was refused meanwhile) must
-        // not wait for a later socket that happens to get the same address.
-        waiting.retain(|_, r| since.duration_since(r.since) < REGISTRATION_TTL);
-        waiting.insert(canonical(app), Registration { upstream, inode, since });
-        drop(waiting);
-        self.registered.notify_waiters();
-    }
-
-    /// Drops a pod connection that will never be used, closing it on the pod side too.
-    pub fn discard(opening: JoinHandle<Result<Stream, TunnelError>>) {
-        tokio::spawn(async move {
-            if let Ok(Ok(stream)) = opening.await {
-                stream.reset();
+        (limit, apps_limit): (Duration, bool),
+    ) -> Result<watch::Receiver<Outcome>, i32> {
+        let fd = socket.as_fd();
+        let family = sockets::socket_domain(fd)?;
+        let hold = if family == libc::AF_INET6 && sockets::v6_only(fd) {
+            // An IPv6-only socket cannot reach 127.0.0.1, not even as ::ffff:127.0.0.1.
+            self.hold_v6.as_ref().ok_or(libc::ENETUNREACH)?
+        } else {
+            &self.hold_v4
+        };
+        let (hold_addr, refuser) = (hold.addr, hold.refuser);
+        match sockets::connect_nonblocking(fd, &crate::policy::net::encode_sockaddr(hold_addr, family)) {
+            Err(libc::EINPROGRESS) => {}
+            // The socket's own state decides (EISCONN, EALREADY, ECONNABORTED after a failed
+            // connect, EADDRNOTAVAIL, ...), as it would for the pod destination.
+            Err(errno) => return Err(errno),
+            Ok(()) => {
+                // Our hold point answered a SYN, which its full queue cannot: the machine is
+                // broken in a way we cannot hide.
+                sockets::disconnect(fd);
+                return Err(libc::ECONNREFUSED);
             }
-        });
-    }
-
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((conn, peer)) => {
-                    tokio::spawn(self.clone().serve(conn, canonical(peer)));
+        }
+        let app = match sockets::local_addr(fd).map(|raw| crate::policy::net::parse_sockaddr(&raw)) {
+            Ok(Some(crate::policy::net::Destination::Inet(app))) => canonical(app),
+            _ => {
+                sockets::disconnect(fd);
+                return Err(libc::EAFNOSUPPORT);
+            }
+        };
+        let generation = lock(&self.redirected).insert(inode, dest, None);
+        let (report, outcome) = watch::channel(Outcome::Pending);
+        lock(&self.pending)
+            .insert(inode, PendingConnect { outcome: outcome.clone(), failed_with: None, failed_seq: 0 });
+        let this = self.clone();
+        tokio::spawn(async move {
+            // On its timeout the tunnel resets the stream: the pod side is given up.
+            let stream = match this.tunnel.open(OpenTarget::Tcp(dest), limit).await {
+                Ok(stream) => stream,
+                Err(TunnelError::Timeout(_)) if apps_limit => {
+                    tracing::debug!(%dest, "the app stopped waiting for this connect; given up in the pod too");
+                    this.settle(inode, generation, &report, Outcome::Abandoned);
+                    return;
                 }
                 Err(e) => {
-                    tracing::warn!("outgoing proxy accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let errno = crate::handlers::tunnel_errno(&e);
+                    tracing::debug!(%dest, errno, "pod-side connect failed");
+                    this.fail(&socket, inode, generation, refuser, errno, &report);
+                    return;
+                }
+            };
+            // Before the app can learn (it does as soon as its socket is connected), so its
+            // getsockname already shows the pod side.
+            if let Some(r) = lock(&this.redirected).by_inode.get_mut(&inode) {
+                r.pod_local = stream.far_local();
+            }
+            let conn = match complete(socket.as_fd(), hold_addr, app).await {
+                Ok(conn) => conn,
+                Err(errno) => {
+                    tracing::debug!(%dest, errno, "cannot complete the app's connect locally");
+                    stream.reset();
+                    this.fail(&socket, inode, generation, refuser, errno, &report);
+                    return;
+                }
+            };
+            // The duplicate must go now: the app's close has to close its socket.
+            drop(socket);
+            this.settle(inode, generation, &report, Outcome::Connected);
+            let end = stream.relay_tcp(conn).await;
+            tracing::debug!(%dest, ?end, "outgoing relay finished");
+            lock(&this.redirected).finish(inode, generation);
+        });
+        Ok(outcome)
+    }
+
+    /// Reports a final outcome and forgets the pending connect (unless a failure waits for
+    /// SO_ERROR, see [`Proxy::fail`]).
+    fn settle(&self, inode: u64, generation: u64, report: &watch::Sender<Outcome>, outcome: Outcome) {
+        if outcome != Outcome::Connected {
+            lock(&self.redirected).remove(inode, generation);
+        }
+        {
+            let mut pending = lock(&self.pending);
+            if pending.get(&inode).is_some_and(|p| p.failed_with.is_none()) {
+                pending.remove(&inode);
+            }
+        }
+        let _ = report.send(outcome);
+    }
+
+    /// Makes the app's connecting socket fail with `errno`, as a failed connect would.
+    fn fail(
+        &self,
+        socket: &OwnedFd,
+        inode: u64,
+        generation: u64,
+        refuser: SocketAddr,
+        errno: i32,
+        report: &watch::Sender<Outcome>,
+    ) {
+        let fd = socket.as_fd();
+        // Only a socket still waiting for us: one the app disconnected meanwhile is its own.
+        if sockets::tcp_state(fd) == Some(sockets::TCP_SYN_SENT) {
+            // From the disconnect on, the app may look (it is woken): SO_ERROR reports the
+            // pod's errno, not the stand-in ECONNRESET the disconnect leaves.
+            self.record_failure(inode, errno);
+            sockets::abort_connect(fd);
+            if errno == libc::ECONNREFUSED {
+                let family = sockets::socket_domain(fd).unwrap_or(libc::AF_INET);
+                let _ = sockets::take_error(fd);
+                let refused =
+                    sockets::connect_nonblocking(fd, &crate::policy::net::encode_sockaddr(refuser, family));
+                tracing::trace!(?refused, "refused locally, as in the pod");
+                // The socket reports the refusal itself now, on every path. If the app read the
+                // error meanwhile it heard the refusal already, and this second one must go.
+                if lock(&self.pending).remove(&inode).is_none() {
+                    let _ = sockets::take_error(fd);
                 }
             }
         }
+        self.settle(inode, generation, report, Outcome::Failed(errno));
     }
 
-    /// The registration of the app socket at the other end of `conn`, whose peer is `peer`.
-    async fn registration(&self, peer: SocketAddr, conn: &TcpStream) -> Option<Registration> {
-        let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
-        loop {
-            // Created before the check, so a registration between check and wait is not missed.
-            let notified = self.registered.notified();
-            {
-                let mut waiting = lock(&self.waiting);
-                if let Some(found) = waiting.get(&peer) {
-                    let now = tokio::time::Instant::now();
-                    // The app's socket holds `peer` connected to us since it registered: a
-                    // connection from `peer` that is still open now is its connection. One
-                    // whose peer has gone is a stale one from an earlier holder of the
-                    // address, and must leave the registration to the app's.
-                    if !peer_still_there(conn) || now.duration_since(found.since) >= REGISTRATION_TTL {
-                        return None;
-                    }
-                    return waiting.remove(&peer);
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return None;
-            }
+    /// Keeps the pod's errno of a failed connect for the app's SO_ERROR, among the
+    /// [`FAILURES_KEPT`] most recent (an app that never asks must not grow the table).
+    fn record_failure(&self, inode: u64, errno: i32) {
+        let mut pending = lock(&self.pending);
+        let Some(p) = pending.get_mut(&inode) else { return };
+        p.failed_with = Some(errno);
+        p.failed_seq = self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let newest = p.failed_seq;
+        if pending.len() > FAILURES_KEPT {
+            pending.retain(|_, p| p.failed_with.is_none() || newest - p.failed_seq < FAILURES_KEPT as u64);
         }
     }
 
-    async fn serve(self: Arc<Self>, conn: TcpStream, peer: SocketAddr) {
-        let port = peer.port();
-        let Some(Registration { upstream, inode, .. }) = self.registration(peer, &conn).await else {
-            tracing::warn!(%peer, "connection to the outgoing proxy from no redirected socket of the app; closing it");
-            return abort(conn);
-        };
-        match upstream.await {
-            Ok(stream) => {
-                self.set_pod_local(inode, stream.far_local());
-                let end = stream.relay_tcp(conn).await;
-                tracing::debug!(port, ?end, "outgoing relay finished");
-            }
-            Err(_) => {
-                // The connect handler has forgotten the socket and told the app (or, if the
-                // app heard EINPROGRESS already, the connection fails now, as a late failure of
-                // a real connect would).
-                tracing::debug!(port, "pod-side connect failed");
-                abort(conn);
-                return;
-            }
-        }
-        tokio::time::sleep(PEER_GRACE).await;
-        lock(&self.redirected).remove(&inode);
+    /// Whether IPv6 sockets can have relays on `::1` (see [`app_endpoint`]).
+    pub fn v6_loopback(&self) -> bool {
+        self.hold_v6.is_some()
     }
 
     /// Opens the pod side of a UDP flow and a local relay socket for it that talks to the app
@@ -244,14 +418,13 @@ impl Proxy {
 
     /// Starts relaying once the app's socket is connected to the flow's relay.
     pub fn start_udp(self: &Arc<Self>, flow: UdpFlow, inode: u64, dest: SocketAddr) {
-        lock(&self.redirected).insert(inode, Redirect { dest, pod_local: flow.stream.far_local() });
+        let generation = lock(&self.redirected).insert(inode, dest, flow.stream.far_local());
         let this = self.clone();
         let counted = this.count_udp_flow();
         tokio::spawn(async move {
             let _counted = counted;
             flow.stream.relay_udp(flow.relay, UDP_IDLE).await;
-            tokio::time::sleep(PEER_GRACE).await;
-            lock(&this.redirected).remove(&inode);
+            lock(&this.redirected).finish(inode, generation);
         });
     }
 }
@@ -290,7 +463,7 @@ impl Proxy {
             return Ok(*relay);
         }
         crate::sockets::ensure_bound(socket.as_fd())?;
-        let flow = self.udp_flow(app_endpoint(socket.as_fd())?, dest).await?;
+        let flow = self.udp_flow(app_endpoint(socket.as_fd(), dest, self.v6_loopback())?, dest).await?;
         let relay = flow.relay_addr();
         lock(&self.sendto_relays).insert((inode, dest), relay);
         let this = self.clone();
@@ -318,46 +491,43 @@ impl Drop for UdpFlowCount {
     }
 }
 
-/// Where datagrams and connections of the app's socket (our duplicate of it) come from on
-/// loopback: its local address, with a wildcard bind read as 127.0.0.1, the source the kernel
-/// picks for a socket bound to the wildcard that sends to kmirror's loopback endpoints.
-pub fn app_endpoint(socket: BorrowedFd<'_>) -> Result<SocketAddr, i32> {
-    // SAFETY: zeroed storage is a valid (empty) sockaddr.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `storage`.
-    let rc = unsafe {
-        libc::getsockname(socket.as_raw_fd(), (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len)
+/// Where datagrams of the app's socket (our duplicate of it) come from when it sends them to
+/// a relay of kmirror's for `dest`: its local address, a wildcard read as the loopback address
+/// the kernel picks as the source. The relay is on IPv6 loopback (`::1`) for an IPv6-only
+/// socket, and for an IPv6 destination of a dual-stack socket (an IPv6 datagram may carry
+/// 65527 bytes, an IPv4 one 65507); on 127.0.0.1 otherwise. `v6_loopback`: whether the
+/// machine has `::1`.
+pub fn app_endpoint(socket: BorrowedFd<'_>, dest: SocketAddr, v6_loopback: bool) -> Result<SocketAddr, i32> {
+    let raw = sockets::local_addr(socket)?;
+    let Some(crate::policy::net::Destination::Inet(local)) = crate::policy::net::parse_sockaddr(&raw) else {
+        return Err(libc::EAFNOSUPPORT);
     };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+    let family = sockets::socket_domain(socket)?;
+    let v6 = family == libc::AF_INET6
+        && (sockets::v6_only(socket)
+            || (v6_loopback
+                && canonical(dest).is_ipv6()
+                && (local.ip().is_unspecified() || canonical(local).is_ipv6())));
+    let local = if v6 { local } else { canonical(local) };
+    if !local.ip().is_unspecified() {
+        return Ok(local);
     }
-    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-    // SAFETY: the first `len` bytes of `storage` are initialised (zeroed, then written).
-    let raw =
-        unsafe { std::slice::from_raw_parts((&storage as *const libc::sockaddr_storage).cast::<u8>(), len) };
-    match crate::policy::net::parse_sockaddr(raw) {
-        Some(crate::policy::net::Destination::Inet(addr)) => Ok(loopback_source(addr)),
-        _ => Err(libc::EAFNOSUPPORT),
-    }
-}
-
-/// The canonical form of a socket's local address as seen by a loopback peer (see
-/// [`app_endpoint`]).
-fn loopback_source(addr: SocketAddr) -> SocketAddr {
-    let addr = canonical(addr);
-    if addr.ip().is_unspecified() { SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
+    let loopback: IpAddr = if v6 { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
+    Ok(SocketAddr::new(loopback, local.port()))
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     crate::policy::net::canonical(addr)
 }
 
-/// A relay socket on 127.0.0.1 connected to `app` before anyone learns its port. A datagram
-/// that arrived between its bind and its connect came from someone else (the app cannot
-/// know the port yet) and is dropped: a connected UDP socket keeps what is already queued.
+/// A relay socket on loopback (127.0.0.1 or ::1, as `app`) connected to `app` before anyone
+/// learns its port. A datagram that arrived between its bind and its connect came from
+/// someone else (the app cannot know the port yet) and is dropped: a connected UDP socket
+/// keeps what is already queued.
 async fn udp_relay_for(app: SocketAddr) -> std::io::Result<UdpSocket> {
-    let relay = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let loopback: IpAddr =
+        if app.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
+    let relay = UdpSocket::bind((loopback, 0)).await?;
     relay.connect(app).await?;
     let mut scratch = [0u8; 1];
     // The queue is finite (nothing new gets in once connected); the bound is a backstop.
@@ -373,31 +543,32 @@ async fn udp_relay_for(app: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(relay)
 }
 
-/// Whether the peer of an accepted connection still exists: a connection whose peer reset it
-/// (state CLOSE) no longer ties its 4-tuple to any socket.
-fn peer_still_there(conn: &TcpStream) -> bool {
-    let mut info = [0u8; 8];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: TCP_INFO writes at most `len` bytes into `info`; the first byte is tcpi_state.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
+/// Our end of a redirected connect: a socket on the hold point's address that connects to the
+/// app's socket (`app`, our duplicate `socket`), which waits in SYN-SENT for exactly that
+/// address. The crossing SYNs make a simultaneous open; once ours is established, the app's is
+/// too (or follows at once: it only needs our ACK, which left before our connect returned).
+async fn complete(socket: BorrowedFd<'_>, hold: SocketAddr, app: SocketAddr) -> Result<TcpStream, i32> {
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+    let ours = new_tcp(hold.ip()).map_err(errno)?;
+    ours.set_reuseport(true).map_err(errno)?;
+    ours.bind(hold).map_err(errno)?;
+    let conn = match tokio::time::timeout(COMPLETE_TIMEOUT, ours.connect(app)).await {
+        Ok(connected) => connected.map_err(errno)?,
+        Err(_) => return Err(libc::ETIMEDOUT),
     };
-    const TCP_ESTABLISHED: u8 = 1;
-    // CLOSE_WAIT: the app sent its request and shut down its sending side before we looked;
-    // its socket (FIN_WAIT2) still holds the 4-tuple.
-    const TCP_CLOSE_WAIT: u8 = 8;
-    rc == 0 && matches!(info[0], TCP_ESTABLISHED | TCP_CLOSE_WAIT)
-}
-
-/// Closes with RST, as a refused or reset connection would.
-fn abort(conn: TcpStream) {
-    // SO_LINGER 0 makes the close abortive; on a non-blocking socket it never blocks.
-    #[allow(deprecated)]
-    let _ = conn.set_linger(Some(Duration::ZERO));
+    let _ = conn.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + COMPLETE_TIMEOUT;
+    let mut tries = 0u32;
+    while matches!(sockets::tcp_state(socket), Some(sockets::TCP_SYN_SENT | sockets::TCP_SYN_RECV)) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(libc::ETIMEDOUT);
+        }
+        tries += 1;
+        if tries < 8 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    Ok(conn)
 }

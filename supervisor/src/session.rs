@@ -88,7 +88,12 @@ async fn session(
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment
     // and resolv.conf are asked for together: every step here delays the app's start.
     let filter = tokio::task::spawn_blocking(|| {
-        filter::build(handlers::TRAPPED, handlers::TRAPPED_WITH_ARG, handlers::DISABLED)
+        filter::build(
+            handlers::TRAPPED,
+            handlers::TRAPPED_WITH_ARG,
+            handlers::TRAPPED_WHEN_EQUAL,
+            handlers::DISABLED,
+        )
     });
     // The keeper first: its start-up (an exec of this binary) then overlaps the agent's.
     let keeper = keeper::spawn().context("cannot start the process keeper")?;
@@ -325,6 +330,7 @@ async fn session(
         .iter()
         .copied()
         .chain(handlers::TRAPPED_WITH_ARG.iter().map(|&(name, _)| name))
+        .chain(handlers::TRAPPED_WHEN_EQUAL.iter().map(|&(name, _)| name))
         .collect();
     crate::stats::write_if_requested(&trapped);
     tunnel.goodbye("the app exited".into());

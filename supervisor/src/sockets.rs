@@ -124,9 +124,15 @@ pub fn connect(fd: BorrowedFd<'_>, sockaddr: &[u8]) -> Result<(), i32> {
 /// error that leaves behind, so the socket is as a failed connect leaves it: unconnected, no
 /// pending error, free to connect again.
 pub fn disconnect(fd: BorrowedFd<'_>) {
+    abort_connect(fd);
+    let _ = take_error(fd);
+}
+
+/// Disconnects a TCP socket (connect to AF_UNSPEC). A connecting or connected one is left with
+/// the error ECONNRESET pending, and the kernel wakes whoever waits on it.
+pub fn abort_connect(fd: BorrowedFd<'_>) {
     let unspec = (libc::AF_UNSPEC as libc::sa_family_t).to_ne_bytes();
     let _ = connect(fd, &unspec);
-    let _ = int_option(fd, libc::SOL_SOCKET, libc::SO_ERROR);
 }
 
 /// Whether the socket is connected, as getpeername(2) would answer (Err(ENOTCONN) if not).
@@ -276,4 +282,81 @@ pub fn accept(fd: BorrowedFd<'_>, flags: i32) -> Result<(OwnedFd, Vec<u8>), i32>
 pub fn peer_addr(fd: BorrowedFd<'_>) -> Result<Vec<u8>, i32> {
     // SAFETY: getpeername writes at most `len` bytes into the storage `sockaddr_out` provides.
     Ok(sockaddr_out(|addr, len| unsafe { libc::getpeername(fd.as_raw_fd(), addr, len) })?.1)
+}
+
+/// Sets an int-valued socket option.
+pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> Result<(), i32> {
+    // SAFETY: setsockopt reads one int from `value`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(last()) }
+}
+
+/// TCP states (`tcpi_state`), as the kernel numbers them.
+pub const TCP_SYN_SENT: u8 = 2;
+pub const TCP_SYN_RECV: u8 = 3;
+
+/// The TCP state of a socket (`tcpi_state`), `None` if it cannot be read.
+pub fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`; the first byte is tcpi_state.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info[0])
+}
+
+/// Whether an AF_INET6 socket is IPv6-only (IPV6_V6ONLY): it cannot reach IPv4 addresses,
+/// v4-mapped ones included.
+pub fn v6_only(fd: BorrowedFd<'_>) -> bool {
+    int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_ok_and(|v| v != 0)
+}
+
+/// Reads and clears the socket's pending error (SO_ERROR); 0 if none.
+pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
+    int_option(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(0)
+}
+
+/// Starts a connect without waiting for it, whether or not the app's socket is in blocking
+/// mode: `Err(EINPROGRESS)` once the SYN is sent. O_NONBLOCK lives on the open file
+/// description the app shares, so on a blocking socket it is set for the duration of this one
+/// call only; the app's thread that asked for the connect is stopped in its trapped call
+/// meanwhile, and no other thread has a reason to use a socket that is not yet connected.
+pub fn connect_nonblocking(fd: BorrowedFd<'_>, sockaddr: &[u8]) -> Result<(), i32> {
+    // SAFETY: F_GETFL has no pointer arguments.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(last());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return connect(fd, sockaddr);
+    }
+    // SAFETY: F_SETFL with an int argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } != 0 {
+        return Err(last());
+    }
+    let result = connect(fd, sockaddr);
+    // SAFETY: as above; restores the flags the app had.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) };
+    result
+}
+
+/// The socket's own raw sockaddr (getsockname(2)).
+pub fn local_addr(fd: BorrowedFd<'_>) -> Result<Vec<u8>, i32> {
+    // SAFETY: getsockname writes at most `len` bytes into the storage `sockaddr_out` provides.
+    Ok(sockaddr_out(|addr, len| unsafe { libc::getsockname(fd.as_raw_fd(), addr, len) })?.1)
 }

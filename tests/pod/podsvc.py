@@ -13,7 +13,11 @@ answered" apart from "the host answered":
   on --service-ip:7779 (writes as many bytes as its first line asks for) and a TCP byte echo
   on --service-ip:7780 (returns every byte unchanged, for bulk-integrity tests);
 * a stalled TCP listener on --service-ip:7781 whose accept queue is kept full, so the kernel
-  drops every new SYN and a connect to it stays in SYN-SENT (for connect-timeout tests).
+  drops every new SYN and a connect to it stays in SYN-SENT (for connect-timeout tests);
+* a UDP size echo on port 7782 of every IPv6 address (answers ``size=<bytes received>``, so
+  datagrams up to IPv6's largest can be checked);
+* a UDP service on --service-ip:7783 that answers ``pod-other <data>`` from another port (a
+  new socket per datagram), as TFTP and some DNS and STUN servers do.
 
 Port 1 on the service IP is deliberately left closed (connection refused).
 Only the standard library is used.  Prints ``ready`` once every socket is
@@ -370,6 +374,26 @@ def serve_udp_echo(sock, index):
             return
 
 
+def serve_udp_size_echo(sock):
+    while True:
+        try:
+            data, peer = sock.recvfrom(65535)
+            sock.sendto(b"size=%d" % len(data), peer)
+        except OSError:
+            return
+
+
+def serve_udp_other_port(sock, service_ip):
+    while True:
+        try:
+            data, peer = sock.recvfrom(65535)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.bind((service_ip, 0))
+                other.sendto(b"pod-other " + data, peer)
+        except OSError:
+            return
+
+
 def watch_parent(initial_ppid):
     """Exits when the harness that started us dies (we get re-parented)."""
     while True:
@@ -469,6 +493,11 @@ def main():
     source_server = LineEchoServer((args.service_ip, 7779), make_source_handler())
     byte_echo_server = LineEchoServer((args.service_ip, 7780), make_byte_echo_handler())
     stalled = stalled_listener((args.service_ip, 7781))
+    udp_size_echo = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    udp_size_echo.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    udp_size_echo.bind(("::", 7782))
+    udp_other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_other_port.bind((args.service_ip, 7783))
 
     start_thread(serve_dns_udp, dns_udp, zone, dns_log)
     start_thread(serve_dns_tcp, dns_tcp, zone, dns_log)
@@ -477,6 +506,8 @@ def main():
     start_thread(serve_udp_echo, udp_echo, args.index)
     start_thread(source_server.serve_forever)
     start_thread(byte_echo_server.serve_forever)
+    start_thread(serve_udp_size_echo, udp_size_echo)
+    start_thread(serve_udp_other_port, udp_other_port, args.service_ip)
     start_thread(watch_parent, os.getppid())
 
     sys.stdout.write("ready\n")

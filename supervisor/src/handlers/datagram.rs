@@ -19,8 +19,16 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-/// Largest UDP payload over IPv4.
-const MAX_DATAGRAM: usize = 65_507;
+/// Largest UDP payload over IPv4 (65535 less the IPv4 and UDP headers).
+const MAX_DATAGRAM_V4: usize = 65_507;
+/// Largest UDP payload over IPv6 without jumbograms (65535 less the UDP header: the IPv6
+/// header is not counted in its payload length).
+const MAX_DATAGRAM_V6: usize = 65_527;
+
+/// Largest payload of one datagram to `dest` (a v4-mapped address is IPv4).
+fn max_datagram(dest: SocketAddr) -> usize {
+    if net::canonical(dest).is_ipv6() { MAX_DATAGRAM_V6 } else { MAX_DATAGRAM_V4 }
+}
 /// Most control bytes one message may carry (the kernel's `optmem_max` is smaller by default).
 const MAX_CONTROL: usize = 64 * 1024;
 /// `UIO_MAXIOV`: the most iovecs one message may have.
@@ -117,7 +125,7 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
         }
         _ => return ctx.listener.continue_call(n.id),
     }
-    if len > MAX_DATAGRAM {
+    if len > max_datagram(pod.0) {
         return ctx.listener.return_errno(n.id, libc::EMSGSIZE);
     }
     let Ok(payload) = tracee::read_bytes(n.tid, buf, len) else {
@@ -209,7 +217,9 @@ fn receive_now(ctx: &Context, n: &Notification, socket: &OwnedFd, inode: u64) ->
         ctx.listener.return_errno(n.id, libc::EFAULT);
         return Some(libc::EFAULT);
     }
-    if addr_ptr != 0 && len_ptr != 0 {
+    // An address buffer without a length is EFAULT, after the datagram was taken, as the
+    // kernel reports it.
+    if addr_ptr != 0 {
         match super::net::write_sockaddr_out(ctx, n, addr_ptr, len_ptr, &source) {
             Ok(()) => {}
             Err(0) => return None,
@@ -269,7 +279,9 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     // on the first one is the call's error.
     let mut datagrams = Vec::with_capacity(count);
     for (hdr, (name, pod)) in headers.iter().zip(destinations) {
-        match gather(n.tid, hdr, MAX_DATAGRAM, Overflow::Fail) {
+        // A message for a local destination is the kernel's to judge: the larger bound.
+        let max = pod.map_or(MAX_DATAGRAM_V6, |(dest, _)| max_datagram(dest));
+        match gather(n.tid, hdr, max, Overflow::Fail) {
             Ok((payload, control)) => datagrams.push(Datagram { payload, control, name, pod }),
             Err(errno) if datagrams.is_empty() => return ctx.listener.return_errno(n.id, errno),
             Err(_) => break,

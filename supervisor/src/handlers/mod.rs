@@ -58,6 +58,11 @@ pub const TRAPPED: &[&str] = &[
 /// `recvfrom` asking for the sender's (both argument 4).
 pub const TRAPPED_WITH_ARG: &[(&str, u32)] = &[("sendto", 4), ("recvfrom", 4)];
 
+/// Calls trapped only when (32-bit) arguments have given values: `getsockopt(SOL_SOCKET,
+/// SO_ERROR)`, through which a non-blocking connect's failure is read.
+pub const TRAPPED_WHEN_EQUAL: &[(&str, &[(u32, u64)])] =
+    &[("getsockopt", &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_ERROR as u64)])];
+
 /// Calls failed with ENOSYS inside the filter: io_uring would bypass every trap, and runtimes
 /// (libuv, tokio-uring, liburing users) fall back to plain system calls when it is missing.
 pub const DISABLED: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
@@ -155,7 +160,7 @@ const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 const SIGNAL_CHECK_INTERVAL_LONG: Duration = Duration::from_millis(100);
 const LONG_WAIT: Duration = Duration::from_secs(1);
 
-fn signal_check_interval(waited: Duration) -> Duration {
+pub(super) fn signal_check_interval(waited: Duration) -> Duration {
     if waited < LONG_WAIT { SIGNAL_CHECK_INTERVAL } else { SIGNAL_CHECK_INTERVAL_LONG }
 }
 
@@ -236,6 +241,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_connect => net::on_connect(ctx, n),
         libc::SYS_getpeername => net::on_getpeername(ctx, n),
         libc::SYS_getsockname => net::on_getsockname(ctx, n),
+        libc::SYS_getsockopt => net::on_getsockopt(ctx, n),
         libc::SYS_uname => host::on_uname(ctx, n),
         libc::SYS_sethostname => host::on_sethostname(ctx, n),
         libc::SYS_listen => net::on_listen(ctx, n),

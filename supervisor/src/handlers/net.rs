@@ -1,22 +1,17 @@
 //! `connect`, `getpeername`, `getsockname`, `listen` and `accept`.
 
-use super::{Context, tunnel_errno};
-use crate::outgoing::Proxy;
+use super::Context;
+use crate::outgoing::Outcome;
 use crate::policy::net::{self, Destination, Route};
 use crate::seccomp::Notification;
 use crate::{sockets, tracee};
-use kmirror_protocol::OpenTarget;
-use kmirror_protocol::tunnel::{Stream, TunnelError};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
-/// How long a non-blocking connect waits for the pod side before answering EINPROGRESS. Within
-/// it, refusals and unreachable destinations come back as the kernel would report them.
-const NONBLOCKING_BUDGET: Duration = Duration::from_millis(100);
-/// Upper bound for a blocking connect without SO_SNDTIMEO (about Linux's own SYN retry time).
+/// Upper bound for the pod side of a connect (about Linux's own SYN retry time).
 const BLOCKING_CONNECT_LIMIT: Duration = Duration::from_secs(75);
 
 pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
@@ -51,9 +46,11 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     match (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())) {
         (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) => {
             let ctx = ctx.clone();
-            super::spawn_answering(ctx.clone(), n.id, async move {
-                connect_tcp(&ctx, n, socket, dest, family).await
-            });
+            super::spawn_answering(
+                ctx.clone(),
+                n.id,
+                async move { connect_tcp(&ctx, n, socket, dest).await },
+            );
         }
         (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) => {
             let ctx = ctx.clone();
@@ -66,108 +63,116 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     }
 }
 
-async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
-    let result = redirect_tcp(ctx, &socket, dest, family).await;
-    super::answer(ctx, &n, result.map(|()| 0));
+async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr) {
+    if let Some(result) = connect_through_pod(ctx, &n, socket, dest).await {
+        super::answer(ctx, &n, result.map(|()| 0));
+    }
 }
 
-/// Dials `dest` in the pod and connects the app's socket (through our duplicate) to the local
-/// proxy; the result is what the app's connect reports.
+/// Connects the app's TCP socket to `dest` through the pod (see [`crate::outgoing`] for how the
+/// socket stays "connecting" until the pod side is known). The result is what the app's call
+/// reports; `None` when the call was answered already (handed back to the kernel, or gone).
 ///
-/// Both connects run at once: on loopback the proxy handshake completes inside its connect
-/// call, so it costs the app nothing while the pod side is still connecting. Should the pod
-/// side fail, the app's socket is disconnected again before the app learns why, leaving it as
-/// a failed connect leaves a socket.
-async fn redirect_tcp(
+/// A non-blocking socket hears EINPROGRESS at once and learns the outcome from the socket
+/// itself, as from any connect. A blocking one waits here, as long as SO_SNDTIMEO allows,
+/// looking for signals meanwhile: on one, the call goes back to the kernel, whose own connect
+/// on the socket (now waiting for kmirror's hold point) sees the signal and fails with EINTR,
+/// or restarts under SA_RESTART and comes back here.
+async fn connect_through_pod(
     ctx: &Arc<Context>,
-    socket: &OwnedFd,
+    n: &Notification,
+    socket: OwnedFd,
     dest: SocketAddr,
-    family: i32,
-) -> Result<(), i32> {
-    let proxy_addr = net::encode_sockaddr(ctx.proxy.tcp_addr(), family);
-    // A connect on a socket that is already connecting or connected is forwarded as is: the
-    // kernel answers EALREADY / EISCONN for the same socket the first connect used.
-    if !sockets::tcp_is_fresh(socket.as_fd()) {
-        return sockets::connect(socket.as_fd(), &proxy_addr);
-    }
-    let inode = sockets::socket_inode(socket.as_fd()).ok_or(libc::ENOTSOCK)?;
-    let send_timeout = sockets::send_timeout(socket.as_fd());
-    let mut opening = {
-        let tunnel = ctx.tunnel.clone();
-        let limit = send_timeout.unwrap_or(BLOCKING_CONNECT_LIMIT);
-        tokio::spawn(async move { tunnel.open(OpenTarget::Tcp(dest), limit).await })
+) -> Option<Result<(), i32>> {
+    let fd = socket.as_fd();
+    let Some(inode) = sockets::socket_inode(fd) else {
+        ctx.listener.continue_call(n.id);
+        return None;
     };
-    // Lets the open task queue its request and the tunnel's writer send it before the proxy
-    // connect below, so the pod side starts first.
-    tokio::task::yield_now().await;
-    let local = sockets::connect(socket.as_fd(), &proxy_addr);
-    let app = match local {
-        Ok(()) | Err(libc::EINPROGRESS) => crate::outgoing::app_endpoint(socket.as_fd()),
-        Err(errno) => Err(errno),
-    };
-    let app = match app {
-        Ok(app) => app,
-        Err(errno) => {
-            Proxy::discard(opening);
-            return Err(errno);
-        }
-    };
-    let (verdict, upstream) = oneshot::channel();
-    ctx.proxy.register(app, upstream, inode, dest);
-    let opened = if sockets::is_nonblocking(socket.as_fd()) {
-        match tokio::time::timeout(NONBLOCKING_BUDGET, &mut opening).await {
-            Ok(opened) => opened.unwrap_or_else(|e| Err(closed(e))),
-            Err(_) => {
-                // The app hears EINPROGRESS now and the outcome later, through its socket.
-                let proxy = ctx.proxy.clone();
-                tokio::spawn(async move {
-                    let opened = opening.await.unwrap_or_else(|e| Err(closed(e)));
-                    let _ = pass_verdict(&proxy, inode, opened, verdict);
-                });
-                return Err(libc::EINPROGRESS);
-            }
+    let nonblocking = sockets::is_nonblocking(fd);
+    let send_timeout = sockets::send_timeout(fd);
+    // When the wait ends for a blocking connect (a restarted one starts its timeout anew, as
+    // the kernel's does).
+    let deadline = send_timeout.map(|t| tokio::time::Instant::now() + t);
+    let outcome = if sockets::tcp_is_fresh(fd) {
+        // A blocking connect's SO_SNDTIMEO is the app's limit for the pod side too.
+        let limit = match send_timeout {
+            Some(timeout) if !nonblocking => (timeout, true),
+            _ => (BLOCKING_CONNECT_LIMIT, false),
+        };
+        let duplicate = match socket.try_clone() {
+            Ok(duplicate) => duplicate,
+            Err(e) => return Some(Err(e.raw_os_error().unwrap_or(libc::EIO))),
+        };
+        match ctx.proxy.redirect_tcp(duplicate, inode, dest, limit) {
+            Ok(outcome) => outcome,
+            Err(errno) => return Some(Err(errno)),
         }
     } else {
-        opening.await.unwrap_or_else(|e| Err(closed(e)))
-    };
-    match pass_verdict(&ctx.proxy, inode, opened, verdict) {
-        Ok(()) => local,
-        Err(e) => {
-            sockets::disconnect(socket.as_fd());
-            let errno = match e {
-                // SO_SNDTIMEO expiring on a blocking connect reports EINPROGRESS on Linux.
-                TunnelError::Timeout(_) if send_timeout.is_some() => libc::EINPROGRESS,
-                e => tunnel_errno(&e),
-            };
-            tracing::debug!(%dest, errno, "pod-side connect failed");
-            Err(errno)
+        match ctx.proxy.pending_outcome(inode) {
+            // A blocking connect restarted after a signal, or a second thread's connect on a
+            // socket whose pod side is still connecting: wait for it again.
+            Some(outcome) if !nonblocking => outcome,
+            // Connecting or connected: the kernel answers (EALREADY, EISCONN, or it waits).
+            _ => {
+                ctx.listener.continue_call(n.id);
+                return None;
+            }
         }
+    };
+    if nonblocking {
+        return Some(Err(libc::EINPROGRESS));
+    }
+    match wait_for_outcome(ctx, n, outcome, deadline).await? {
+        Outcome::Connected => Some(Ok(())),
+        Outcome::Failed(errno) => {
+            // A blocking connect that fails leaves the socket unconnected and its error
+            // reported (by this call), free to connect again.
+            sockets::disconnect(fd);
+            ctx.proxy.take_failure(inode);
+            Some(Err(errno))
+        }
+        // The app's timeout ran out (the pod side is given up at the same moment): the socket
+        // stays as it is, as Linux leaves it after SO_SNDTIMEO.
+        Outcome::Abandoned | Outcome::Pending => Some(Err(libc::EINPROGRESS)),
     }
 }
 
-/// Hands a successful pod-side connect to the proxy connection that waits for it; forgets the
-/// socket on a failure (dropping `verdict` makes that connection abort).
-fn pass_verdict(
-    proxy: &Proxy,
-    inode: u64,
-    opened: Result<Stream, TunnelError>,
-    verdict: oneshot::Sender<Stream>,
-) -> Result<(), TunnelError> {
-    match opened {
-        Ok(stream) => {
-            // Before the app's connect returns, so its getsockname already shows the pod side.
-            proxy.set_pod_local(inode, stream.far_local());
-            if let Err(stream) = verdict.send(stream) {
-                // The proxy dropped the registration: the session is ending.
-                stream.reset();
-                proxy.forget(inode);
-                return Err(TunnelError::Closed("the local proxy lost the connection".into()));
-            }
-            Ok(())
+/// Waits for a blocking connect's outcome while the app's thread waits in its trapped call.
+/// `None` once the call was handed back to the kernel for a signal (see
+/// [`super::wait_for_data`]) or is gone. When `deadline` (the socket's SO_SNDTIMEO) passes
+/// first, the pod side is given up and the call reports EINPROGRESS, as Linux does.
+async fn wait_for_outcome(
+    ctx: &Context,
+    n: &Notification,
+    mut outcome: watch::Receiver<Outcome>,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<Outcome> {
+    let mut signals = tracee::SignalWatch::open(n.tid).ok();
+    let started = tokio::time::Instant::now();
+    loop {
+        let now = *outcome.borrow_and_update();
+        if now != Outcome::Pending {
+            return Some(now);
         }
-        Err(e) => {
-            proxy.forget(inode);
-            Err(e)
+        if !ctx.listener.is_valid(n.id) {
+            return None;
+        }
+        if signals.as_mut().is_some_and(|s| s.pending().unwrap_or(false)) {
+            ctx.listener.continue_call(n.id);
+            return None;
+        }
+        let mut slice = super::signal_check_interval(started.elapsed());
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Some(Outcome::Abandoned);
+            }
+            slice = slice.min(left);
+        }
+        if let Ok(Err(_)) = tokio::time::timeout(slice, outcome.changed()).await {
+            // The connect's task ended without a word: it can only have been abandoned.
+            return Some(Outcome::Abandoned);
         }
     }
 }
@@ -176,22 +181,25 @@ fn pass_verdict(
 /// the send, as the kernel does it. A blocking socket gets the bytes sent once connected; a
 /// non-blocking one gets EINPROGRESS with nothing sent, as TCP Fast Open without a cookie
 /// answers (the app writes again once the socket is writable). A socket that is already
-/// connected (to the proxy) is the kernel's: it ignores the address.
+/// connected is the kernel's: it ignores the address.
 /// `payload` is what the app's call carries, up to [`MAX_FASTOPEN_PAYLOAD`].
 pub fn on_fastopen(
     ctx: &Arc<Context>,
     n: Notification,
     socket: OwnedFd,
-    (dest, family): (SocketAddr, i32),
+    (dest, _family): (SocketAddr, i32),
     payload: Vec<u8>,
 ) {
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        let nonblocking = sockets::is_nonblocking(socket.as_fd());
-        let result = match redirect_tcp(&ctx, &socket, dest, family).await {
-            Ok(()) if nonblocking => Err(libc::EINPROGRESS),
-            Ok(()) => sockets::send(socket.as_fd(), &payload).map(|sent| sent as i64),
-            Err(errno) => Err(errno),
+        let writer = socket.try_clone();
+        let result = match connect_through_pod(&ctx, &n, socket, dest).await {
+            None => return,
+            Some(Ok(())) => match writer {
+                Ok(writer) => sockets::send(writer.as_fd(), &payload).map(|sent| sent as i64),
+                Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            },
+            Some(Err(errno)) => Err(errno),
         };
         super::answer(&ctx, &n, result);
     });
@@ -201,8 +209,40 @@ pub fn on_fastopen(
 /// short write allows.
 pub const MAX_FASTOPEN_PAYLOAD: usize = 64 * 1024;
 
-fn closed(e: tokio::task::JoinError) -> TunnelError {
-    TunnelError::Closed(format!("connect task failed: {e}"))
+/// `getsockopt(SOL_SOCKET, SO_ERROR)` (trapped for no other option): a redirected connect that
+/// failed after the app heard EINPROGRESS left its socket with a stand-in error (ECONNRESET,
+/// see [`crate::outgoing`]); the app reads the pod's errno instead. Every other socket is the
+/// kernel's, at the cost of one lookup.
+pub fn on_getsockopt(ctx: &Arc<Context>, n: Notification) {
+    if !ctx.proxy.has_failures_to_report() {
+        return ctx.listener.continue_call(n.id);
+    }
+    let (fd, value_ptr, len_ptr) = (n.args[0] as i32, n.args[3], n.args[4]);
+    let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
+        return ctx.listener.continue_call(n.id);
+    };
+    let Some(errno) = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.take_failure(inode))
+    else {
+        return ctx.listener.continue_call(n.id);
+    };
+    // The stand-in goes, as reading SO_ERROR clears the error.
+    let _ = sockets::take_error(socket.as_fd());
+    let result = (|| {
+        let len_bytes = tracee::read_bytes(n.tid, len_ptr, 4).map_err(|_| libc::EFAULT)?;
+        let len = i32::from_ne_bytes(len_bytes.try_into().expect("4 bytes"));
+        if len < 0 {
+            return Err(libc::EINVAL);
+        }
+        let memory = super::output_memory(ctx, &n).ok_or(0)?;
+        let copy = (len as usize).min(4);
+        memory.write(value_ptr, &errno.to_ne_bytes()[..copy]).map_err(|_| libc::EFAULT)?;
+        memory.write(len_ptr, &(copy as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
+    })();
+    match result {
+        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Err(0) => {}
+        Err(errno) => ctx.listener.return_errno(n.id, errno),
+    }
 }
 
 async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
@@ -211,8 +251,8 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     };
     // Bound first (as connect's own autobind would), so the relay can be tied to the socket's
     // address before the socket learns the relay's.
-    let app =
-        sockets::ensure_bound(socket.as_fd()).and_then(|_| crate::outgoing::app_endpoint(socket.as_fd()));
+    let app = sockets::ensure_bound(socket.as_fd())
+        .and_then(|_| crate::outgoing::app_endpoint(socket.as_fd(), dest, ctx.proxy.v6_loopback()));
     let app = match app {
         Ok(app) => app,
         Err(errno) => {
@@ -277,7 +317,7 @@ fn delivered_from(ctx: &Context, raw_peer: &[u8]) -> Option<crate::incoming::Del
 
 /// The pod client behind a loopback connection kmirror made to the app, in the socket's family.
 fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8>> {
-    delivered_from(ctx, raw_peer).map(|d| net::encode_sockaddr(d.client, family))
+    delivered_from(ctx, raw_peer).and_then(|d| net::encode_for_socket(d.client, family))
 }
 
 /// getpeername: a redirected socket shows the destination the app asked for instead of the
@@ -344,10 +384,13 @@ pub fn on_getsockname(ctx: &Arc<Context>, n: Notification) {
     let Some(pod_local) = redirected.or_else(delivered) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
+    let Some(encoded) = sockets::socket_domain(socket.as_fd())
+        .ok()
+        .and_then(|family| net::encode_for_socket(pod_local, family))
+    else {
         return ctx.listener.continue_call(n.id);
     };
-    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &net::encode_sockaddr(pod_local, family)) {
+    match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
         Ok(()) => ctx.listener.return_value(n.id, 0),
         Err(0) => {}
         Err(errno) => ctx.listener.return_errno(n.id, errno),

@@ -81,6 +81,13 @@ pub fn encode_sockaddr(addr: SocketAddr, family: i32) -> Vec<u8> {
     out
 }
 
+/// `addr` as the kernel would show it to a socket of `family`, or `None` where it cannot: an
+/// AF_INET socket never has an IPv6 address as its peer or its own (only IPv4 and v4-mapped
+/// addresses fit it).
+pub fn encode_for_socket(addr: SocketAddr, family: i32) -> Option<Vec<u8>> {
+    (family != libc::AF_INET || canonical(addr).is_ipv4()).then(|| encode_sockaddr(addr, family))
+}
+
 /// The sockaddr family a socket reports (from the first bytes of its sockaddr).
 pub fn family_of(raw: &[u8]) -> i32 {
     raw.get(..2).map_or(libc::AF_UNSPEC, |b| u16::from_ne_bytes([b[0], b[1]]) as i32)
@@ -185,6 +192,14 @@ mod tests {
             &mapped[8..24],
             &sa("[::ffff:10.1.2.3]:0").ip().to_string().parse::<Ipv6Addr>().unwrap().octets()
         );
+    }
+
+    #[test]
+    fn an_ipv4_socket_is_never_given_an_ipv6_address() {
+        assert_eq!(encode_for_socket(sa("[fd00::1]:80"), libc::AF_INET), None);
+        assert_eq!(encode_for_socket(sa("[::ffff:10.0.0.1]:80"), libc::AF_INET).map(|r| r.len()), Some(16));
+        assert_eq!(encode_for_socket(sa("10.0.0.1:80"), libc::AF_INET6).map(|r| r.len()), Some(28));
+        assert_eq!(encode_for_socket(sa("[fd00::1]:80"), libc::AF_INET6).map(|r| r.len()), Some(28));
     }
 
     #[test]

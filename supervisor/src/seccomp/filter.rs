@@ -26,10 +26,13 @@ pub struct Program {
 /// a notification, allows everything else, and fails every call from a non-native ABI (i386,
 /// x32) with ENOSYS rather than letting it slip past the trap list.
 /// `notify_if_arg_set` lists calls trapped only when the given argument is non-zero (e.g.
-/// `sendto` only with a destination address), so the common case costs no notification.
+/// `sendto` only with a destination address), `notify_if_args_equal` calls trapped only when
+/// the given 32-bit arguments have the given values (`getsockopt` of one option), so the common
+/// case costs no notification.
 pub fn build(
     notify: &[&str],
     notify_if_arg_set: &[(&str, u32)],
+    notify_if_args_equal: &[(&str, &[(u32, u64)])],
     enosys: &[&str],
 ) -> Result<Program, FilterError> {
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
@@ -40,6 +43,20 @@ pub fn build(
     for &(name, arg) in notify_if_arg_set {
         let set = libseccomp::ScmpArgCompare::new(arg, libseccomp::ScmpCompareOp::NotEqual, 0);
         ctx.add_rule_conditional(ScmpAction::Notify, ScmpSyscall::from_name(name)?, &[set])?;
+    }
+    for &(name, args) in notify_if_args_equal {
+        // Only the low 32 bits: the kernel reads these arguments as ints.
+        let equal: Vec<_> = args
+            .iter()
+            .map(|&(arg, value)| {
+                libseccomp::ScmpArgCompare::new(
+                    arg,
+                    libseccomp::ScmpCompareOp::MaskedEqual(0xffff_ffff),
+                    value,
+                )
+            })
+            .collect();
+        ctx.add_rule_conditional(ScmpAction::Notify, ScmpSyscall::from_name(name)?, &equal)?;
     }
     for name in enosys {
         ctx.add_rule(ScmpAction::Errno(libc::ENOSYS), ScmpSyscall::from_name(name)?)?;
@@ -70,7 +87,13 @@ mod tests {
 
     #[test]
     fn builds_a_program_for_the_trap_list() {
-        let program = build(&["connect", "openat"], &[("sendto", 4)], &["io_uring_setup"]).unwrap();
+        let program = build(
+            &["connect", "openat"],
+            &[("sendto", 4)],
+            &[("getsockopt", &[(1, 1), (2, 4)])],
+            &["io_uring_setup"],
+        )
+        .unwrap();
         assert!(program.instructions.len() > 6);
         // Return instructions carry the actions; USER_NOTIF and ERRNO|ENOSYS must both appear.
         let returns: Vec<u32> = program
@@ -86,6 +109,6 @@ mod tests {
 
     #[test]
     fn unknown_syscall_names_are_errors() {
-        assert!(build(&["no_such_call"], &[], &[]).is_err());
+        assert!(build(&["no_such_call"], &[], &[], &[]).is_err());
     }
 }
