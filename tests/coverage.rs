@@ -47,3 +47,14 @@ fn ipv6_outgoing_reaches_pod_only_addresses() {
         format!("echo=pod-echo {n}: py6\npeer={ip6}:7777\nudp=pod-udp {n}: d6 from {ip6}:7778\n")
     );
 }
+
+/// The harness reads a child's output while it runs: more than a pipe holds (64 KiB) must
+/// not block the child until the deadline.
+#[test]
+fn output_beyond_a_pipe_buffer_does_not_block_the_child() {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "head -c 1048576 /dev/zero; head -c 200000 /dev/zero >&2"]);
+    let out = kmirror_suite::run::output_within(cmd, std::time::Duration::from_secs(20));
+    assert!(out.status.success());
+    assert_eq!((out.stdout.len(), out.stderr.len()), (1 << 20, 200_000));
+}
