@@ -306,7 +306,14 @@ def make_http_handler(index, dns_log):
         def log_request(self, code="-", size="-"):
             log(
                 "http %s %s from %s:%d -> %s"
-                % (self.command, self.path, self.client_address[0], self.client_address[1], code)
+                % (
+                    # Unset when the request line itself was refused (e.g. an HTTP/2 preface).
+                    getattr(self, "command", None),
+                    getattr(self, "path", "-"),
+                    self.client_address[0],
+                    self.client_address[1],
+                    code,
+                )
             )
 
         def log_message(self, fmt, *args):
