@@ -4,10 +4,10 @@
 set -euo pipefail
 
 # Debian packages: libseccomp for the filter, clang + libelf + zlib for the eBPF programs
-# (libbpf is vendored), Go for the fixtures (plus a current Go below),
-# a JDK for the Java fixture, musl-gcc for the static C fixture, the tools the tests drive (curl,
-# getent, ip, nsenter, setpriv, nc), redis-server (a daemonizing server for the process-tree
-# tests) and the peers the benchmarks compare with (strace, proxychains4).
+# (libbpf is vendored), Go for the fixtures (plus a current Go below), a JDK for the Java
+# fixture, Node.js (below) for the Node one, musl-gcc for the static C fixture, the tools the
+# tests drive (curl, getent, ip, nsenter, setpriv, nc), redis-server (a daemonizing server for
+# the process-tree tests) and the peers the benchmarks compare with (strace, proxychains4).
 packages=(
   build-essential pkg-config libseccomp-dev clang libelf-dev zlib1g-dev linux-libc-dev
   golang-go openjdk-17-jdk-headless python3 python3-venv
@@ -17,6 +17,10 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# Node.js for the Node fixture (scripts/build-fixtures.sh checks it with `node --check`, and
+# the runtime matrix runs it): Debian's nodejs, unless a `node` is already installed some
+# other way (NodeSource, nvm), which is left alone.
+command -v node >/dev/null || missing+=(nodejs)
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -3,7 +3,10 @@
 
 use kmirror_suite::app::BackgroundApp;
 use kmirror_suite::pod::LocalPod;
-use kmirror_suite::run::{agent_of, children_of, field, go_fixtures, kmirror, kmirror_bin, ok};
+use kmirror_suite::run::{
+    LineReader, agent_of, children_of, field, go_fixtures, kmirror, kmirror_bin, ok, output_within,
+    wait_output_within,
+};
 use std::time::{Duration, Instant};
 
 fn alive(pid: u32) -> bool {
@@ -34,10 +37,12 @@ fn killing_kmirror_kills_the_app() {
     let agent = app.agent_pid();
     app.child.kill().unwrap(); // SIGKILL
     app.child.wait().unwrap();
-    wait_until("the app died with kmirror (no app left running with ENOSYS)", Duration::from_secs(3), || {
-        !alive(app_pid)
-    });
-    wait_until("the agent died with kmirror", Duration::from_secs(3), || !alive(agent));
+    wait_until(
+        "the app died with kmirror (no app left running with ENOSYS)",
+        Duration::from_secs(20),
+        || !alive(app_pid),
+    );
+    wait_until("the agent died with kmirror", Duration::from_secs(20), || !alive(agent));
 }
 
 /// An agent whose supervisor is not its parent (any more) refuses to start: it could not die
@@ -45,10 +50,9 @@ fn killing_kmirror_kills_the_app() {
 #[test]
 fn the_agent_refuses_to_outlive_a_supervisor_that_is_gone() {
     let agent_bin = kmirror_bin().with_file_name("kmirror-agent");
-    let out = std::process::Command::new(agent_bin)
-        .args(["--tunnel-fd", "0", "--target-pid", "1", "--parent-pid", "1"])
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(agent_bin);
+    cmd.args(["--tunnel-fd", "0", "--target-pid", "1", "--parent-pid", "1"]);
+    let out = output_within(cmd, Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("the supervisor (pid 1) exited before the agent started"), "{stderr}");
@@ -88,20 +92,17 @@ fn losing_the_agent_resets_pod_connections_keeps_local_ones_and_fails_the_sessio
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    use std::io::BufRead;
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), format!("first=pod-echo {}: one", pod.index));
+    let stdout = LineReader::new(child.stdout.take().unwrap());
+    let line = stdout.line_within(Duration::from_secs(30));
+    assert_eq!(line, format!("first=pod-echo {}: one", pod.index));
     let agent = agent_of(child.id());
     // SAFETY: killing the agent of our own kmirror child.
     unsafe { libc::kill(agent as i32, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the agent is gone", Duration::from_secs(20), || !alive(agent));
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let rest = stdout.rest_within(Duration::from_secs(30));
+    let out = wait_output_within(child, "kmirror", Duration::from_secs(30));
     let after = field(&rest, "after").unwrap_or("missing");
     assert!(
         ["eof", "ConnectionResetError", "BrokenPipeError"].contains(&after),
@@ -122,11 +123,11 @@ fn target_exit_ends_the_session_with_a_clear_message() {
     app.wait_stdout("ready", Duration::from_secs(20), |l| l.iter().any(|l| l == "ready"));
     // SAFETY: ending the pod's target process.
     unsafe { libc::kill(pod.target_pid as i32, libc::SIGKILL) };
-    wait_until("the app is stopped", Duration::from_secs(5), || {
+    wait_until("the app is stopped", Duration::from_secs(20), || {
         app.stdout_lines().iter().any(|l| l == "signal=TERM")
     });
     let mut app = app;
-    let status = app.child.wait().unwrap();
+    let status = app.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
     assert!(
         app.stderr_text().contains(&format!("target process {} exited", pod.target_pid)),
@@ -135,16 +136,23 @@ fn target_exit_ends_the_session_with_a_clear_message() {
     );
 }
 
+/// Forked children and exec'd programs are intercepted, not merely handed the pod's
+/// environment (which execve passes on by itself): each answer here needs a trapped call.
 #[test]
 fn children_and_exec_inherit_interception() {
     let pod = LocalPod::start(54);
     let go = go_fixtures()[0].to_str().unwrap().to_string();
-    // A shell that forks a static Go child, which in turn is exec'd by another shell.
+    // A shell forks a static Go child with an emptied environment (so nothing pod-specific is
+    // inherited), which reads a pod file and asks the pod's DNS and services; another shell
+    // exec's it.
     let script = format!(
-        "v=$({go} env POD_ONLY_VAR); echo \"child-$v\"; sh -c 'exec {go} get http://echo:8080/grandchild' | grep body="
+        "env -i {go} cat /etc/hostname | sed 's/^/child-hostname=/'; \
+         env -i {go} resolve pod-hosts-only.internal | sed 's/^/child-/'; \
+         sh -c 'exec env -i {go} get http://echo.default.svc.cluster.local:8080/grandchild' | grep body="
     );
     let out = ok(&kmirror(pod.target_pid, &[], &["sh", "-c", &script]));
-    assert!(out.contains(&format!("child-env=pod-value-{}", pod.index)), "{out}");
+    assert!(out.contains(&format!("child-hostname={}\n", pod.pod_hostname())), "{out}");
+    assert!(out.contains(&format!("child-addr={}\n", pod.service_ip)), "{out}");
     assert!(out.contains(&format!("body=pod-echo {} /grandchild", pod.index)), "{out}");
 }
 
@@ -165,7 +173,7 @@ fn thirty_two_bit_system_calls_are_refused() {
     let cc =
         std::process::Command::new("cc").arg("-O0").arg("-o").arg(&binary).arg(&source).status().unwrap();
     assert!(cc.success());
-    let bare = std::process::Command::new(&binary).output().unwrap();
+    let bare = output_within(std::process::Command::new(&binary), Duration::from_secs(30));
     let bare_result: i64 = field(&String::from_utf8_lossy(&bare.stdout), "result").unwrap().parse().unwrap();
     assert!(bare_result > 0, "without kmirror the i386 getpid works");
     let out = ok(&kmirror(pod.target_pid, &[], &[binary.to_str().unwrap()]));
@@ -208,13 +216,16 @@ fn the_agent_rejects_a_wrong_session_token() {
         kmirror_protocol::tunnel::write_control(&mut socket, kmirror_protocol::Control::Hello(hello))
             .await
             .unwrap();
-        kmirror_protocol::tunnel::read_control(&mut socket).await.unwrap()
+        tokio::time::timeout(Duration::from_secs(30), kmirror_protocol::tunnel::read_control(&mut socket))
+            .await
+            .expect("the agent did not answer the hello within 30 s")
+            .unwrap()
     });
     assert!(
         matches!(&reply, kmirror_protocol::Control::HelloReply(kmirror_protocol::HelloReply::Rejected { reason }) if reason.contains("token")),
         "{reply:?}"
     );
-    let out = child.wait_with_output().unwrap();
+    let out = wait_output_within(child, "the agent", Duration::from_secs(30));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong session token"));
 }
@@ -231,14 +242,28 @@ fn a_hung_agent_times_out_instead_of_hanging_the_app() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The session is up once the app runs: wait for the shell to block reading its stdin.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let app = loop {
+        let shell = children_of(child.id()).into_iter().find(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sh")
+                && std::fs::read_to_string(format!("/proc/{p}/syscall"))
+                    .is_ok_and(|s| s.split_whitespace().next() == Some(&libc::SYS_read.to_string()))
+        });
+        if let Some(shell) = shell {
+            break shell;
+        }
+        assert!(Instant::now() < deadline, "the app never blocked reading its stdin");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(alive(app));
     let agent = agent_of(child.id());
     // SAFETY: stopping (then resuming) the agent of our own kmirror child.
     unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
     let started = Instant::now();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_output_within(child, "kmirror", Duration::from_secs(60));
     let elapsed = started.elapsed();
     // SAFETY: as above.
     unsafe { libc::kill(agent as i32, libc::SIGCONT) };

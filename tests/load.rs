@@ -3,31 +3,40 @@
 //! (per-stream flow control) while 1 GiB goes through.
 
 use kmirror_suite::pod::LocalPod;
-use kmirror_suite::run::{agent_of, field, kmirror_cmd};
-use std::io::{BufRead, BufReader, Write};
+use kmirror_suite::run::{LineReader, agent_of, field, kmirror_cmd, wait_within};
+use std::io::Write;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string())
-            })
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+/// VmRSS of `pid` in KiB; `None` once the process is gone (or its status has no VmRSS, as
+/// for a zombie). Never a made-up 0: a bound checked against 0 proves nothing.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    Some(value.trim().trim_end_matches("kB").trim().parse().expect("VmRSS is a number of kB"))
 }
 
-/// A Python app driven step by step over stdin/stdout.
+/// How long one step of a load app may take (10k sequential connections among them).
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+
+/// A Python app driven step by step over stdin/stdout; dropping it kills kmirror (and so the
+/// app and the agent) if a failed test left it running.
 struct Steps {
     child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
+    out: LineReader,
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Steps {
@@ -35,8 +44,13 @@ impl Steps {
         let mut cmd = kmirror_cmd(pod.target_pid, &[], &["python3", "-c", script]);
         let mut child =
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
+        let out = LineReader::new(child.stdout.take().unwrap());
         Steps { child, out }
+    }
+
+    /// Waits for the app to exit by itself; its status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        wait_within(&mut self.child, "the load app", STEP_LIMIT)
     }
 
     /// Starts the app and waits for its `start` line; returns it with kmirror's and the
@@ -49,9 +63,7 @@ impl Steps {
     }
 
     fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_string()
+        self.out.line_within(STEP_LIMIT).trim().to_string()
     }
 
     fn next(&mut self) {
@@ -108,7 +120,7 @@ fn thousands_of_tunnelled_connections_leave_no_descriptors_behind() {
         fd_count(agent)
     );
     app.next();
-    assert!(app.child.wait().unwrap().success());
+    assert!(app.wait().success());
 }
 
 /// Bulk bytes both ways at once, which the tunnel splices rather than copies, arrive exact, and
@@ -159,7 +171,7 @@ fn bulk_bytes_through_the_tunnel_arrive_exact_both_ways() {
         fd_count(agent)
     );
     app.next();
-    assert!(app.child.wait().unwrap().success());
+    assert!(app.wait().success());
 }
 
 /// Stated bound: neither side grows beyond 64 MiB RSS while 1 GiB flows to a reader that
@@ -188,19 +200,45 @@ fn a_slow_reader_keeps_memory_bounded_while_a_fast_writer_pushes_1_gib() {
     assert_eq!(app.line(), "start");
     let kmirror = app.child.id();
     let agent = agent_of(kmirror);
-    let sampler = std::thread::spawn(move || {
-        let mut peak = (0, 0);
-        while std::fs::metadata(format!("/proc/{kmirror}")).is_ok() {
-            peak = (peak.0.max(rss_kib(kmirror)), peak.1.max(rss_kib(agent)));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        peak
-    });
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut peak, mut samples) = ((0, 0), 0u64);
+            // Both live until the app has received everything; a sample that cannot be taken
+            // before then is a failure, not a 0.
+            while !done.load(Ordering::Acquire) {
+                match (rss_kib(kmirror), rss_kib(agent)) {
+                    (Some(s), Some(a)) => {
+                        peak = (peak.0.max(s), peak.1.max(a));
+                        samples += 1;
+                    }
+                    missing => {
+                        // The app may exit just after its last line, before `done` is set.
+                        std::thread::sleep(Duration::from_secs(1));
+                        assert!(
+                            done.load(Ordering::Acquire),
+                            "cannot read the RSS of kmirror or its agent mid-transfer: {missing:?}"
+                        );
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (peak, samples)
+        })
+    };
     let line = app.line();
+    done.store(true, Ordering::Release);
     assert_eq!(field(&line, "received"), Some((1u64 << 30).to_string().as_str()), "{line}");
-    assert!(app.child.wait().unwrap().success());
-    let (supervisor_peak, agent_peak) = sampler.join().unwrap();
-    eprintln!("peak RSS: supervisor {supervisor_peak} KiB, agent {agent_peak} KiB");
+    assert!(app.wait().success());
+    let ((supervisor_peak, agent_peak), samples) = sampler.join().unwrap();
+    eprintln!("peak RSS: supervisor {supervisor_peak} KiB, agent {agent_peak} KiB ({samples} samples)");
+    assert!(samples >= 10, "only {samples} RSS samples were taken during the transfer");
+    assert!(
+        supervisor_peak > 1024 && agent_peak > 1024,
+        "implausible RSS: {supervisor_peak}, {agent_peak} KiB"
+    );
     assert!(supervisor_peak < BOUND_KIB, "supervisor peaked at {supervisor_peak} KiB");
     assert!(agent_peak < BOUND_KIB, "agent peaked at {agent_peak} KiB");
 }

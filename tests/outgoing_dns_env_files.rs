@@ -4,7 +4,7 @@
 
 use kmirror_suite::app::BackgroundApp;
 use kmirror_suite::pod::LocalPod;
-use kmirror_suite::run::{expect_status, field, go_fixtures, kmirror, ok};
+use kmirror_suite::run::{expect_status, field, go_fixtures, kmirror, kmirror_cmd, ok, output_within};
 use std::time::{Duration, Instant};
 
 /// Runs a Python script under kmirror against `pod`; its stdout (the run must succeed).
@@ -13,9 +13,22 @@ fn python_under_kmirror(pod: &LocalPod, script: &str) -> String {
 }
 
 fn run_go(pod: &LocalPod, go: &str, flags: &[&str], args: &[&str]) -> std::process::Output {
+    run_go_with_env(pod, go, flags, args, &[])
+}
+
+/// Like [`run_go`], with variables set in kmirror's (so the app's local) environment.
+fn run_go_with_env(
+    pod: &LocalPod,
+    go: &str,
+    flags: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let mut command = vec![go];
     command.extend_from_slice(args);
-    kmirror(pod.target_pid, flags, &command)
+    let mut cmd = kmirror_cmd(pod.target_pid, flags, &command);
+    cmd.envs(env.iter().copied());
+    output_within(cmd, Duration::from_secs(60))
 }
 
 #[test]
@@ -114,7 +127,7 @@ fn a_connect_the_app_gives_up_on_is_abandoned_in_the_pod() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let wait_for = |what: &str, want_empty: bool| {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let listed = half_open();
             if listed.is_empty() == want_empty {
@@ -137,20 +150,38 @@ fn a_connect_the_app_gives_up_on_is_abandoned_in_the_pod() {
     app.stop();
 }
 
+/// Each variable is also set locally, to a value the pod does not have, so that every answer
+/// tells which side it came from.
 #[test]
 fn pod_environment_is_merged_with_local_only_variables_kept() {
     let pod = LocalPod::start(13);
     let go = &go_fixtures()[0];
     let go = go.to_str().unwrap();
-    let out = ok(&run_go(&pod, go, &[], &["env", "POD_ONLY_VAR"]));
-    assert_eq!(field(&out, "env"), Some(format!("pod-value-{}", pod.index).as_str()));
-    let local_path = std::env::var("PATH").unwrap();
-    let out = ok(&run_go(&pod, go, &[], &["env", "PATH"]));
-    assert_eq!(field(&out, "env"), Some(local_path.as_str()), "PATH stays local");
-    let out = run_go(&pod, go, &["--env-exclude", "POD_*"], &["env", "POD_ONLY_VAR"]);
-    expect_status(&out, 1);
-    let out = run_go(&pod, go, &["--no-env"], &["env", "SHARED_VAR"]);
-    expect_status(&out, 1);
+    let env = |flags: &[&str], name: &str, local: &[(&str, &str)]| {
+        let out = run_go_with_env(&pod, go, flags, &["env", name], local);
+        match out.status.code() {
+            Some(1) => None,
+            _ => Some(field(&ok(&out), "env").unwrap().to_string()),
+        }
+    };
+    let pod_value = format!("pod-value-{}", pod.index);
+    let local = [("POD_ONLY_VAR", "local-value"), ("SHARED_VAR", "from-local")];
+    assert_eq!(env(&[], "POD_ONLY_VAR", &[]), Some(pod_value.clone()));
+    // The pod's value beats the local one.
+    assert_eq!(env(&[], "POD_ONLY_VAR", &local), Some(pod_value.clone()));
+    assert_eq!(env(&[], "SHARED_VAR", &local), Some("from-pod".into()));
+    // PATH stays local: a local value the pod's PATH cannot share.
+    let local_path = format!("{}:/kmirror-local-path-marker", std::env::var("PATH").unwrap());
+    assert_eq!(env(&[], "PATH", &[("PATH", &local_path)]), Some(local_path.clone()), "PATH stays local");
+    // --env-exclude: the pod's variable is not taken, the local one stays.
+    let exclude = ["--env-exclude", "POD_*"];
+    assert_eq!(env(&exclude, "POD_ONLY_VAR", &local), Some("local-value".into()));
+    assert_eq!(env(&exclude, "POD_ONLY_VAR", &[]), None);
+    assert_eq!(env(&exclude, "SHARED_VAR", &local), Some("from-pod".into()), "only matches are excluded");
+    // --no-env: nothing from the pod, everything local stays.
+    assert_eq!(env(&["--no-env"], "SHARED_VAR", &local), Some("from-local".into()));
+    assert_eq!(env(&["--no-env"], "POD_ONLY_VAR", &local), Some("local-value".into()));
+    assert_eq!(env(&["--no-env"], "KUBERNETES_SERVICE_HOST", &local), None);
 }
 
 #[test]
@@ -196,13 +227,40 @@ fn read_mode_serves_the_pod_filesystem_and_matches_inside_answers() {
     assert_eq!(ok(&run_go(&pod, go, &read, &["ls", "/data/dir"])), "a.txt\nb.txt\nsub\n");
     // Missing in the pod: ENOENT, even though the local machine may have the path.
     expect_status(&run_go(&pod, go, &read, &["cat", "/data/missing"]), 2);
+    // The pod's /data/escape names an absolute host path. Create it on the host, so that a
+    // link followed on the host would read it: resolved inside the pod's root it is ENOENT.
+    let escape = pod.escape_target();
+    std::fs::write(&escape, "host-only secret\n").unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(escape.clone());
+    assert_eq!(
+        ok(&kmirror(pod.target_pid, &["--fs-mode", "local"], &[go, "cat", escape.to_str().unwrap()])),
+        "host-only secret\n"
+    );
     expect_status(&run_go(&pod, go, &read, &["stat", "/data/escape"]), 0);
-    expect_status(&run_go(&pod, go, &read, &["cat", "/data/escape"]), 2);
+    let escaped = run_go(&pod, go, &read, &["cat", "/data/escape"]);
+    assert!(
+        !String::from_utf8_lossy(&escaped.stdout).contains("host-only"),
+        "the pod's link reached a host file"
+    );
+    expect_status(&escaped, 2);
     // Local-only paths stay local in read mode: the binary itself and /proc.
     ok(&run_go(&pod, go, &read, &["stat", go]));
     // `..` out of a pod directory into a local-only one: resolved by kmirror, served locally
-    // (the local kernel would fail: /data does not exist on this machine).
+    // (the local kernel would fail: /data does not exist on this machine). The pod's /usr is
+    // the host's, so the pod gets a file of its own over /usr/lib/os-release (in its mount
+    // namespace only): the answer then tells which side served it.
     let local = std::fs::read_to_string("/usr/lib/os-release").unwrap();
+    std::fs::write(pod.rootfs.join("data/os-release-pod"), "POD_OS_RELEASE=1\n").unwrap();
+    let mounted = pod.exec_in_pod("mount", &["--bind", "/data/os-release-pod", "/usr/lib/os-release"]);
+    assert!(mounted.status.success(), "{}", String::from_utf8_lossy(&mounted.stderr));
+    assert_eq!(ok(&pod.exec_in_pod("cat", &["/usr/lib/os-release"])), "POD_OS_RELEASE=1\n");
+    assert_ne!(local, "POD_OS_RELEASE=1\n");
     assert_eq!(ok(&run_go(&pod, go, &read, &["cat", "/data/../usr/lib/os-release"])), local);
     assert!(ok(&run_go(&pod, go, &read, &["stat", "/data/dir/../../usr"])).ends_with("type=dir\n"));
 }
@@ -250,19 +308,13 @@ fn dual_stack_socket_sees_the_original_peer() {
 #[test]
 fn errors_and_access_checks_come_from_the_pod() {
     let pod = LocalPod::start(18);
-    let range = format!("10.212.{}.0/24", pod.index);
+    // The pod's scratch range: its host routes go with the pod, even after a crash.
+    let range = pod.scratch_range.clone();
     let ip = |args: &[&str]| {
         let status = std::process::Command::new("ip").args(args).status().unwrap();
         assert!(status.success(), "ip {args:?}");
     };
-    ip(&["route", "add", "prohibit", &range]);
-    struct DropRoute(String);
-    impl Drop for DropRoute {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["route", "del", "prohibit", &self.0]).status();
-        }
-    }
-    let _guard = DropRoute(range.clone());
+    ip(&["route", "replace", "prohibit", &range]);
     ip(&["-n", &pod.netns, "route", "add", "unreachable", &range]);
     let target = format!("10.212.{}.5:80", pod.index);
     let go = &go_fixtures()[0];

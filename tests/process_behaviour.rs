@@ -1,8 +1,11 @@
 //! kmirror as a process wrapper: exit status, signals, stdio, and clear errors for bad input.
 
 use kmirror_suite::pod::LocalPod;
-use kmirror_suite::run::{expect_status, go_fixtures, kmirror, kmirror_bin, kmirror_cmd, output_within};
-use std::io::{BufRead, Read, Write};
+use kmirror_suite::run::{
+    LineReader, expect_status, go_fixtures, kmirror, kmirror_bin, kmirror_cmd, output_within,
+    wait_output_within, wait_within,
+};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -22,11 +25,10 @@ fn exit_status_and_stdio_are_the_apps() {
         let payload = payload.clone();
         std::thread::spawn(move || stdin.write_all(&payload).unwrap())
     };
-    let mut echoed = Vec::new();
-    child.stdout.take().unwrap().read_to_end(&mut echoed).unwrap();
+    let out = wait_output_within(child, "stdin-echo", Duration::from_secs(60));
     writer.join().unwrap();
-    assert!(child.wait().unwrap().success());
-    assert!(echoed == payload, "stdin must reach the app and its stdout come back unchanged");
+    assert!(out.status.success());
+    assert!(out.stdout == payload, "stdin must reach the app and its stdout come back unchanged");
     // Killed by a signal: kmirror ends the same way.
     let out = kmirror(pod.target_pid, &[], &["sh", "-c", "kill -USR2 $$"]);
     use std::os::unix::process::ExitStatusExt;
@@ -43,16 +45,12 @@ fn termination_signals_reach_the_app() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(line, "ready\n");
+        let stdout = LineReader::new(child.stdout.take().unwrap());
+        assert_eq!(stdout.line_within(Duration::from_secs(30)), "ready");
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
-        line.clear();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), format!("signal={name}"));
-        assert!(child.wait().unwrap().success());
+        assert_eq!(stdout.line_within(Duration::from_secs(30)), format!("signal={name}"));
+        assert!(wait_within(&mut child, "kmirror", Duration::from_secs(30)).success());
     }
 }
 

@@ -64,8 +64,15 @@ fn glibc_clients_resolve_and_connect_through_the_pod() {
         &["curl", "-sS", "--max-time", "10", "-w", "\n%{remote_ip}:%{remote_port}", url],
     ));
     assert_eq!(out, format!("pod-echo {} /curl\n\n{}:8080", pod.index, pod.service_ip));
-    let missing = kmirror(pod.target_pid, &[], &["getent", "hosts", "nothing.default.svc.cluster.local"]);
-    assert_eq!(missing.status.code(), Some(2), "NXDOMAIN from the pod's DNS");
+    let missing_name = "nothing.default.svc.cluster.local";
+    let asked =
+        |log: &str| log.lines().any(|l| l.starts_with("dns ") && l.ends_with(&format!(" {missing_name}")));
+    assert!(!asked(&pod.service_log()), "asked before the test did");
+    let missing = kmirror(pod.target_pid, &[], &["getent", "hosts", missing_name]);
+    assert_eq!(missing.status.code(), Some(2), "getent found {missing_name}");
+    // Exit status 2 is any "not found": the pod's resolver must be the one that said so.
+    let log = pod.service_log();
+    assert!(asked(&log), "the pod's DNS server never saw the query for {missing_name}:\n{log}");
 }
 
 #[test]
@@ -117,6 +124,14 @@ fn go_gc_pressure_notifies_each_connect_once() {
 fn io_uring_is_refused_and_the_app_falls_back() {
     let pod = LocalPod::start(25);
     let go = &go_fixtures()[1];
+    // The control run: without kmirror io_uring works here, so ENOSYS below is kmirror's doing.
+    let bare = std::process::Command::new(go).arg("uring").output().unwrap();
+    let bare_out = String::from_utf8_lossy(&bare.stdout);
+    assert_eq!(
+        field(&bare_out, "io_uring"),
+        Some("ok"),
+        "io_uring must work without kmirror for this test to prove anything: {bare_out}"
+    );
     let out = ok(&kmirror(pod.target_pid, &[], &[go.to_str().unwrap(), "uring"]));
     assert_eq!(field(&out, "io_uring"), Some("ENOSYS"));
     assert_eq!(field(&out, "hostname"), Some(pod.pod_hostname().as_str()));

@@ -1422,15 +1422,19 @@ mod tests {
                 queued.fetch_add(1, Ordering::SeqCst);
             });
         }
-        // Bounded wait for something that must not happen: every answer queued.
-        let all = async {
-            while queued.load(Ordering::SeqCst) < ANSWERS {
+        // The state itself: the reply budget spent, so the remaining responders wait for it.
+        let spent = async {
+            while agent.shared.reply_budget.available_permits() >= CHUNK {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        assert!(tokio::time::timeout(Duration::from_secs(1), all).await.is_err(), "every answer was queued");
+        tokio::time::timeout(Duration::from_secs(20), spent).await.expect("the reply budget was never spent");
+        // Let the responders that got budget return (this runtime runs them while we sleep).
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let queued = queued.load(Ordering::SeqCst);
-        assert!(queued > 0 && queued * CHUNK <= MAX_QUEUED_REPLY_BYTES, "{queued} answers queued");
+        assert!(queued > 0 && queued < ANSWERS, "{queued} answers queued");
+        assert!(queued * CHUNK <= MAX_QUEUED_REPLY_BYTES, "{queued} answers queued");
+        assert!(agent.shared.reply_budget.available_permits() < CHUNK);
     }
 
     /// Requests the consumer has not taken yet wait in the socket, not in memory: the queue
@@ -1540,16 +1544,25 @@ mod tests {
         };
         stream.opened(Ok(()));
         let sup_stream = opener.await.unwrap().unwrap();
-        // The agent side never grants credit: a well-behaved sender stops at the window.
+        // The agent side never grants credit: a well-behaved sender stops at the window. The
+        // state says so, not a timeout: no credit is left, and a further send is waiting for
+        // some (pending), not buffering.
         sup_stream.send(&vec![1u8; STREAM_WINDOW]).await.unwrap();
-        let blocked = tokio::time::timeout(Duration::from_millis(100), sup_stream.send(&[1])).await;
-        assert!(blocked.is_err(), "sender must wait for credit");
+        assert_eq!(sup_stream.credit.available_permits(), 0, "the window is spent");
+        {
+            let mut more = std::pin::pin!(sup_stream.send(&[1]));
+            let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(more.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "sender must wait for credit");
+        }
+        assert_eq!(sup_stream.credit.available_permits(), 0);
         // A peer that ignores credit gets its stream reset instead of growing the buffer.
         let rogue = Frame::Data { stream: sup_stream.id(), bytes: vec![0; 8] };
         sup_stream.tunnel.shared.out.send(Outgoing::Frame(rogue)).unwrap();
         let mut events = Vec::new();
         loop {
-            let event = stream.recv().await;
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.recv())
+                .await
+                .expect("no reset within 10 s");
             let done = event == Inbound::Reset;
             events.push(event);
             if done {

@@ -221,7 +221,17 @@ async fn relay_mirror(mut stream: Stream, conn: TcpStream) {
                 stream.shutdown();
                 return;
             }
-            Inbound::Reset => break,
+            Inbound::Reset => {
+                // The agent dropped the stream (it lost data, or the app read too slowly): the
+                // app must see the connection broken (RST), not a clean end of a request it got
+                // only part of. SO_LINGER 0 turns the close into a RST; `forget` keeps the write
+                // half from sending a FIN first; the close comes when the drain's read half goes.
+                #[allow(deprecated)]
+                let _ = wr.as_ref().set_linger(Some(Duration::ZERO));
+                wr.forget();
+                drain.abort();
+                return;
+            }
         }
     }
     drain.abort();

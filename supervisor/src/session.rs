@@ -239,6 +239,8 @@ async fn session(
     let mut main_status: Option<ExitStatus> = None;
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether kmirror itself told the app to stop (SIGTERM, then SIGKILL).
+    let mut stopped = false;
     // Served until the last process of the tree has exited; the keeper's status only if it
     // died before.
     let keeper_died = loop {
@@ -273,6 +275,7 @@ async fn session(
                 kmirror_protocol::tunnel::Incoming::Goodbye { reason } => {
                     eprintln!("kmirror: the session ended: {reason}; stopping the app");
                     failure.get_or_insert(reason);
+                    stopped = true;
                     stop_tree(&tree);
                 }
                 kmirror_protocol::tunnel::Incoming::Open {
@@ -337,11 +340,17 @@ async fn session(
     let _ = std::fs::remove_dir_all(&scratch);
     // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.
     let _ = tokio::time::timeout(Duration::from_millis(500), agent_child.wait()).await;
-    match failure {
-        // The app's own failure says more than ours; a clean exit must not hide ours.
-        Some(_) if status.success() => Ok(std::os::unix::process::ExitStatusExt::from_raw(1 << 8)),
-        _ => Ok(status),
-    }
+    Ok(session_status(status, failure.is_some(), stopped))
+}
+
+/// kmirror's own exit status for the app's `status`. The app's own failure says more than
+/// ours, but a clean exit must not hide ours (`failed`); and when kmirror stopped the app
+/// itself (`stopped`), dying of the SIGTERM or SIGKILL it sent is not the app's failure: the
+/// session's is reported, as exit status 1.
+fn session_status(status: std::process::ExitStatus, failed: bool, stopped: bool) -> std::process::ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    let killed_by_us = stopped && matches!(status.signal(), Some(libc::SIGTERM | libc::SIGKILL));
+    if failed && (status.success() || killed_by_us) { ExitStatusExt::from_raw(1 << 8) } else { status }
 }
 
 /// Asks every process of the app to stop (SIGTERM) and makes sure they do (SIGKILL after a
@@ -427,4 +436,28 @@ fn local_only_paths(
     }
     out.retain(|p| p.as_slice() != b"/");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session_status;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    #[test]
+    fn a_failed_session_exits_1_unless_the_app_failed_by_itself() {
+        let exited = |code: i32| ExitStatus::from_raw(code << 8);
+        let killed = |signal: i32| ExitStatus::from_raw(signal);
+        assert_eq!(session_status(exited(0), false, false), exited(0));
+        assert_eq!(session_status(exited(3), false, false), exited(3));
+        assert_eq!(session_status(killed(libc::SIGKILL), false, false), killed(libc::SIGKILL));
+        assert_eq!(session_status(exited(0), true, false), exited(1));
+        assert_eq!(session_status(exited(3), true, true), exited(3));
+        // Stopped by kmirror because the target exited: its signals are not the app's failure.
+        assert_eq!(session_status(killed(libc::SIGTERM), true, true), exited(1));
+        assert_eq!(session_status(killed(libc::SIGKILL), true, true), exited(1));
+        assert_eq!(session_status(killed(libc::SIGSEGV), true, true), killed(libc::SIGSEGV));
+        // Not stopped by kmirror (the agent was lost): a signal is the app's own story.
+        assert_eq!(session_status(killed(libc::SIGKILL), true, false), killed(libc::SIGKILL));
+    }
 }

@@ -4,7 +4,8 @@
 //! builds `tests/bench/benchclient.c` into `target/bench/`, starts local pod 210, runs every
 //! figure (see BENCHMARKS.md for the method), prints a table and writes
 //! `target/bench/results.json`. Timings are reported, never asserted: the exit status is
-//! non-zero only when a measurement could not be run at all.
+//! non-zero when a measurement could not be run at all, and when a figure was skipped for a
+//! missing tool that `--optional` does not name (CI proves the bench measures everything).
 
 use kmirror_suite::pod::LocalPod;
 use std::collections::{BTreeMap, HashSet};
@@ -123,6 +124,8 @@ struct Figure {
     summary: String,
     /// Why there is no value (skipped or failed), or a caveat.
     note: Option<String>,
+    /// The missing tool a skipped figure needed (see `--optional`).
+    skipped_for: Option<&'static str>,
 }
 
 /// A latency overhead: kmirror's p50 minus the in-pod client's, with every baseline (in-pod,
@@ -177,6 +180,7 @@ impl Figure {
             met: None,
             summary: String::new(),
             note: None,
+            skipped_for: None,
         }
     }
 
@@ -190,7 +194,13 @@ impl Figure {
             met: None,
             summary: String::new(),
             note: Some(note),
+            skipped_for: None,
         }
+    }
+
+    /// A figure not measured because `tool` is missing: a failure unless `--optional` names it.
+    fn skipped(name: &'static str, tool: &'static str, why: &str) -> Figure {
+        Figure { skipped_for: Some(tool), ..Figure::without_value(name, format!("skipped: {why}")) }
     }
 
     fn base(mut self, key: &str, value: f64) -> Figure {
@@ -824,7 +834,7 @@ impl Bench {
                     s.med("strace_bpf_extra")
                 ))
         } else {
-            Figure::without_value("ptrace_trapped_us", "skipped: strace not installed".into())
+            Figure::skipped("ptrace_trapped_us", "strace", "strace not installed")
         });
         Ok(figures)
     }
@@ -979,7 +989,7 @@ impl Bench {
                     conn50
                 ))
         } else {
-            Figure::without_value("preload_connect_us", "skipped: proxychains4 not installed".into())
+            Figure::skipped("preload_connect_us", "proxychains4", "proxychains4 not installed")
         });
         let ratio = bulk.med("ratio_inpod");
         figures.push(
@@ -1041,15 +1051,13 @@ impl Bench {
         self.step("jvm_startup_ratio: java App env POD_ONLY_VAR");
         let classes = self.root.join("target/fixtures/java-app");
         let Some(java) = which("java") else {
-            return Ok(vec![Figure::without_value(
-                "jvm_startup_ratio",
-                "skipped: java not installed".into(),
-            )]);
+            return Ok(vec![Figure::skipped("jvm_startup_ratio", "java", "java not installed")]);
         };
         if !classes.join("App.class").is_file() {
-            return Ok(vec![Figure::without_value(
+            return Ok(vec![Figure::skipped(
                 "jvm_startup_ratio",
-                "skipped: target/fixtures/java-app missing (run scripts/build-fixtures.sh)".into(),
+                "java",
+                "target/fixtures/java-app missing (run scripts/build-fixtures.sh)",
             )]);
         }
         let classes = classes.to_string_lossy().into_owned();
@@ -1400,11 +1408,35 @@ fn table(figures: &[Figure]) -> String {
     out
 }
 
-const USAGE: &str = "usage: kmirror-bench [--quick] [--only FIGURE[,FIGURE...]]   (as root; writes target/bench/results.json)";
+const USAGE: &str = "usage: kmirror-bench [--quick] [--only FIGURE[,FIGURE...]] [--optional TOOL[,TOOL...]]   \
+                     (as root; writes target/bench/results.json)";
+
+/// Tools whose absence skips a figure (see [`Figure::skipped`]).
+const SKIPPABLE_TOOLS: [&str; 3] = ["strace", "proxychains4", "java"];
+
+/// The skipped figures whose tool `optional` does not name, one message each: each fails the
+/// run, since a bench that silently measures less proves less than it says.
+fn unexcused_skips(figures: &[Figure], optional: &[String]) -> Vec<String> {
+    figures
+        .iter()
+        .filter_map(|f| {
+            let tool = f.skipped_for?;
+            (!optional.iter().any(|o| o == tool)).then(|| {
+                format!(
+                    "{} was not measured ({}); install {tool} (scripts/setup.sh does) or pass \
+                     --optional {tool} where it may be missing",
+                    f.name,
+                    f.note.as_deref().unwrap_or("skipped")
+                )
+            })
+        })
+        .collect()
+}
 
 fn main() {
     let mut quick = false;
     let mut only = None;
+    let mut optional: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -1413,6 +1445,13 @@ fn main() {
                 Some(list) => only = Some(list.split(',').map(str::to_owned).collect::<Vec<_>>()),
                 None => {
                     eprintln!("kmirror-bench: --only needs a figure name ({USAGE})");
+                    std::process::exit(2);
+                }
+            },
+            "--optional" => match args.next() {
+                Some(list) => optional.extend(list.split(',').map(str::to_owned)),
+                None => {
+                    eprintln!("kmirror-bench: --optional needs a tool name ({USAGE})");
                     std::process::exit(2);
                 }
             },
@@ -1425,6 +1464,13 @@ fn main() {
                 std::process::exit(2);
             }
         }
+    }
+    if let Some(unknown) = optional.iter().find(|t| !SKIPPABLE_TOOLS.contains(&t.as_str())) {
+        eprintln!(
+            "kmirror-bench: no figure is skipped for {unknown:?}; tools: {}",
+            SKIPPABLE_TOOLS.join(", ")
+        );
+        std::process::exit(2);
     }
     if let Some(unknown) = only.iter().flatten().find(|n| !FIGURE_ORDER.contains(&n.as_str())) {
         eprintln!("kmirror-bench: no figure named {unknown:?}; figures: {}", FIGURE_ORDER.join(", "));
@@ -1484,7 +1530,31 @@ fn main() {
         std::process::exit(1);
     }
     println!("\nresults: {}", path.display());
-    if failed {
+    let skips = unexcused_skips(&figures, &optional);
+    for skip in &skips {
+        eprintln!("kmirror-bench: {skip}");
+    }
+    if failed || !skips.is_empty() {
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skipped_figure_fails_the_run_unless_its_tool_is_optional() {
+        let figures = [
+            Figure::skipped("ptrace_trapped_us", "strace", "strace not installed"),
+            Figure::without_value("notify_floor_us", "failed: elsewhere".into()),
+            Figure::new("startup_overhead_ms", 1.0, "ms", "<= 50 ms"),
+        ];
+        let skips = unexcused_skips(&figures, &[]);
+        assert_eq!(skips.len(), 1, "{skips:?}");
+        assert!(skips[0].starts_with("ptrace_trapped_us was not measured (skipped: strace not installed)"));
+        assert!(skips[0].contains("--optional strace"), "{skips:?}");
+        assert!(unexcused_skips(&figures, &["strace".into()]).is_empty());
+        assert_eq!(unexcused_skips(&figures, &["java".into()]).len(), 1);
     }
 }

@@ -9,7 +9,8 @@ answered" apart from "the host answered":
   every query so tests can prove a lookup really reached the pod's server;
 * HTTP/1.1 on port 8080 of every pod address, echoing the path and the pod index (GET,
   HEAD, POST and PUT; request bodies are read and ignored);
-* a TCP line echo on --service-ip:7777, a UDP echo on --service-ip:7778, a TCP byte source
+* a TCP line echo on --service-ip:7777, a UDP echo on --service-ip:7778 (both also on
+  --service-ip6, the pod-only IPv6 address, when given), a TCP byte source
   on --service-ip:7779 (writes as many bytes as its first line asks for) and a TCP byte echo
   on --service-ip:7780 (returns every byte unchanged, for bulk-integrity tests);
 * a stalled TCP listener on --service-ip:7781 whose accept queue is kept full, so the kernel
@@ -309,7 +310,14 @@ def make_http_handler(index, dns_log):
         def log_request(self, code="-", size="-"):
             log(
                 "http %s %s from %s:%d -> %s"
-                % (self.command, self.path, self.client_address[0], self.client_address[1], code)
+                % (
+                    # Unset when the request line itself was refused (e.g. an HTTP/2 preface).
+                    getattr(self, "command", None),
+                    getattr(self, "path", "-"),
+                    self.client_address[0],
+                    self.client_address[1],
+                    code,
+                )
             )
 
         def log_message(self, fmt, *args):
@@ -343,7 +351,7 @@ def make_line_echo_handler(index):
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):
-            log("tcp-echo connection from %s:%d" % self.client_address)
+            log("tcp-echo connection from %s:%d" % self.client_address[:2])
             try:
                 for line in self.rfile:
                     if line.endswith(b"\n"):
@@ -362,6 +370,10 @@ class LineEchoServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
+
+
+class LineEcho6Server(LineEchoServer):
+    address_family = socket.AF_INET6
 
 
 def serve_udp_echo(sock, index):
@@ -464,6 +476,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--service-ip", required=True)
+    parser.add_argument("--service-ip6")
     parser.add_argument("--dns-ip", required=True)
     args = parser.parse_args()
 
@@ -498,6 +511,12 @@ def main():
     udp_size_echo.bind(("::", 7782))
     udp_other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_other_port.bind((args.service_ip, 7783))
+    if args.service_ip6:
+        echo6_server = LineEcho6Server((args.service_ip6, 7777), make_line_echo_handler(args.index))
+        udp_echo6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        udp_echo6.bind((args.service_ip6, 7778))
+        start_thread(echo6_server.serve_forever)
+        start_thread(serve_udp_echo, udp_echo6, args.index)
 
     start_thread(serve_dns_udp, dns_udp, zone, dns_log)
     start_thread(serve_dns_tcp, dns_tcp, zone, dns_log)

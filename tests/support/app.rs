@@ -42,7 +42,7 @@ impl BackgroundApp {
         let mut cmd = kmirror_cmd(target_pid, flags, command);
         cmd.envs(env.iter().copied());
         cmd.env("KMIRROR_LOG", "info").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("cannot start kmirror");
+        let mut child = crate::run::spawn_tied(cmd).expect("cannot start kmirror");
         let stdout = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
         BackgroundApp { child, stdout, stderr }
@@ -88,11 +88,16 @@ impl BackgroundApp {
         crate::run::agent_of(self.child.id())
     }
 
-    /// Sends SIGTERM and waits for the exit.
+    /// Sends SIGTERM and waits for the exit (at most 30 s).
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
+        crate::run::wait_within(&mut self.child, "kmirror after SIGTERM", Duration::from_secs(30))
+    }
+
+    /// Waits for kmirror to exit by itself (at most `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        crate::run::wait_within(&mut self.child, "kmirror", limit)
     }
 }
 

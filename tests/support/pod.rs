@@ -7,10 +7,13 @@
 //!
 //! * network namespace `kmpod<N>` joined to the host by the veth pair
 //!   `kmh<N>` (host, 10.214.N.1/30) ↔ `kmp<N>` (pod, 10.214.N.2/30);
-//! * pod-only addresses 10.213.N.9 (services) and 10.213.N.10 (DNS) on the
-//!   pod's `lo`, and an `unreachable 10.213.N.0/24` route on the host, so a
-//!   connection that kmirror failed to intercept fails fast on the host
-//!   instead of silently reaching something else. No traffic ever leaves the
+//! * pod-only addresses 10.213.N.9 (services) and 10.213.N.10 (DNS), and
+//!   fd00:213:N::9 (services over IPv6), on the pod's `lo`, with
+//!   `unreachable 10.213.N.0/24` and `unreachable fd00:213:N::/64` routes on
+//!   the host, so a connection that kmirror failed to intercept fails fast on
+//!   the host instead of silently reaching something else. Outgoing tests use
+//!   only these: the veth addresses (`pod_ip`, `pod_ip6`) are reachable from
+//!   the host, so reaching them proves nothing. No traffic ever leaves the
 //!   machine: the host does not forward packets coming from the pod;
 //! * a root filesystem in a temp dir whose `/usr`, `/proc` and `/dev` are
 //!   mounted only inside the pod's private mount namespace (never on the
@@ -19,13 +22,19 @@
 //!   environment) whose pid is what kmirror gets pointed at;
 //! * `tests/pod/podsvc.py` serving DNS, HTTP and echo services in the netns.
 //!
-//! Everything is torn down again in [`Drop`], and leftovers of a crashed
-//! earlier run with the same index are removed by `start`.
+//! Everything is torn down again in [`Drop`]. The target and the services die
+//! with the test process (`PR_SET_PDEATHSIG`), and leftovers of a crashed
+//! earlier run with the same index are removed by `start`. An index belongs
+//! to one live process at a time, across processes too: `start` takes an
+//! exclusive lock on `/run/kmirror-pod-<N>.lock` (released by the kernel when
+//! the owner dies) and waits while another test process holds it, so it never
+//! tears down a live pod of another run.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -44,6 +53,9 @@ const POD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// How long the target and the services get to come up (generous: a loaded machine, or a
 /// kernel-matrix guest under emulation, takes many times the usual second).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `start` waits for another test process to release the pod index.
+const INDEX_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Inside the pod, host binaries handed to [`LocalPod::exec_in_pod`] are
 /// copied here (see there for why).
@@ -97,6 +109,9 @@ pub struct LocalPod {
     pub pod_ip: Ipv4Addr,
     /// IPv6 address of the pod end of the veth, `fd00:214:<index>::2/64` (host end `::1`).
     pub pod_ip6: Ipv6Addr,
+    /// Pod-only IPv6 service address on the pod's `lo`, `fd00:213:<index>::9` (TCP line
+    /// echo on 7777, UDP echo on 7778, HTTP on 8080).
+    pub service_ip6: Ipv6Addr,
     /// Pod-only service address on the pod's `lo`, `10.213.<index>.9`.
     pub service_ip: Ipv4Addr,
     /// Pod-only DNS server address on the pod's `lo`, `10.213.<index>.10`.
@@ -105,9 +120,17 @@ pub struct LocalPod {
     pub target_pid: u32,
     /// The pod's root filesystem directory on the host.
     pub rootfs: PathBuf,
-    host_veth: String,
-    pod_veth: String,
+    /// Host end of the veth, `kmh<index>`.
+    pub host_veth: String,
+    /// Pod end of the veth, `kmp<index>`.
+    pub pod_veth: String,
+    /// A range tests may route as they like, on the host and in the pod, `10.212.<index>.0/24`
+    /// (nothing uses it otherwise); host routes to it are removed with the pod.
+    pub scratch_range: String,
     guard_route: String,
+    guard_route6: String,
+    /// Holds `/run/kmirror-pod-<index>.lock` while the pod lives (see the module docs).
+    _index_lock: Option<File>,
     tmp_dir: PathBuf,
     env: Vec<(String, String)>,
     target: Option<Child>,
@@ -136,6 +159,13 @@ impl LocalPod {
             );
             active.push(index);
         }
+        let index_lock = match lock_index(index) {
+            Ok(lock) => lock,
+            Err(e) => {
+                lock(&ACTIVE_INDICES).retain(|i| *i != index);
+                panic!("{e}");
+            }
+        };
         let tmp_dir = std::env::temp_dir().join(format!("kmirror-pod-{}-{index}", std::process::id()));
         // From here on a panic drops `pod`, which undoes whatever was done.
         let mut pod = LocalPod {
@@ -144,13 +174,17 @@ impl LocalPod {
             host_ip: Ipv4Addr::new(10, 214, index, 1),
             pod_ip: Ipv4Addr::new(10, 214, index, 2),
             pod_ip6: Ipv6Addr::new(0xfd00, 0x214, index as u16, 0, 0, 0, 0, 2),
+            service_ip6: Ipv6Addr::new(0xfd00, 0x213, index as u16, 0, 0, 0, 0, 9),
             service_ip: Ipv4Addr::new(10, 213, index, 9),
             dns_ip: Ipv4Addr::new(10, 213, index, 10),
             target_pid: 0,
             rootfs: tmp_dir.join("rootfs"),
             host_veth: format!("kmh{index}"),
             pod_veth: format!("kmp{index}"),
+            scratch_range: format!("10.212.{index}.0/24"),
             guard_route: format!("10.213.{index}.0/24"),
+            guard_route6: format!("fd00:213:{index:x}::/64"),
+            _index_lock: Some(index_lock),
             tmp_dir,
             env: pod_env(index),
             target: None,
@@ -162,6 +196,12 @@ impl LocalPod {
         pod.start_target();
         pod.start_services();
         pod
+    }
+
+    /// The host file the pod's symlink `/data/escape` names (`/etc/kmirror-host-only-<index>`,
+    /// an absolute target). The pod never creates it; a test that does must remove it.
+    pub fn escape_target(&self) -> PathBuf {
+        PathBuf::from(format!("/etc/kmirror-host-only-{}", self.index))
     }
 
     /// The pod's hostname (also set in its UTS namespace): `kmirror-pod-<index>`.
@@ -233,12 +273,11 @@ impl LocalPod {
         format!("/{POD_BIN_DIR}/{name}")
     }
 
-    /// Removes what a crashed earlier run with this index may have left.
+    /// Removes what a crashed earlier run with this index may have left. Only called with the
+    /// index's lock held, so no live pod of another process owns any of it.
     fn remove_leftovers(&self) {
         kill_netns_processes(&self.netns);
-        quiet(&["ip", "link", "del", &self.host_veth]);
-        quiet(&["ip", "netns", "del", &self.netns]);
-        quiet(&["ip", "route", "del", "unreachable", &self.guard_route]);
+        self.remove_network();
         let suffix = format!("-{}", self.index);
         let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
             return;
@@ -287,18 +326,32 @@ impl LocalPod {
         run(&["ip", "-n", ns, "addr", "add", &service, "dev", "lo"]);
         run(&["ip", "-n", ns, "addr", "add", &dns, "dev", "lo"]);
         run(&["ip", "-n", ns, "route", "add", "default", "via", &gateway]);
+        let service6 = format!("{}/128", self.service_ip6);
+        run(&["ip", "-n", ns, "addr", "add", &service6, "dev", "lo", "nodad"]);
         run(&["ip", "route", "add", "unreachable", &self.guard_route]);
-        // The guard must be what the host uses for pod-only addresses.
-        let probe = Command::new("ip")
-            .args(["route", "get", &self.service_ip.to_string()])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run `ip route get`: {e}"));
-        assert!(
-            !probe.status.success(),
-            "host still routes pod-only address {}: {}",
-            self.service_ip,
-            String::from_utf8_lossy(&probe.stdout).trim()
-        );
+        run(&["ip", "-6", "route", "add", "unreachable", &self.guard_route6]);
+        // The guards must be what the host uses for pod-only addresses.
+        for address in [self.service_ip.to_string(), self.service_ip6.to_string()] {
+            let probe = Command::new("ip")
+                .args(["route", "get", &address])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run `ip route get`: {e}"));
+            assert!(
+                !probe.status.success(),
+                "host still routes pod-only address {address}: {}",
+                String::from_utf8_lossy(&probe.stdout).trim()
+            );
+        }
+    }
+
+    /// Deletes the pod's network: veth, namespace, guard routes and whatever a test routed
+    /// to the scratch range on the host.
+    fn remove_network(&self) {
+        quiet(&["ip", "link", "del", &self.host_veth]);
+        quiet(&["ip", "netns", "del", &self.netns]);
+        quiet(&["ip", "route", "del", "unreachable", &self.guard_route]);
+        quiet(&["ip", "-6", "route", "del", "unreachable", &self.guard_route6]);
+        quiet(&["ip", "route", "flush", "exact", &self.scratch_range]);
     }
 
     fn build_rootfs(&self) {
@@ -379,7 +432,8 @@ impl LocalPod {
         let log_path = self.tmp_dir.join("target.log");
         let log =
             File::create(&log_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.netns])
             .args(["unshare", "--mount", "--uts", "--propagation=private", "--"])
             .args(["/bin/sh", "-c", SETUP_SCRIPT, "kmpod-setup"])
@@ -389,8 +443,8 @@ impl LocalPod {
             .args(["/bin/sleep", "infinity"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let child = crate::run::spawn_tied(command)
             .unwrap_or_else(|e| panic!("cannot spawn the pod target via `ip netns exec`: {e}"));
         let pid = child.id();
         self.target_pid = pid;
@@ -437,15 +491,17 @@ impl LocalPod {
         let log_path = self.tmp_dir.join("podsvc.log");
         let log =
             File::create(&log_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.netns, &host_tool("python3"), PODSVC])
             .args(["--index", &self.index.to_string()])
             .args(["--service-ip", &self.service_ip.to_string()])
+            .args(["--service-ip6", &self.service_ip6.to_string()])
             .args(["--dns-ip", &self.dns_ip.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let mut child = crate::run::spawn_tied(command)
             .unwrap_or_else(|e| panic!("cannot spawn podsvc.py via `ip netns exec`: {e}"));
         let stdout = child.stdout.take();
         self.services = Some(child);
@@ -484,14 +540,56 @@ impl Drop for LocalPod {
         }
         // Anything else a test started in the pod (e.g. via command_in_pod).
         kill_netns_processes(&self.netns);
-        quiet(&["ip", "link", "del", &self.host_veth]);
-        quiet(&["ip", "netns", "del", &self.netns]);
-        quiet(&["ip", "route", "del", "unreachable", &self.guard_route]);
+        self.remove_network();
         remove_tree_guarded(&self.tmp_dir);
         if let Ok(mut active) = ACTIVE_INDICES.lock() {
             active.retain(|i| *i != self.index);
         }
+        // Last: only now may another process take the index.
+        self._index_lock.take();
     }
+}
+
+/// Takes the exclusive lock of pod index `index` across processes, waiting while another live
+/// test process holds it. The kernel drops the lock when its owner dies, however it dies, so a
+/// lock that can be taken means every trace of the index left on this machine is stale.
+fn lock_index(index: u8) -> Result<File, String> {
+    let path = format!("/run/kmirror-pod-{index}.lock");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    let deadline = Instant::now() + INDEX_LOCK_TIMEOUT;
+    let mut told = false;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(format!("cannot lock {path}: {error}"));
+        }
+        let owner = fs::read_to_string(&path).unwrap_or_default();
+        if Instant::now() > deadline {
+            return Err(format!(
+                "pod index {index} is still in use by test process {} after {INDEX_LOCK_TIMEOUT:?} \
+                 ({path}); is another run of the same tests going on?",
+                owner.trim()
+            ));
+        }
+        if !told {
+            eprintln!("LocalPod: waiting for pod index {index}, in use by test process {}", owner.trim());
+            told = true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    file.set_len(0).map_err(|e| format!("cannot truncate {path}: {e}"))?;
+    writeln!(file, "{}", std::process::id()).map_err(|e| format!("cannot write {path}: {e}"))?;
+    Ok(file)
 }
 
 /// The target's environment (also used for [`LocalPod::command_in_pod`]).

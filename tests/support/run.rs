@@ -1,7 +1,10 @@
 //! Running kmirror and the fixtures from tests: binary locations and bounded waits.
 
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 /// The workspace root (this package's manifest directory).
@@ -36,36 +39,181 @@ pub fn go_fixtures() -> Vec<PathBuf> {
     vec![fixture("go-app-static"), fixture("go-app-static-current")]
 }
 
-/// `kmirror run --target pid/<pid> <flags> -- <command>` as a Command.
+/// `kmirror run --target pid/<pid> <flags> -- <command>` as a Command. The kmirror it starts
+/// is SIGKILLed if the thread that spawns it dies (see [`die_with_parent`]), and its app and
+/// agent die with it, so a crashed test leaves no session behind.
 pub fn kmirror_cmd(target_pid: u32, flags: &[&str], command: &[&str]) -> Command {
     let mut cmd = Command::new(kmirror_bin());
     cmd.arg("run").arg("--target").arg(format!("pid/{target_pid}")).args(flags).arg("--").args(command);
+    die_with_parent(&mut cmd);
     cmd
 }
 
-/// Runs a command to completion with empty stdin, killing it after `limit`.
-pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+/// Makes the process `cmd` starts get SIGKILL when its parent dies (`PR_SET_PDEATHSIG`), so
+/// a test binary that crashes or is killed leaves none of its helpers running.
+///
+/// The kernel ties the signal to the *thread* that forks: spawn such a command on a thread
+/// that outlives the child (a test's own thread does), or with [`spawn_tied`], whose spawning
+/// thread lives as long as the test process.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (prctl, getppid, _exit) with plain integer arguments.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl: nobody would ever signal us.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        })
+    };
+    cmd
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` (with [`die_with_parent`]) from a thread that lives as long as the test
+/// process, so the child dies with the process, not with whichever test thread started it.
+pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    die_with_parent(&mut cmd);
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("spawn-tied".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("cannot start the spawning thread");
+        Mutex::new(tx)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .expect("the spawning thread is gone");
+    answer.recv().expect("the spawning thread is gone")
+}
+
+/// Reads a pipe to its end on a thread; the bytes arrive on the returned channel.
+fn drain<R: Read + Send + 'static>(from: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut from) = from {
+            let _ = from.read_to_end(&mut bytes);
+        }
+        let _ = tx.send(bytes);
+    });
+    rx
+}
+
+/// Waits for `child` (whose stdout and stderr may be piped), reading both pipes while it runs
+/// so that any amount of output cannot block it; SIGKILLs it and panics after `limit`.
+pub fn wait_output_within(mut child: Child, what: &str, limit: Duration) -> Output {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "{cmd:?} did not finish within {limit:?}\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    // A grandchild that keeps a pipe open must not hang the test either.
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let (stdout, stderr) = (collect(stdout), collect(stderr));
+    let Some(status) = status else {
+        panic!(
+            "{what} did not finish within {limit:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output { status, stdout, stderr }
+}
+
+/// Runs a command to completion with empty stdin, killing it after `limit`. Its output is
+/// read while it runs.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let what = format!("{cmd:?}");
+    let child = spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    wait_output_within(child, &what, limit)
+}
+
+/// Waits for `child` to exit, SIGKILLing it and panicking after `limit`.
+pub fn wait_within(child: &mut Child, what: &str, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The lines of a child's pipe, read on a thread, so that a test waits for each with a
+/// deadline instead of blocking forever on a child that hangs.
+pub struct LineReader {
+    lines: mpsc::Receiver<String>,
+}
+
+impl LineReader {
+    pub fn new<R: Read + Send + 'static>(from: R) -> LineReader {
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(from).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        LineReader { lines }
+    }
+
+    /// The next line (without its newline), or `None` at the end of the pipe; panics if
+    /// none comes within `limit`.
+    pub fn next_within(&self, limit: Duration) -> Option<String> {
+        match self.lines.recv_timeout(limit) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no line within {limit:?}"),
+        }
+    }
+
+    /// The next line; panics at the end of the pipe or if none comes within `limit`.
+    pub fn line_within(&self, limit: Duration) -> String {
+        self.next_within(limit).unwrap_or_else(|| panic!("the pipe ended before the next line"))
+    }
+
+    /// Every line up to the end of the pipe, joined with newlines; panics if the pipe is not
+    /// closed within `limit`.
+    pub fn rest_within(&self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let mut text = String::new();
+        while let Some(line) = self.next_within(deadline.saturating_duration_since(Instant::now())) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
     }
 }
 
