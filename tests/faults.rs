@@ -4,8 +4,8 @@
 use kmirror_suite::app::BackgroundApp;
 use kmirror_suite::pod::LocalPod;
 use kmirror_suite::run::{
-    LineReader, agent_of, children_of, field, go_fixtures, kmirror, kmirror_bin, ok, output_within,
-    wait_output_within,
+    LineReader, agent_of, children_of, descendants_of, field, go_fixtures, kmirror, kmirror_bin, ok,
+    output_within, wait_output_within,
 };
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,18 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// The app's main process: the child of kmirror's keeper (kmirror's child that is not the agent).
 fn app_pid(app: &BackgroundApp) -> u32 {
     let agent = app.agent_pid();
-    children_of(app.child.id()).into_iter().find(|&p| p != agent).expect("the app process")
+    let keeper = children_of(app.child.id()).into_iter().find(|&p| p != agent).expect("the keeper process");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(&main) = children_of(keeper).first() {
+            return main;
+        }
+        assert!(Instant::now() < deadline, "the keeper never started the app");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -245,7 +254,7 @@ fn a_hung_agent_times_out_instead_of_hanging_the_app() {
     // The session is up once the app runs: wait for the shell to block reading its stdin.
     let deadline = Instant::now() + Duration::from_secs(30);
     let app = loop {
-        let shell = children_of(child.id()).into_iter().find(|&p| {
+        let shell = descendants_of(child.id()).into_iter().find(|&p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sh")
                 && std::fs::read_to_string(format!("/proc/{p}/syscall"))
                     .is_ok_and(|s| s.split_whitespace().next() == Some(&libc::SYS_read.to_string()))

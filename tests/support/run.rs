@@ -257,6 +257,18 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Every process below `pid` (children, theirs, ...): the app runs below kmirror's keeper.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut found = children_of(pid);
+    let mut next = 0;
+    while next < found.len() {
+        let more = children_of(found[next]);
+        found.extend(more);
+        next += 1;
+    }
+    found
+}
+
 /// The `kmirror-agent` that the kmirror process `kmirror_pid` started.
 pub fn agent_of(kmirror_pid: u32) -> u32 {
     children_of(kmirror_pid)
