@@ -283,3 +283,77 @@ fn an_ipv4_listener_never_gets_ipv6_clients() {
     assert_eq!(v4_under, "v4=connected:hello last\n");
     assert_eq!(rest, format!("accepted={} family=2 says=last\ndone\n", pod.host_ip));
 }
+
+/// Runs `script` under kmirror with `flags`, writes `go` to its stdin once kmirror reports the
+/// pod port subscribed, and returns its output (20 s at most).
+fn under_kmirror_once_subscribed(pod: &LocalPod, flags: &[&str], script: &str) -> Output {
+    use std::sync::{Arc, Mutex};
+    let mut child = kmirror_suite::run::kmirror_cmd(pod.target_pid, flags, &["python3", "-c", script])
+        .env("KMIRROR_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let collected = stderr.clone();
+    let mut from = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !stderr.lock().unwrap().contains("incoming traffic subscribed") {
+        assert!(std::time::Instant::now() < deadline, "never subscribed:\n{}", stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut out = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    out.stderr = stderr.lock().unwrap().clone().into_bytes();
+    out
+}
+
+/// A blocking accept kmirror performs itself (on a TCP listener of a port that receives pod
+/// traffic) honours SO_RCVTIMEO: EAGAIN once it runs out, as natively. An AF_UNIX listener's
+/// accept is never kmirror's: it honours its timeout too (kmirror used to wait in it forever).
+#[test]
+fn an_accept_honours_so_rcvtimeo() {
+    let pod = LocalPod::start(207);
+    let port = 19000 + pod.index as u16;
+    let script = format!(
+        "import errno, os, socket, struct, sys, threading, time\n\
+         t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         t.bind(('0.0.0.0', {port})); t.listen(8)\n\
+         t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack('ll', 1, 0))\n\
+         u = socket.socket(socket.AF_UNIX); u.bind('\\0kmirror-fidelity-{port}'); u.listen(8)\n\
+         u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack('ll', 0, 500000))\n\
+         sys.stdin.readline()\n\
+         def accept(name, s, least):\n\
+         \x20   start = time.monotonic()\n\
+         \x20   try: s.accept(); print(name + ' accepted')\n\
+         \x20   except OSError as e: print('%s %s waited_enough=%s' % (name, errno.errorcode[e.errno], time.monotonic() - start >= least))\n\
+         for name, s, least in (('tcp', t, 0.95), ('unix', u, 0.45)):\n\
+         \x20   waiter = threading.Thread(target=accept, args=(name, s, least), daemon=True); waiter.start()\n\
+         \x20   waiter.join(4)\n\
+         \x20   if waiter.is_alive(): print(name + ' hung')\n\
+         sys.stdout.flush(); os._exit(0)\n"
+    );
+    let mut inside = pod
+        .command_in_pod("python3", &["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    inside.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let inside = expect_status(&inside.wait_with_output().unwrap(), 0);
+    assert_eq!(inside, "tcp EAGAIN waited_enough=True\nunix EAGAIN waited_enough=True\n");
+    let under = under_kmirror_once_subscribed(&pod, &[], &script);
+    assert_eq!(expect_status(&under, 0), inside, "under kmirror (left) vs inside the pod (right)");
+}

@@ -413,25 +413,42 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
     let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Ok(family) = sockets::socket_domain(listening.as_fd()) else {
+    let nonblocking = sockets::is_nonblocking(listening.as_fd());
+    if nonblocking && ctx.incoming_peers.is_empty() {
+        return ctx.listener.continue_call(n.id);
+    }
+    // Only a TCP listener whose port receives pod traffic: any other (AF_UNIX, UDP-less
+    // protocols, a port whose subscription failed) never gets a delivered connection, and its
+    // accept stays the kernel's in every respect.
+    let Some(family) = serves_pod_port(ctx, listening.as_fd()) else {
         return ctx.listener.continue_call(n.id);
     };
-    if sockets::is_nonblocking(listening.as_fd()) {
-        if ctx.incoming_peers.is_empty() {
-            return ctx.listener.continue_call(n.id);
-        }
+    if nonblocking {
         return deliver_accepted(ctx, &n, &listening, flags, family);
     }
-    let serves_pod_port =
-        sockets::local_port(listening.as_fd()).is_ok_and(|port| ctx.incoming.subscription(port).is_some());
-    if !serves_pod_port {
-        return ctx.listener.continue_call(n.id);
-    }
+    // SO_RCVTIMEO bounds a blocking accept (EAGAIN once it runs out), as natively.
+    let deadline = sockets::recv_timeout(listening.as_fd()).map(|t| std::time::Instant::now() + t);
     // The wait can be long: never on the notify thread.
     let ctx2 = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        wait_and_accept(&ctx2, &n, listening, flags, family).await
+        wait_and_accept(&ctx2, &n, listening, flags, family, deadline).await
     });
+}
+
+/// The family of a listening socket that receives connections delivered from the pod: a TCP
+/// socket (IPv4 or IPv6) whose port is subscribed.
+fn serves_pod_port(ctx: &Context, listening: std::os::fd::BorrowedFd<'_>) -> Option<i32> {
+    let family = sockets::socket_domain(listening).ok()?;
+    let tcp = matches!(family, libc::AF_INET | libc::AF_INET6)
+        && sockets::socket_type(listening) == Ok(libc::SOCK_STREAM)
+        && sockets::socket_protocol(listening) == Ok(libc::IPPROTO_TCP);
+    if !tcp {
+        return None;
+    }
+    // A listener's subscription may still be on its way (an accept right after listen): only
+    // one that failed rules the port out.
+    let (pod_port, _) = ctx.incoming.subscription(sockets::local_port(listening).ok()?)?;
+    (!ctx.incoming_peers.is_unserved(pod_port)).then_some(family)
 }
 
 /// Blocking accepts performed here take a queued connection one at a time: with several app
@@ -441,12 +458,19 @@ static BLOCKING_ACCEPT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A blocking accept, performed here (see [`super::wait_for_data`] for how signals still reach
 /// the waiting thread).
-async fn wait_and_accept(ctx: &Arc<Context>, n: &Notification, listening: OwnedFd, flags: i32, family: i32) {
+async fn wait_and_accept(
+    ctx: &Arc<Context>,
+    n: &Notification,
+    listening: OwnedFd,
+    flags: i32,
+    family: i32,
+    deadline: Option<std::time::Instant>,
+) {
     let Some(listening) = super::waitable(listening) else {
         return ctx.listener.continue_call(n.id);
     };
     loop {
-        match super::wait_for_data(ctx, n, &listening, None).await {
+        match super::wait_for_data(ctx, n, &listening, deadline).await {
             super::Waited::Ready => {
                 // The listener is the app's, in blocking mode: an accept that loses a race for
                 // the connection (to a thread of the app accepting natively) blocks. So the
@@ -527,10 +551,12 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
         let request = kmirror_protocol::Request::Subscribe { port: pod_port, mode, filter };
         match ctx.tunnel.request(request, ctx.remote_timeout).await {
             Ok(kmirror_protocol::Response::Subscribed) => {
+                ctx.incoming_peers.set_unserved(pod_port, false);
                 tracing::info!(local_port, pod_port, ?mode, "incoming traffic subscribed");
             }
             outcome => {
                 super::lock(&ctx.subscribed).remove(&pod_port);
+                ctx.incoming_peers.set_unserved(pod_port, true);
                 let why = match outcome {
                     Ok(kmirror_protocol::Response::Error(errno)) => {
                         std::io::Error::from_raw_os_error(errno.0).to_string()
