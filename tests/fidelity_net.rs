@@ -287,36 +287,12 @@ fn an_ipv4_listener_never_gets_ipv6_clients() {
 /// Runs `script` under kmirror with `flags`, writes `go` to its stdin once kmirror reports the
 /// pod port subscribed, and returns its output (20 s at most).
 fn under_kmirror_once_subscribed(pod: &LocalPod, flags: &[&str], script: &str) -> Output {
-    use std::sync::{Arc, Mutex};
-    let mut child = kmirror_suite::run::kmirror_cmd(pod.target_pid, flags, &["python3", "-c", script])
-        .env("KMIRROR_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let collected = stderr.clone();
-    let mut from = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
-            if n == 0 {
-                break;
-            }
-            collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !stderr.lock().unwrap().contains("incoming traffic subscribed") {
-        assert!(std::time::Instant::now() < deadline, "never subscribed:\n{}", stderr.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut out = child.wait_with_output().unwrap();
-    reader.join().unwrap();
-    out.stderr = stderr.lock().unwrap().clone().into_bytes();
-    out
+    let mut run =
+        Background::spawn(kmirror_suite::run::kmirror_cmd(pod.target_pid, flags, &["python3", "-c", script]));
+    run.wait_for("incoming traffic subscribed");
+    run.go();
+    let (status, stdout, stderr) = run.finish();
+    Output { status, stdout: stdout.into_bytes(), stderr: stderr.into_bytes() }
 }
 
 /// A blocking accept kmirror performs itself (on a TCP listener of a port that receives pod
@@ -356,4 +332,166 @@ fn an_accept_honours_so_rcvtimeo() {
     assert_eq!(inside, "tcp EAGAIN waited_enough=True\nunix EAGAIN waited_enough=True\n");
     let under = under_kmirror_once_subscribed(&pod, &[], &script);
     assert_eq!(expect_status(&under, 0), inside, "under kmirror (left) vs inside the pod (right)");
+}
+
+/// A blocking connect to a pod address is interrupted by a signal as a native one is: the call
+/// ends as soon as the signal comes (its handler raises), and the socket goes on connecting
+/// (a second connect says EALREADY). Under SA_RESTART the kernel's own connect, which kmirror
+/// hands the call back to, restarts as natively.
+#[test]
+fn signals_interrupt_a_blocking_connect() {
+    let pod = LocalPod::start(208);
+    let script = format!(
+        "import errno, os, signal, socket, struct, threading, time\n\
+         def watchdog():\n\
+         \x20   signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n\
+         \x20   time.sleep(8); print('hung', flush=True); os._exit(3)\n\
+         threading.Thread(target=watchdog, daemon=True).start()\n\
+         class Alarm(Exception): pass\n\
+         def alarm(*_): raise Alarm()\n\
+         signal.signal(signal.SIGALRM, alarm)\n\
+         s = socket.socket()\n\
+         signal.setitimer(signal.ITIMER_REAL, 0.5)\n\
+         start = time.monotonic()\n\
+         try: s.connect(('{ip}', 7781)); print('interrupted=connected')\n\
+         except Alarm: print('interrupted=alarm quick=%s' % (time.monotonic() - start < 2))\n\
+         except OSError as e: print('interrupted=' + errno.errorcode[e.errno])\n\
+         try: s.getpeername(); print('peer=connected')\n\
+         except OSError as e: print('peer=' + errno.errorcode[e.errno])\n\
+         s.setblocking(False); print('again=' + errno.errorcode[s.connect_ex(('{ip}', 7781))])\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(out, "interrupted=alarm quick=True\npeer=ENOTCONN\nagain=EALREADY\n");
+}
+
+/// A UDP connect or first `sendto` to a pod address waits for its pod side (natively it would
+/// not wait at all); a signal still interrupts that wait at once, as it would any blocking
+/// call: here with the agent stopped, so the wait would last the 5 s bound. Once the agent
+/// runs again, the same calls reach the pod.
+#[test]
+fn signals_interrupt_a_udp_connect_and_send_waiting_for_the_pod() {
+    let pod = LocalPod::start(209);
+    let script = format!(
+        "import errno, signal, socket, sys, time\n\
+         class Alarm(Exception): pass\n\
+         def alarm(*_): raise Alarm()\n\
+         signal.signal(signal.SIGALRM, alarm)\n\
+         def attempt(name, call):\n\
+         \x20   signal.setitimer(signal.ITIMER_REAL, 0.3)\n\
+         \x20   start = time.monotonic()\n\
+         \x20   try: call(); print(name + '=done')\n\
+         \x20   except Alarm: print('%s=alarm quick=%s' % (name, time.monotonic() - start < 1.5))\n\
+         \x20   except OSError as e: print(name + '=' + errno.errorcode[e.errno])\n\
+         \x20   signal.setitimer(signal.ITIMER_REAL, 0)\n\
+         print('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         attempt('connect', lambda: c.connect(('{ip}', 7778)))\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         attempt('sendto', lambda: u.sendto(b'x', ('{ip}', 7778)))\n\
+         print('stopped-part-done', flush=True)\n\
+         sys.stdin.readline()\n\
+         c.connect(('{ip}', 7778)); c.send(b'again'); c.settimeout(5)\n\
+         print('reply=' + c.recv(100).decode())\n",
+        ip = pod.service_ip
+    );
+    let mut run =
+        Background::spawn(kmirror_suite::run::kmirror_cmd(pod.target_pid, &[], &["python3", "-c", &script]));
+    run.wait_for("ready");
+    let agent = kmirror_suite::run::agent_of(run.child.id());
+    // SAFETY: stopping (then resuming) the agent of our own kmirror child.
+    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    run.go();
+    run.wait_for("stopped-part-done");
+    // SAFETY: as above.
+    unsafe { libc::kill(agent as i32, libc::SIGCONT) };
+    run.go();
+    let (status, stdout, stderr) = run.finish();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "ready\nconnect=alarm quick=True\nsendto=alarm quick=True\nstopped-part-done\nreply=pod-udp {}: again\n",
+            pod.index
+        ),
+        "{stderr}"
+    );
+}
+
+/// A command whose stdout and stderr are collected as they come, with a stdin to say `go` on.
+struct Background {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(mut command: std::process::Command) -> Background {
+        let mut child = command
+            .env("KMIRROR_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |from: Box<dyn std::io::Read + Send>| {
+            let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = text.clone();
+            let reader = std::thread::spawn(move || {
+                let mut from = from;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            (text, reader)
+        };
+        let (stdout, out_reader) = collect(Box::new(child.stdout.take().unwrap()));
+        let (stderr, err_reader) = collect(Box::new(child.stderr.take().unwrap()));
+        Background { child, stdout, stderr, readers: vec![out_reader, err_reader] }
+    }
+
+    /// Waits (20 s at most) until stdout or stderr contains `text`.
+    fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.stdout.lock().unwrap().contains(text) && !self.stderr.lock().unwrap().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `{text}` within 20 s:\n{}\n{}",
+                self.stdout.lock().unwrap(),
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn go(&mut self) {
+        self.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    }
+
+    /// Waits (20 s at most) for the exit: status, stdout, stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
+        (status, stdout, stderr)
+    }
 }

@@ -138,6 +138,40 @@ async fn connect_through_pod(
     }
 }
 
+/// The kernel's "interrupted by a signal; restart if its handler allows" return code
+/// (include/linux/errno.h; not part of the user ABI, so not in libc).
+const ERESTARTSYS: i32 = 512;
+
+/// Awaits `work` for a call the app's thread waits in, looking for signals meanwhile as
+/// [`super::wait_for_data`] does. On one, the call is answered ERESTARTSYS, which the kernel,
+/// on the way back to the app, turns into exactly what an interrupted native call gives: the
+/// handler runs, then EINTR, or under SA_RESTART the same call again (trapped anew). For calls
+/// that have nothing of the app's in a waiting state that the kernel could take over (a UDP
+/// connect or send waiting for its pod side), so they cannot be handed back with CONTINUE.
+/// `None` when the call was answered that way or is gone; `work` is dropped then.
+pub(super) async fn interruptible<T>(
+    ctx: &Context,
+    n: &Notification,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut signals = tracee::SignalWatch::open(n.tid).ok();
+    let started = tokio::time::Instant::now();
+    let mut work = std::pin::pin!(work);
+    loop {
+        let slice = super::signal_check_interval(started.elapsed());
+        if let Ok(done) = tokio::time::timeout(slice, &mut work).await {
+            return Some(done);
+        }
+        if !ctx.listener.is_valid(n.id) {
+            return None;
+        }
+        if signals.as_mut().is_some_and(|s| s.pending().unwrap_or(false)) {
+            ctx.listener.return_errno(n.id, ERESTARTSYS);
+            return None;
+        }
+    }
+}
+
 /// Waits for a blocking connect's outcome while the app's thread waits in its trapped call.
 /// `None` once the call was handed back to the kernel for a signal (see
 /// [`super::wait_for_data`]) or is gone. When `deadline` (the socket's SO_SNDTIMEO) passes
@@ -262,7 +296,9 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
             return;
         }
     };
-    let flow = match ctx.proxy.udp_flow(app, dest).await {
+    // Waits for the pod side (bounded), interruptible by signals.
+    let Some(flow) = interruptible(ctx, &n, ctx.proxy.udp_flow(app, dest)).await else { return };
+    let flow = match flow {
         Ok(flow) => flow,
         Err(errno) => {
             if ctx.listener.is_valid(n.id) {
