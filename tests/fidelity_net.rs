@@ -495,3 +495,42 @@ impl Background {
         (status, stdout, stderr)
     }
 }
+
+/// IPv6-only sockets (IPV6_V6ONLY, as Go's "tcp6" and many servers' clients make them) reach
+/// the pod's IPv6 addresses over TCP and UDP, with the pod's addresses as their peer and own
+/// address (kmirror's loopback endpoints were IPv4 only, out of their reach: ENETUNREACH).
+#[test]
+fn ipv6_only_sockets_reach_pod_addresses() {
+    let pod = LocalPod::start(210);
+    let script = format!(
+        "import socket\n\
+         t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); t.settimeout(5)\n\
+         t.connect(('{ip6}', 8080))\n\
+         t.sendall(b'GET /v6only HTTP/1.0\\r\\n\\r\\n')\n\
+         reply = b''\n\
+         while True:\n\
+         \x20   chunk = t.recv(4096)\n\
+         \x20   if not chunk: break\n\
+         \x20   reply += chunk\n\
+         print('tcp=' + reply.split(b'\\r\\n\\r\\n', 1)[1].decode().strip())\n\
+         print('tcp_peer=%s:%d' % t.getpeername()[:2])\n\
+         print('tcp_sock=' + t.getsockname()[0])\n\
+         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); u.settimeout(5)\n\
+         u.connect(('{ip6}', 7782)); u.send(b'12345')\n\
+         print('udp=' + u.recv(100).decode())\n\
+         print('udp_peer=%s:%d' % u.getpeername()[:2])\n\
+         print('udp_sock=' + u.getsockname()[0])\n",
+        ip6 = pod.pod_ip6
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    let ip6 = pod.pod_ip6;
+    assert_eq!(
+        out,
+        format!(
+            "tcp=pod-echo {} /v6only\ntcp_peer={ip6}:8080\ntcp_sock={ip6}\nudp=size=5\nudp_peer={ip6}:7782\nudp_sock={ip6}\n",
+            pod.index
+        )
+    );
+}
