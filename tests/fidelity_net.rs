@@ -534,3 +534,99 @@ fn ipv6_only_sockets_reach_pod_addresses() {
         )
     );
 }
+
+/// An unconnected UDP socket hears a pod server that answers from another port (as TFTP and
+/// some DNS and STUN servers do), with that port as the sender, as in the pod; a connected one
+/// does not (the kernel filters by its peer), in the pod and under kmirror alike.
+#[test]
+fn udp_replies_from_another_port_reach_an_unconnected_socket() {
+    let pod = LocalPod::start(211);
+    let script = format!(
+        "import socket\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
+         u.sendto(b'hi', ('{ip}', 7783))\n\
+         data, (host, port) = u.recvfrom(100)\n\
+         print('unconnected=%s from=%s other_port=%s' % (data.decode(), host, port != 7783))\n\
+         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(1)\n\
+         c.connect(('{ip}', 7783)); c.send(b'hi')\n\
+         try: print('connected=' + c.recv(100).decode())\n\
+         except socket.timeout: print('connected=nothing')\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(
+        out,
+        format!("unconnected=pod-other hi from={} other_port=True\nconnected=nothing\n", pod.service_ip)
+    );
+}
+
+/// Keepalive options the app sets before connecting act on its connection in the pod (where
+/// keepalive probes and their absence matter), not only on kmirror's loopback hop: the pod's
+/// kernel shows the connection's keepalive timer, as for the same program run in the pod.
+#[test]
+fn tcp_keepalive_set_before_connect_acts_in_the_pod() {
+    let pod = LocalPod::start(212);
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 777)\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 4321)\n\
+         s.connect(('{ip}', 7777))\n\
+         print('connected', flush=True)\n\
+         time.sleep(30)\n",
+        ip = pod.service_ip
+    );
+    // The timer of the pod's connection to the line echo, as `ss` in the pod shows it.
+    let pod_timer = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &pod.netns,
+                    "ss",
+                    "-Htno",
+                    "state",
+                    "established",
+                    "dport",
+                    "=",
+                    ":7777",
+                ])
+                .output()
+                .unwrap();
+            let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !listed.trim().is_empty() {
+                // "timer:(keepalive,12min56sec,0)": the kind of timer and its whole minutes.
+                return listed
+                    .split("timer:(")
+                    .nth(1)
+                    .map(|t| {
+                        t.split(',')
+                            .take(2)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                            .split("min")
+                            .next()
+                            .unwrap()
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "no timer".to_string());
+            }
+            assert!(std::time::Instant::now() < deadline, "no pod connection to port 7777");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut inside = pod.command_in_pod("python3", &["-c", &script]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(inside.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let native = pod_timer();
+    let _ = inside.kill();
+    let _ = inside.wait();
+    assert_eq!(native, "keepalive,12", "in the pod");
+
+    let app = BackgroundApp::start(pod.target_pid, &[], &["python3", "-c", &script]);
+    app.wait_stdout("the connect", Duration::from_secs(10), |l| l.iter().any(|l| l == "connected"));
+    assert_eq!(pod_timer(), native, "under kmirror");
+}
