@@ -283,3 +283,350 @@ fn an_ipv4_listener_never_gets_ipv6_clients() {
     assert_eq!(v4_under, "v4=connected:hello last\n");
     assert_eq!(rest, format!("accepted={} family=2 says=last\ndone\n", pod.host_ip));
 }
+
+/// Runs `script` under kmirror with `flags`, writes `go` to its stdin once kmirror reports the
+/// pod port subscribed, and returns its output (20 s at most).
+fn under_kmirror_once_subscribed(pod: &LocalPod, flags: &[&str], script: &str) -> Output {
+    let mut run =
+        Background::spawn(kmirror_suite::run::kmirror_cmd(pod.target_pid, flags, &["python3", "-c", script]));
+    run.wait_for("incoming traffic subscribed");
+    run.go();
+    let (status, stdout, stderr) = run.finish();
+    Output { status, stdout: stdout.into_bytes(), stderr: stderr.into_bytes() }
+}
+
+/// A blocking accept kmirror performs itself (on a TCP listener of a port that receives pod
+/// traffic) honours SO_RCVTIMEO: EAGAIN once it runs out, as natively. An AF_UNIX listener's
+/// accept is never kmirror's: it honours its timeout too (kmirror used to wait in it forever).
+#[test]
+fn an_accept_honours_so_rcvtimeo() {
+    let pod = LocalPod::start(207);
+    let port = 19000 + pod.index as u16;
+    let script = format!(
+        "import errno, os, socket, struct, sys, threading, time\n\
+         t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         t.bind(('0.0.0.0', {port})); t.listen(8)\n\
+         t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack('ll', 1, 0))\n\
+         u = socket.socket(socket.AF_UNIX); u.bind('\\0kmirror-fidelity-{port}'); u.listen(8)\n\
+         u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack('ll', 0, 500000))\n\
+         sys.stdin.readline()\n\
+         def accept(name, s, least):\n\
+         \x20   start = time.monotonic()\n\
+         \x20   try: s.accept(); print(name + ' accepted')\n\
+         \x20   except OSError as e: print('%s %s waited_enough=%s' % (name, errno.errorcode[e.errno], time.monotonic() - start >= least))\n\
+         for name, s, least in (('tcp', t, 0.95), ('unix', u, 0.45)):\n\
+         \x20   waiter = threading.Thread(target=accept, args=(name, s, least), daemon=True); waiter.start()\n\
+         \x20   waiter.join(4)\n\
+         \x20   if waiter.is_alive(): print(name + ' hung')\n\
+         sys.stdout.flush(); os._exit(0)\n"
+    );
+    let mut inside = pod
+        .command_in_pod("python3", &["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    inside.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let inside = expect_status(&inside.wait_with_output().unwrap(), 0);
+    assert_eq!(inside, "tcp EAGAIN waited_enough=True\nunix EAGAIN waited_enough=True\n");
+    let under = under_kmirror_once_subscribed(&pod, &[], &script);
+    assert_eq!(expect_status(&under, 0), inside, "under kmirror (left) vs inside the pod (right)");
+}
+
+/// A blocking connect to a pod address is interrupted by a signal as a native one is: the call
+/// ends as soon as the signal comes (its handler raises), and the socket goes on connecting
+/// (a second connect says EALREADY). Under SA_RESTART the kernel's own connect, which kmirror
+/// hands the call back to, restarts as natively.
+#[test]
+fn signals_interrupt_a_blocking_connect() {
+    let pod = LocalPod::start(208);
+    let script = format!(
+        "import errno, os, signal, socket, struct, threading, time\n\
+         def watchdog():\n\
+         \x20   signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n\
+         \x20   time.sleep(8); print('hung', flush=True); os._exit(3)\n\
+         threading.Thread(target=watchdog, daemon=True).start()\n\
+         class Alarm(Exception): pass\n\
+         def alarm(*_): raise Alarm()\n\
+         signal.signal(signal.SIGALRM, alarm)\n\
+         s = socket.socket()\n\
+         signal.setitimer(signal.ITIMER_REAL, 0.5)\n\
+         start = time.monotonic()\n\
+         try: s.connect(('{ip}', 7781)); print('interrupted=connected')\n\
+         except Alarm: print('interrupted=alarm quick=%s' % (time.monotonic() - start < 2))\n\
+         except OSError as e: print('interrupted=' + errno.errorcode[e.errno])\n\
+         try: s.getpeername(); print('peer=connected')\n\
+         except OSError as e: print('peer=' + errno.errorcode[e.errno])\n\
+         s.setblocking(False); print('again=' + errno.errorcode[s.connect_ex(('{ip}', 7781))])\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(out, "interrupted=alarm quick=True\npeer=ENOTCONN\nagain=EALREADY\n");
+}
+
+/// A UDP connect or first `sendto` to a pod address waits for its pod side (natively it would
+/// not wait at all); a signal still interrupts that wait at once, as it would any blocking
+/// call: here with the agent stopped, so the wait would last the 5 s bound. Once the agent
+/// runs again, the same calls reach the pod.
+#[test]
+fn signals_interrupt_a_udp_connect_and_send_waiting_for_the_pod() {
+    let pod = LocalPod::start(209);
+    let script = format!(
+        "import errno, signal, socket, sys, time\n\
+         class Alarm(Exception): pass\n\
+         def alarm(*_): raise Alarm()\n\
+         signal.signal(signal.SIGALRM, alarm)\n\
+         def attempt(name, call):\n\
+         \x20   signal.setitimer(signal.ITIMER_REAL, 0.3)\n\
+         \x20   start = time.monotonic()\n\
+         \x20   try: call(); print(name + '=done')\n\
+         \x20   except Alarm: print('%s=alarm quick=%s' % (name, time.monotonic() - start < 1.5))\n\
+         \x20   except OSError as e: print(name + '=' + errno.errorcode[e.errno])\n\
+         \x20   signal.setitimer(signal.ITIMER_REAL, 0)\n\
+         print('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         attempt('connect', lambda: c.connect(('{ip}', 7778)))\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         attempt('sendto', lambda: u.sendto(b'x', ('{ip}', 7778)))\n\
+         print('stopped-part-done', flush=True)\n\
+         sys.stdin.readline()\n\
+         c.connect(('{ip}', 7778)); c.send(b'again'); c.settimeout(5)\n\
+         print('reply=' + c.recv(100).decode())\n",
+        ip = pod.service_ip
+    );
+    let mut run =
+        Background::spawn(kmirror_suite::run::kmirror_cmd(pod.target_pid, &[], &["python3", "-c", &script]));
+    run.wait_for("ready");
+    let agent = kmirror_suite::run::agent_of(run.child.id());
+    // SAFETY: stopping (then resuming) the agent of our own kmirror child.
+    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    run.go();
+    run.wait_for("stopped-part-done");
+    // SAFETY: as above.
+    unsafe { libc::kill(agent as i32, libc::SIGCONT) };
+    run.go();
+    let (status, stdout, stderr) = run.finish();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "ready\nconnect=alarm quick=True\nsendto=alarm quick=True\nstopped-part-done\nreply=pod-udp {}: again\n",
+            pod.index
+        ),
+        "{stderr}"
+    );
+}
+
+/// A command whose stdout and stderr are collected as they come, with a stdin to say `go` on.
+struct Background {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(mut command: std::process::Command) -> Background {
+        let mut child = command
+            .env("KMIRROR_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |from: Box<dyn std::io::Read + Send>| {
+            let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = text.clone();
+            let reader = std::thread::spawn(move || {
+                let mut from = from;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            (text, reader)
+        };
+        let (stdout, out_reader) = collect(Box::new(child.stdout.take().unwrap()));
+        let (stderr, err_reader) = collect(Box::new(child.stderr.take().unwrap()));
+        Background { child, stdout, stderr, readers: vec![out_reader, err_reader] }
+    }
+
+    /// Waits (20 s at most) until stdout or stderr contains `text`.
+    fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.stdout.lock().unwrap().contains(text) && !self.stderr.lock().unwrap().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `{text}` within 20 s:\n{}\n{}",
+                self.stdout.lock().unwrap(),
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn go(&mut self) {
+        self.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    }
+
+    /// Waits (20 s at most) for the exit: status, stdout, stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
+        (status, stdout, stderr)
+    }
+}
+
+/// IPv6-only sockets (IPV6_V6ONLY, as Go's "tcp6" and many servers' clients make them) reach
+/// the pod's IPv6 addresses over TCP and UDP, with the pod's addresses as their peer and own
+/// address (kmirror's loopback endpoints were IPv4 only, out of their reach: ENETUNREACH).
+#[test]
+fn ipv6_only_sockets_reach_pod_addresses() {
+    let pod = LocalPod::start(210);
+    let script = format!(
+        "import socket\n\
+         t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+         t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); t.settimeout(5)\n\
+         t.connect(('{ip6}', 8080))\n\
+         t.sendall(b'GET /v6only HTTP/1.0\\r\\n\\r\\n')\n\
+         reply = b''\n\
+         while True:\n\
+         \x20   chunk = t.recv(4096)\n\
+         \x20   if not chunk: break\n\
+         \x20   reply += chunk\n\
+         print('tcp=' + reply.split(b'\\r\\n\\r\\n', 1)[1].decode().strip())\n\
+         print('tcp_peer=%s:%d' % t.getpeername()[:2])\n\
+         print('tcp_sock=' + t.getsockname()[0])\n\
+         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); u.settimeout(5)\n\
+         u.connect(('{ip6}', 7782)); u.send(b'12345')\n\
+         print('udp=' + u.recv(100).decode())\n\
+         print('udp_peer=%s:%d' % u.getpeername()[:2])\n\
+         print('udp_sock=' + u.getsockname()[0])\n",
+        ip6 = pod.pod_ip6
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    let ip6 = pod.pod_ip6;
+    assert_eq!(
+        out,
+        format!(
+            "tcp=pod-echo {} /v6only\ntcp_peer={ip6}:8080\ntcp_sock={ip6}\nudp=size=5\nudp_peer={ip6}:7782\nudp_sock={ip6}\n",
+            pod.index
+        )
+    );
+}
+
+/// An unconnected UDP socket hears a pod server that answers from another port (as TFTP and
+/// some DNS and STUN servers do), with that port as the sender, as in the pod; a connected one
+/// does not (the kernel filters by its peer), in the pod and under kmirror alike.
+#[test]
+fn udp_replies_from_another_port_reach_an_unconnected_socket() {
+    let pod = LocalPod::start(211);
+    let script = format!(
+        "import socket\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)\n\
+         u.sendto(b'hi', ('{ip}', 7783))\n\
+         data, (host, port) = u.recvfrom(100)\n\
+         print('unconnected=%s from=%s other_port=%s' % (data.decode(), host, port != 7783))\n\
+         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(1)\n\
+         c.connect(('{ip}', 7783)); c.send(b'hi')\n\
+         try: print('connected=' + c.recv(100).decode())\n\
+         except socket.timeout: print('connected=nothing')\n",
+        ip = pod.service_ip
+    );
+    let out = same_in_pod_and_under_kmirror(&pod, &script);
+    assert_eq!(
+        out,
+        format!("unconnected=pod-other hi from={} other_port=True\nconnected=nothing\n", pod.service_ip)
+    );
+}
+
+/// Keepalive options the app sets before connecting act on its connection in the pod (where
+/// keepalive probes and their absence matter), not only on kmirror's loopback hop: the pod's
+/// kernel shows the connection's keepalive timer, as for the same program run in the pod.
+#[test]
+fn tcp_keepalive_set_before_connect_acts_in_the_pod() {
+    let pod = LocalPod::start(212);
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 777)\n\
+         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 4321)\n\
+         s.connect(('{ip}', 7777))\n\
+         print('connected', flush=True)\n\
+         time.sleep(30)\n",
+        ip = pod.service_ip
+    );
+    // The timer of the pod's connection to the line echo, as `ss` in the pod shows it.
+    let pod_timer = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &pod.netns,
+                    "ss",
+                    "-Htno",
+                    "state",
+                    "established",
+                    "dport",
+                    "=",
+                    ":7777",
+                ])
+                .output()
+                .unwrap();
+            let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !listed.trim().is_empty() {
+                // "timer:(keepalive,12min56sec,0)": the kind of timer and its whole minutes.
+                return listed
+                    .split("timer:(")
+                    .nth(1)
+                    .map(|t| {
+                        t.split(',')
+                            .take(2)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                            .split("min")
+                            .next()
+                            .unwrap()
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "no timer".to_string());
+            }
+            assert!(std::time::Instant::now() < deadline, "no pod connection to port 7777");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut inside = pod.command_in_pod("python3", &["-c", &script]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(inside.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let native = pod_timer();
+    let _ = inside.kill();
+    let _ = inside.wait();
+    assert_eq!(native, "keepalive,12", "in the pod");
+
+    let app = BackgroundApp::start(pod.target_pid, &[], &["python3", "-c", &script]);
+    app.wait_stdout("the connect", Duration::from_secs(10), |l| l.iter().any(|l| l == "connected"));
+    assert_eq!(pod_timer(), native, "under kmirror");
+}

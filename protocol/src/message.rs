@@ -196,6 +196,82 @@ pub enum OpenTarget {
     /// (agent → supervisor) A connection a pod client opened to `server` (the pod's address
     /// and port it reached), for the local app.
     Incoming { server: SocketAddr, client: SocketAddr, mode: IncomingMode },
+    // ---- protocol 4 ----
+    /// A TCP connection made from the pod by a socket given the app socket's options first.
+    TcpWith { addr: SocketAddr, options: SocketOptions },
+    /// An unconnected UDP socket in the pod, as the app's own: IPv6 if `v6` (dual-stack unless
+    /// `v6_only`), IPv4 otherwise. Each data frame is one datagram with its peer's address in
+    /// front (see [`encode_addressed`]): where it goes, or where it came from.
+    UdpUnconnected { v6: bool, v6_only: bool },
+}
+
+/// Socket options of the app's TCP socket that change what its connection does in the pod,
+/// carried with [`OpenTarget::TcpWith`]. `None`: the pod's default.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SocketOptions {
+    /// SO_KEEPALIVE.
+    pub keepalive: bool,
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL (seconds), TCP_KEEPCNT.
+    pub keep_idle: Option<u32>,
+    pub keep_interval: Option<u32>,
+    pub keep_count: Option<u32>,
+    /// TCP_USER_TIMEOUT (milliseconds).
+    pub user_timeout: Option<u32>,
+}
+
+impl SocketOptions {
+    /// Whether any option differs from the defaults (plain [`OpenTarget::Tcp`] does then).
+    pub fn any(&self) -> bool {
+        *self != SocketOptions::default()
+    }
+}
+
+/// One datagram of an [`OpenTarget::UdpUnconnected`] stream: the peer's address (a family
+/// byte, 4 or 6, the address, the port in network order) and the payload.
+pub fn encode_addressed(peer: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(19 + payload.len());
+    match peer {
+        SocketAddr::V4(v4) => {
+            out.push(4);
+            out.extend_from_slice(&v4.ip().octets());
+        }
+        SocketAddr::V6(v6) => {
+            out.push(6);
+            out.extend_from_slice(&v6.ip().octets());
+        }
+    }
+    out.extend_from_slice(&peer.port().to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The peer and payload of a datagram encoded by [`encode_addressed`]; `None` if malformed.
+pub fn decode_addressed(frame: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    let (ip, rest): (std::net::IpAddr, &[u8]) = match frame.first()? {
+        4 => (<[u8; 4]>::try_from(frame.get(1..5)?).ok()?.into(), frame.get(5..)?),
+        6 => (<[u8; 16]>::try_from(frame.get(1..17)?).ok()?.into(), frame.get(17..)?),
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?);
+    Some((SocketAddr::new(ip, port), &rest[2..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addressed_datagrams_round_trip_and_malformed_ones_are_refused() {
+        for peer in ["10.0.0.1:53", "[fd00::1]:3478"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let frame = encode_addressed(peer, b"payload");
+            assert_eq!(decode_addressed(&frame), Some((peer, &b"payload"[..])));
+            assert_eq!(decode_addressed(&encode_addressed(peer, b"")), Some((peer, &b""[..])));
+        }
+        assert_eq!(decode_addressed(&[]), None);
+        assert_eq!(decode_addressed(&[4, 10, 0, 0, 1, 0]), None);
+        assert_eq!(decode_addressed(&[5, 10, 0, 0, 1, 0, 53]), None);
+    }
 }
 
 /// Control frames. Stream payload bytes do not appear here: they travel in data frames

@@ -25,6 +25,9 @@ use tokio::net::{TcpSocket, TcpStream};
 #[derive(Default)]
 pub struct IncomingPeers {
     table: Mutex<PeerTable>,
+    /// Pod ports whose subscription failed: their listeners get no delivered connection, and
+    /// their accepts stay the kernel's.
+    unserved: Mutex<std::collections::HashSet<u16>>,
 }
 
 /// Who a delivered connection is from and what it reached in the pod.
@@ -88,6 +91,21 @@ impl IncomingPeers {
 
     pub fn is_empty(&self) -> bool {
         lock(&self.table).clients.is_empty()
+    }
+
+    /// Records whether the subscription of `pod_port` failed.
+    pub fn set_unserved(&self, pod_port: u16, unserved: bool) {
+        let mut ports = lock(&self.unserved);
+        if unserved {
+            ports.insert(pod_port);
+        } else {
+            ports.remove(&pod_port);
+        }
+    }
+
+    /// Whether the subscription of `pod_port` failed.
+    pub fn is_unserved(&self, pod_port: u16) -> bool {
+        lock(&self.unserved).contains(&pod_port)
     }
 
     fn release(&self, end: LocalEnd) {

@@ -40,7 +40,7 @@
 use crate::handlers::lock;
 use crate::sockets;
 use kmirror_protocol::OpenTarget;
-use kmirror_protocol::tunnel::{Stream, Tunnel, TunnelError};
+use kmirror_protocol::tunnel::{Inbound, Stream, Tunnel, TunnelError};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -176,8 +176,10 @@ pub struct Proxy {
     redirected: Mutex<Redirects>,
     /// Sockets whose pod side is connecting, or whose failure SO_ERROR has yet to report.
     pending: Mutex<HashMap<u64, PendingConnect>>,
-    /// Relays of unconnected UDP sockets, by (socket inode, pod destination).
+    /// Relays of unconnected UDP sockets, by (socket inode, pod peer).
     sendto_relays: Mutex<HashMap<(u64, SocketAddr), SocketAddr>>,
+    /// The pod sides of unconnected UDP sockets, by socket inode (opened once).
+    pod_udp: Mutex<HashMap<u64, PodUdpSlot>>,
     /// Live UDP relays (connected flows and sendto relays).
     udp_flows: std::sync::atomic::AtomicUsize,
     /// Failures recorded so far (see [`Proxy::record_failure`]).
@@ -210,6 +212,7 @@ impl Proxy {
             redirected: Mutex::default(),
             pending: Mutex::default(),
             sendto_relays: Mutex::default(),
+            pod_udp: Mutex::default(),
             udp_flows: Default::default(),
             failures: Default::default(),
         }))
@@ -292,6 +295,13 @@ impl Proxy {
                 return Err(libc::EAFNOSUPPORT);
             }
         };
+        // Options the app set before connecting act on its pod-side connection too.
+        let options = sockets::tcp_options(fd);
+        let target = if options.any() && self.tunnel.version() >= kmirror_protocol::SOCKETS_VERSION {
+            OpenTarget::TcpWith { addr: dest, options }
+        } else {
+            OpenTarget::Tcp(dest)
+        };
         let generation = lock(&self.redirected).insert(inode, dest, None);
         let (report, outcome) = watch::channel(Outcome::Pending);
         lock(&self.pending)
@@ -299,7 +309,7 @@ impl Proxy {
         let this = self.clone();
         tokio::spawn(async move {
             // On its timeout the tunnel resets the stream: the pod side is given up.
-            let stream = match this.tunnel.open(OpenTarget::Tcp(dest), limit).await {
+            let stream = match this.tunnel.open(target, limit).await {
                 Ok(stream) => stream,
                 Err(TunnelError::Timeout(_)) if apps_limit => {
                     tracing::debug!(%dest, "the app stopped waiting for this connect; given up in the pod too");
@@ -451,8 +461,13 @@ impl Proxy {
     }
 
     /// The local relay that carries datagrams of an unconnected socket to `dest` in the pod,
-    /// created on first use: it is bound to the app socket's port (binding the socket first if
-    /// it has none yet, as a send would) and ends after an idle period.
+    /// created on first use (binding the socket first if it has none yet, as a send would).
+    ///
+    /// All datagrams of one app socket go through one unconnected socket in the pod, as the
+    /// app's own would: one pod-side port for every destination, and replies from any address
+    /// or port (TFTP, STUN, DNS servers that answer from another address) come back to the app,
+    /// each from a relay of its own, which `recvfrom` reports as that pod address. (A peer
+    /// without a protocol 4 agent gets one connected pod socket per destination instead.)
     pub async fn sendto_relay(
         self: &Arc<Self>,
         socket: &OwnedFd,
@@ -462,7 +477,89 @@ impl Proxy {
         if let Some(relay) = lock(&self.sendto_relays).get(&(inode, dest)) {
             return Ok(*relay);
         }
-        crate::sockets::ensure_bound(socket.as_fd())?;
+        sockets::ensure_bound(socket.as_fd())?;
+        if self.tunnel.version() < kmirror_protocol::SOCKETS_VERSION {
+            return self.connected_sendto_relay(socket, inode, dest).await;
+        }
+        let slot = lock(&self.pod_udp).entry(inode).or_default().clone();
+        let pod = {
+            let mut opened = slot.lock().await;
+            match &*opened {
+                Some(pod) => pod.clone(),
+                None => {
+                    let pod = self.open_pod_udp(socket, inode).await?;
+                    *opened = Some(pod.clone());
+                    pod
+                }
+            }
+        };
+        pod.relay(self, inode, dest).await
+    }
+
+    /// Opens the pod-side socket of the app's unconnected UDP socket and starts carrying its
+    /// datagrams (see [`Proxy::sendto_relay`]).
+    async fn open_pod_udp(self: &Arc<Self>, socket: &OwnedFd, inode: u64) -> Result<Arc<PodUdp>, i32> {
+        let fd = socket.as_fd();
+        let family = sockets::socket_domain(fd)?;
+        let v6_only = family == libc::AF_INET6 && sockets::v6_only(fd);
+        let v4_peer: SocketAddr = (Ipv4Addr::new(192, 0, 2, 1), 1).into();
+        let v6_peer: SocketAddr = (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 1).into();
+        let app_v4 = (!v6_only).then(|| app_endpoint(fd, v4_peer, self.v6_loopback()).ok()).flatten();
+        let app_v6 = (family == libc::AF_INET6)
+            .then(|| app_endpoint(fd, v6_peer, self.v6_loopback()).ok())
+            .flatten()
+            .filter(|a| a.is_ipv6());
+        let target = OpenTarget::UdpUnconnected { v6: family == libc::AF_INET6, v6_only };
+        let mut stream = self
+            .tunnel
+            .open(target, UDP_OPEN_TIMEOUT)
+            .await
+            .map_err(|e| crate::handlers::tunnel_errno(&e))?;
+        let (to_pod, mut outbound) = tokio::sync::mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
+        let pod =
+            Arc::new(PodUdp { to_pod, app_v4, app_v6, relays: Mutex::default(), readers: Mutex::default() });
+        let (this, owner) = (self.clone(), pod.clone());
+        tokio::spawn(async move {
+            let _counted = this.count_udp_flow();
+            loop {
+                tokio::select! {
+                    Some((peer, payload)) = outbound.recv() => {
+                        if stream.send(&kmirror_protocol::encode_addressed(peer, &payload)).await.is_err() {
+                            break;
+                        }
+                    }
+                    event = stream.recv() => match event {
+                        Inbound::Data(frame) => {
+                            if let Some((from, payload)) = kmirror_protocol::decode_addressed(&frame)
+                                && let Ok(relay) = owner.relay_socket(&this, inode, canonical(from)).await
+                            {
+                                let _ = relay.send(payload).await;
+                            }
+                            stream.grant(frame.len());
+                        }
+                        Inbound::Shutdown => {}
+                        Inbound::Reset => break,
+                    },
+                    _ = tokio::time::sleep(UDP_IDLE) => break,
+                }
+            }
+            stream.reset();
+            lock(&this.sendto_relays).retain(|&(owner, _), _| owner != inode);
+            lock(&this.pod_udp).remove(&inode);
+            for reader in lock(&owner.readers).drain(..) {
+                reader.abort();
+            }
+        });
+        Ok(pod)
+    }
+
+    /// A relay for `dest` with its own connected pod socket (protocol before 4).
+    async fn connected_sendto_relay(
+        self: &Arc<Self>,
+        socket: &OwnedFd,
+        inode: u64,
+        dest: SocketAddr,
+    ) -> Result<SocketAddr, i32> {
         let flow = self.udp_flow(app_endpoint(socket.as_fd(), dest, self.v6_loopback())?, dest).await?;
         let relay = flow.relay_addr();
         lock(&self.sendto_relays).insert((inode, dest), relay);
@@ -488,6 +585,74 @@ struct UdpFlowCount(Arc<Proxy>);
 impl Drop for UdpFlowCount {
     fn drop(&mut self) {
         self.0.udp_flows.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Where the pod side of an unconnected UDP socket is opened once (the first sends wait here).
+type PodUdpSlot = Arc<tokio::sync::Mutex<Option<Arc<PodUdp>>>>;
+
+/// The pod side of one unconnected UDP socket of the app (see [`Proxy::sendto_relay`]).
+struct PodUdp {
+    /// Datagrams for the pod, with the pod peer each goes to.
+    to_pod: tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    /// Where the app's socket receives from relays on 127.0.0.1 and on ::1 (`None`: it cannot).
+    app_v4: Option<SocketAddr>,
+    app_v6: Option<SocketAddr>,
+    /// A relay per pod peer.
+    relays: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+    readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl PodUdp {
+    /// The address of the relay for pod peer `peer`, created on first use.
+    async fn relay(&self, proxy: &Arc<Proxy>, inode: u64, peer: SocketAddr) -> Result<SocketAddr, i32> {
+        let relay = self.relay_socket(proxy, inode, peer).await?;
+        relay.local_addr().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    }
+
+    /// The relay socket for pod peer `peer`: it talks to the app's socket only, sends what the
+    /// app sends it to `peer` in the pod, and is where datagrams from `peer` reach the app.
+    async fn relay_socket(
+        &self,
+        proxy: &Arc<Proxy>,
+        inode: u64,
+        peer: SocketAddr,
+    ) -> Result<Arc<UdpSocket>, i32> {
+        if let Some(relay) = lock(&self.relays).get(&peer) {
+            return Ok(relay.clone());
+        }
+        let app = match (peer.is_ipv6(), self.app_v4, self.app_v6) {
+            (true, _, Some(app)) | (false, Some(app), _) | (_, Some(app), None) | (_, None, Some(app)) => app,
+            (_, None, None) => return Err(libc::EAFNOSUPPORT),
+        };
+        let relay = Arc::new(udp_relay_for(app).await.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?);
+        let relay_addr = relay.local_addr().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        {
+            let mut relays = lock(&self.relays);
+            if let Some(raced) = relays.get(&peer) {
+                return Ok(raced.clone());
+            }
+            relays.insert(peer, relay.clone());
+        }
+        lock(&proxy.sendto_relays).insert((inode, peer), relay_addr);
+        let (reader, to_pod) = (relay.clone(), self.to_pod.clone());
+        let reading = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match reader.recv(&mut buf).await {
+                    Ok(n) => {
+                        if to_pod.send((peer, buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    // An ICMP error of a datagram the relay sent to the app (its socket closed).
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                    Err(_) => return,
+                }
+            }
+        });
+        lock(&self.readers).push(reading);
+        Ok(relay)
     }
 }
 

@@ -360,3 +360,33 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> Result<Vec<u8>, i32> {
     // SAFETY: getsockname writes at most `len` bytes into the storage `sockaddr_out` provides.
     Ok(sockaddr_out(|addr, len| unsafe { libc::getsockname(fd.as_raw_fd(), addr, len) })?.1)
 }
+
+/// The options of the app's TCP socket that change what its connection does and that the
+/// pod-side socket can take: SO_KEEPALIVE, TCP_KEEPIDLE/KEEPINTVL/KEEPCNT and TCP_USER_TIMEOUT.
+/// A keepalive value equal to this machine's default (its sysctl) counts as not set, so the
+/// pod's own default applies, as it would to the app in the pod. (SO_BINDTODEVICE names a
+/// device of this machine, meaningless in the pod; it is not carried.)
+pub fn tcp_options(fd: BorrowedFd<'_>) -> kmirror_protocol::SocketOptions {
+    static DEFAULTS: std::sync::OnceLock<[Option<i32>; 3]> = std::sync::OnceLock::new();
+    let defaults = DEFAULTS.get_or_init(|| {
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        };
+        [read("tcp_keepalive_time"), read("tcp_keepalive_intvl"), read("tcp_keepalive_probes")]
+    });
+    let set = |name: i32, default: Option<i32>| {
+        int_option(fd, libc::IPPROTO_TCP, name)
+            .ok()
+            .filter(|&v| Some(v) != default && v > 0)
+            .map(|v| v as u32)
+    };
+    kmirror_protocol::SocketOptions {
+        keepalive: int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).is_ok_and(|v| v != 0),
+        keep_idle: set(libc::TCP_KEEPIDLE, defaults[0]),
+        keep_interval: set(libc::TCP_KEEPINTVL, defaults[1]),
+        keep_count: set(libc::TCP_KEEPCNT, defaults[2]),
+        user_timeout: set(libc::TCP_USER_TIMEOUT, Some(0)),
+    }
+}

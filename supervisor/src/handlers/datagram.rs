@@ -134,7 +134,9 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let datagram = Datagram { payload, control: Vec::new(), name: Some(name), pod: Some(pod) };
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        let result = send_all(&ctx, n.tid, &socket, std::slice::from_ref(&datagram), flags).await;
+        let Some(result) = send_all(&ctx, &n, &socket, std::slice::from_ref(&datagram), flags).await else {
+            return;
+        };
         answer(&ctx, &n, result.map(|sent| sent[0] as i64));
     });
 }
@@ -289,7 +291,8 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     }
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        let answer_value = match send_all(&ctx, n.tid, &socket, &datagrams, flags).await {
+        let Some(sent) = send_all(&ctx, &n, &socket, &datagrams, flags).await else { return };
+        let answer_value = match sent {
             Ok(sent) if is_batch => {
                 // Each mmsghdr's msg_len gets the bytes sent for it.
                 let Some(memory) = super::output_memory(&ctx, &n) else { return };
@@ -347,23 +350,34 @@ fn gather(tid: u32, hdr: &MsgHeader, max: usize, overflow: Overflow) -> Result<(
 }
 
 /// Sends the datagrams in order; the bytes sent for each. A failure after the first ends the
-/// batch with what was sent, as `sendmmsg` reports it.
+/// batch with what was sent, as `sendmmsg` reports it. Waiting for the pod side of a new relay
+/// is interruptible by signals (see [`super::net::interruptible`]): `None` when the call was
+/// answered so.
 async fn send_all(
     ctx: &Arc<Context>,
-    tid: u32,
+    n: &Notification,
     socket: &OwnedFd,
     datagrams: &[Datagram],
     flags: i32,
-) -> Result<Vec<usize>, i32> {
-    let inode = sockets::socket_inode(socket.as_fd()).ok_or(libc::ENOTSOCK)?;
+) -> Option<Result<Vec<usize>, i32>> {
+    let Some(inode) = sockets::socket_inode(socket.as_fd()) else { return Some(Err(libc::ENOTSOCK)) };
+    let tid = n.tid;
     let mut sent = Vec::with_capacity(datagrams.len());
     for datagram in datagrams {
         let name = match datagram.pod {
-            Some((dest, family)) => match ctx.proxy.sendto_relay(socket, inode, dest).await {
-                Ok(relay) => Some(net::encode_sockaddr(relay, family)),
-                Err(errno) if sent.is_empty() => return Err(errno),
-                Err(_) => break,
-            },
+            Some((dest, family)) => {
+                let relay = if sent.is_empty() {
+                    super::net::interruptible(ctx, n, ctx.proxy.sendto_relay(socket, inode, dest)).await?
+                } else {
+                    // Part of the batch is sent: no restart may send it again.
+                    ctx.proxy.sendto_relay(socket, inode, dest).await
+                };
+                match relay {
+                    Ok(relay) => Some(net::encode_sockaddr(relay, family)),
+                    Err(errno) if sent.is_empty() => return Some(Err(errno)),
+                    Err(_) => break,
+                }
+            }
             None => datagram.name.clone(),
         };
         let result = if crate::policy::net::control_needs_privilege(&datagram.control) {
@@ -373,11 +387,11 @@ async fn send_all(
         };
         match result {
             Ok(len) => sent.push(len),
-            Err(errno) if sent.is_empty() => return Err(errno),
+            Err(errno) if sent.is_empty() => return Some(Err(errno)),
             Err(_) => break,
         }
     }
-    Ok(sent)
+    Some(Ok(sent))
 }
 
 /// Sends one datagram with the app's credentials in force, so that control messages the kernel

@@ -138,6 +138,40 @@ async fn connect_through_pod(
     }
 }
 
+/// The kernel's "interrupted by a signal; restart if its handler allows" return code
+/// (include/linux/errno.h; not part of the user ABI, so not in libc).
+const ERESTARTSYS: i32 = 512;
+
+/// Awaits `work` for a call the app's thread waits in, looking for signals meanwhile as
+/// [`super::wait_for_data`] does. On one, the call is answered ERESTARTSYS, which the kernel,
+/// on the way back to the app, turns into exactly what an interrupted native call gives: the
+/// handler runs, then EINTR, or under SA_RESTART the same call again (trapped anew). For calls
+/// that have nothing of the app's in a waiting state that the kernel could take over (a UDP
+/// connect or send waiting for its pod side), so they cannot be handed back with CONTINUE.
+/// `None` when the call was answered that way or is gone; `work` is dropped then.
+pub(super) async fn interruptible<T>(
+    ctx: &Context,
+    n: &Notification,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut signals = tracee::SignalWatch::open(n.tid).ok();
+    let started = tokio::time::Instant::now();
+    let mut work = std::pin::pin!(work);
+    loop {
+        let slice = super::signal_check_interval(started.elapsed());
+        if let Ok(done) = tokio::time::timeout(slice, &mut work).await {
+            return Some(done);
+        }
+        if !ctx.listener.is_valid(n.id) {
+            return None;
+        }
+        if signals.as_mut().is_some_and(|s| s.pending().unwrap_or(false)) {
+            ctx.listener.return_errno(n.id, ERESTARTSYS);
+            return None;
+        }
+    }
+}
+
 /// Waits for a blocking connect's outcome while the app's thread waits in its trapped call.
 /// `None` once the call was handed back to the kernel for a signal (see
 /// [`super::wait_for_data`]) or is gone. When `deadline` (the socket's SO_SNDTIMEO) passes
@@ -262,7 +296,9 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
             return;
         }
     };
-    let flow = match ctx.proxy.udp_flow(app, dest).await {
+    // Waits for the pod side (bounded), interruptible by signals.
+    let Some(flow) = interruptible(ctx, &n, ctx.proxy.udp_flow(app, dest)).await else { return };
+    let flow = match flow {
         Ok(flow) => flow,
         Err(errno) => {
             if ctx.listener.is_valid(n.id) {
@@ -413,25 +449,42 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
     let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
-    let Ok(family) = sockets::socket_domain(listening.as_fd()) else {
+    let nonblocking = sockets::is_nonblocking(listening.as_fd());
+    if nonblocking && ctx.incoming_peers.is_empty() {
+        return ctx.listener.continue_call(n.id);
+    }
+    // Only a TCP listener whose port receives pod traffic: any other (AF_UNIX, UDP-less
+    // protocols, a port whose subscription failed) never gets a delivered connection, and its
+    // accept stays the kernel's in every respect.
+    let Some(family) = serves_pod_port(ctx, listening.as_fd()) else {
         return ctx.listener.continue_call(n.id);
     };
-    if sockets::is_nonblocking(listening.as_fd()) {
-        if ctx.incoming_peers.is_empty() {
-            return ctx.listener.continue_call(n.id);
-        }
+    if nonblocking {
         return deliver_accepted(ctx, &n, &listening, flags, family);
     }
-    let serves_pod_port =
-        sockets::local_port(listening.as_fd()).is_ok_and(|port| ctx.incoming.subscription(port).is_some());
-    if !serves_pod_port {
-        return ctx.listener.continue_call(n.id);
-    }
+    // SO_RCVTIMEO bounds a blocking accept (EAGAIN once it runs out), as natively.
+    let deadline = sockets::recv_timeout(listening.as_fd()).map(|t| std::time::Instant::now() + t);
     // The wait can be long: never on the notify thread.
     let ctx2 = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
-        wait_and_accept(&ctx2, &n, listening, flags, family).await
+        wait_and_accept(&ctx2, &n, listening, flags, family, deadline).await
     });
+}
+
+/// The family of a listening socket that receives connections delivered from the pod: a TCP
+/// socket (IPv4 or IPv6) whose port is subscribed.
+fn serves_pod_port(ctx: &Context, listening: std::os::fd::BorrowedFd<'_>) -> Option<i32> {
+    let family = sockets::socket_domain(listening).ok()?;
+    let tcp = matches!(family, libc::AF_INET | libc::AF_INET6)
+        && sockets::socket_type(listening) == Ok(libc::SOCK_STREAM)
+        && sockets::socket_protocol(listening) == Ok(libc::IPPROTO_TCP);
+    if !tcp {
+        return None;
+    }
+    // A listener's subscription may still be on its way (an accept right after listen): only
+    // one that failed rules the port out.
+    let (pod_port, _) = ctx.incoming.subscription(sockets::local_port(listening).ok()?)?;
+    (!ctx.incoming_peers.is_unserved(pod_port)).then_some(family)
 }
 
 /// Blocking accepts performed here take a queued connection one at a time: with several app
@@ -441,12 +494,19 @@ static BLOCKING_ACCEPT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A blocking accept, performed here (see [`super::wait_for_data`] for how signals still reach
 /// the waiting thread).
-async fn wait_and_accept(ctx: &Arc<Context>, n: &Notification, listening: OwnedFd, flags: i32, family: i32) {
+async fn wait_and_accept(
+    ctx: &Arc<Context>,
+    n: &Notification,
+    listening: OwnedFd,
+    flags: i32,
+    family: i32,
+    deadline: Option<std::time::Instant>,
+) {
     let Some(listening) = super::waitable(listening) else {
         return ctx.listener.continue_call(n.id);
     };
     loop {
-        match super::wait_for_data(ctx, n, &listening, None).await {
+        match super::wait_for_data(ctx, n, &listening, deadline).await {
             super::Waited::Ready => {
                 // The listener is the app's, in blocking mode: an accept that loses a race for
                 // the connection (to a thread of the app accepting natively) blocks. So the
@@ -527,10 +587,12 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
         let request = kmirror_protocol::Request::Subscribe { port: pod_port, mode, filter };
         match ctx.tunnel.request(request, ctx.remote_timeout).await {
             Ok(kmirror_protocol::Response::Subscribed) => {
+                ctx.incoming_peers.set_unserved(pod_port, false);
                 tracing::info!(local_port, pod_port, ?mode, "incoming traffic subscribed");
             }
             outcome => {
                 super::lock(&ctx.subscribed).remove(&pod_port);
+                ctx.incoming_peers.set_unserved(pod_port, true);
                 let why = match outcome {
                     Ok(kmirror_protocol::Response::Error(errno)) => {
                         std::io::Error::from_raw_os_error(errno.0).to_string()
