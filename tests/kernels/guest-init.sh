@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of a kernel-matrix guest (see matrix.sh): loads the modules the tests need, mounts this
-# machine's root file system read-only over 9p, gives it fresh /proc, /sys, /dev and writable
-# temp dirs, runs the plan named on the kernel command line in it, and powers off.
+# machine's root file system read-only over 9p, gives it fresh /proc, /sys, /dev, writable
+# temp dirs and a writable copy of /etc, runs the plan named on the kernel command line in it, and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -24,6 +24,12 @@ mount -t devpts devpts /host/dev/pts
 for d in tmp run var/tmp dev/shm; do
     mount -t tmpfs -o mode=1777 tmpfs "/host/$d"
 done
+# A writable copy of /etc: tests create host-only files there (e.g. the target of a pod
+# symlink that must not be followed to the host).
+mkdir -p /etc-copy
+mount -t tmpfs -o mode=0755 tmpfs /etc-copy
+cp -a /host/etc/. /etc-copy/
+mount -o bind /etc-copy /host/etc
 mount -t bpf bpf /host/sys/fs/bpf 2>/dev/null
 mount -t tracefs tracefs /host/sys/kernel/tracing 2>/dev/null
 echo "kmirror-guest: kernel $(uname -r) up, running $plan"
