@@ -168,8 +168,7 @@ fn children_and_exec_inherit_interception() {
 #[test]
 fn thirty_two_bit_system_calls_are_refused() {
     let pod = LocalPod::start(55);
-    let dir = std::env::temp_dir().join(format!("kmirror-int80-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = kmirror_suite::run::ScratchDir::new("int80");
     let source = dir.join("int80.c");
     // getpid through the i386 entry point (int $0x80, syscall 20), from a 64-bit program.
     std::fs::write(
@@ -187,7 +186,6 @@ fn thirty_two_bit_system_calls_are_refused() {
     assert!(bare_result > 0, "without kmirror the i386 getpid works");
     let out = ok(&kmirror(pod.target_pid, &[], &[binary.to_str().unwrap()]));
     assert_eq!(field(&out, "result"), Some(format!("-{}", libc::ENOSYS).as_str()));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// The agent accepts a session only with its token; a wrong one is rejected and logged.
@@ -295,8 +293,7 @@ fn a_hung_agent_times_out_instead_of_hanging_the_app() {
 #[test]
 fn openat2_is_intercepted() {
     let pod = LocalPod::start(58);
-    let dir = std::env::temp_dir().join(format!("kmirror-openat2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = kmirror_suite::run::ScratchDir::new("openat2");
     let source = dir.join("openat2.c");
     std::fs::write(
         &source,
@@ -312,7 +309,6 @@ fn openat2_is_intercepted() {
     assert!(std::process::Command::new("cc").arg("-o").arg(&binary).arg(&source).status().unwrap().success());
     let out = ok(&kmirror(pod.target_pid, &[], &[binary.to_str().unwrap()]));
     assert_eq!(out.trim(), pod.pod_hostname());
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// An app at its descriptor limit gets EMFILE for a pod file, as for a local one, instead of

@@ -85,8 +85,7 @@ fn bad_input_gets_clear_errors_and_shell_exit_codes() {
     }
 
     // A 32-bit program is refused before anything starts.
-    let dir = std::env::temp_dir().join(format!("kmirror-e2e-32-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = kmirror_suite::run::ScratchDir::new("e2e-32");
     let elf32 = dir.join("prog32");
     std::fs::write(&elf32, b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -94,7 +93,6 @@ fn bad_input_gets_clear_errors_and_shell_exit_codes() {
     let out = kmirror(pod.target_pid, &[], &[elf32.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(126));
     assert!(stderr(&out).contains("32-bit"), "{}", stderr(&out));
-    std::fs::remove_dir_all(dir).unwrap();
 
     // Without root a local target cannot be entered: say so.
     let mut c = Command::new("setpriv");

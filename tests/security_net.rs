@@ -652,7 +652,7 @@ fn only_traffic_to_the_targets_addresses_is_stolen() {
     // The pod takes `extra` as local (AnyIP) without it being an address of an interface, and
     // the host routes it over the pod's veth (the route goes with the veth).
     run(&["ip", "-n", &pod.netns, "route", "add", "local", &format!("{extra}/32"), "dev", "lo"]);
-    let host_veth = format!("kmh{}", pod.index);
+    let host_veth = pod.host_veth.clone();
     run(&["ip", "route", "add", &format!("{extra}/32"), "via", &pod.pod_ip.to_string(), "dev", &host_veth]);
     let other = SocketAddr::from((extra.parse::<std::net::Ipv4Addr>().unwrap(), 8080));
     assert_eq!(get(other, "/before").unwrap(), format!("pod-echo {} /before\n", pod.index));

@@ -278,3 +278,27 @@ pub fn agent_of(kmirror_pid: u32) -> u32 {
         })
         .expect("kmirror has no agent child")
 }
+
+/// A scratch directory of a test, removed when the test ends, also when it fails (a panic
+/// unwinds through the drop).
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    /// `<temp>/kmirror-<name>-<pid>`, created empty.
+    pub fn new(name: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("kmirror-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        ScratchDir(dir)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
