@@ -113,7 +113,13 @@ pub fn open(caller: &Caller, path: &[u8], flags: i32, mode: u32, resolve: u64) -
     let (dirfd, in_root) = root.base();
     // Flags openat2 rejects but open(2) ignores (unknown bits) would turn into EINVAL: keep to
     // the flags open(2) defines.
-    let flags = flags & VALID_OPEN_FLAGS;
+    let flags = match flags & VALID_OPEN_FLAGS {
+        // With O_PATH open(2) ignores every flag but these; openat2 would refuse the others.
+        f if f & libc::O_PATH != 0 => {
+            f & (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        }
+        f => f,
+    };
     run_as(&caller.credentials, creates, || openat2(dirfd, &path, flags, mode, resolve | in_root))?
 }
 
@@ -317,5 +323,7 @@ mod tests {
         assert_eq!(lookup(&caller, b"/etc/passwd"), Ok(Node::NotDir));
         assert_eq!(stat(&caller, b"/etc/passwd/x", true).err(), Some(libc::ENOTDIR));
         assert_eq!(read_link(&caller, b"/etc/passwd").err(), Some(libc::EINVAL));
+        let path_only = open(&caller, b"/etc/passwd", libc::O_PATH | libc::O_RDWR | libc::O_NOCTTY, 0, 0);
+        assert!(path_only.is_ok(), "O_PATH ignores other flags, as open(2) does: {path_only:?}");
     }
 }
