@@ -118,10 +118,72 @@ pub fn refusal_message(feature: &Feature) -> String {
     )
 }
 
+/// SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (6.6). A session tries it on its own listener and
+/// logs a miss; `kmirror features` probes it in a child of its own (a listener needs a filter,
+/// which kmirror must not install on itself).
+pub fn sync_wake_up() -> Feature {
+    Feature {
+        name: "seccomp SYNC_WAKE_UP",
+        since: "6.6",
+        present: probe_sync_wake_up(),
+        without: Without::Fallback("works; each answer wakes the app more slowly"),
+    }
+}
+
+fn probe_sync_wake_up() -> bool {
+    // An allow-all filter that notifies for one call nobody makes here: enough for a listener.
+    let filter = [
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 0 },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_getppid as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_USER_NOTIF,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: the child makes raw system calls on memory prepared before the fork and leaves
+    // with _exit; the parent only waits for it.
+    unsafe {
+        let child = libc::fork();
+        if child == 0 {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            let listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &program,
+            );
+            let ok = listener >= 0
+                && libc::ioctl(listener as i32, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, 1 as libc::c_ulong) == 0;
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+        if child < 0 {
+            return false;
+        }
+        let mut status = 0;
+        libc::waitpid(child, &mut status, 0) == child
+            && libc::WIFEXITED(status)
+            && libc::WEXITSTATUS(status) == 0
+    }
+}
+
 /// A table of every feature, one line each, for `kmirror features`.
 pub fn report(features: &Features) -> String {
     let mut out = format!("kernel {}\n", release());
-    for f in features.all() {
+    for f in features.all().into_iter().chain([sync_wake_up()]) {
         let (state, note) = match (f.present, f.without) {
             (true, _) => ("present", String::new()),
             (false, Without::Fallback(how)) => ("fallback", format!(": {how}")),
@@ -153,6 +215,7 @@ mod tests {
         }
         assert!(features.refusal().is_none());
         assert!(features.fallbacks().is_empty());
+        assert!(sync_wake_up().present, "SYNC_WAKE_UP on {}", release());
     }
 
     #[test]
