@@ -2,7 +2,7 @@
 # Builds the test cluster's binaries that are missing, into a cache outside the clone, and
 # links them into target/cluster/bin of this clone.
 #
-#   tests/cluster/build.sh [kube|etcd|containerd]...   (default: all)
+#   tests/cluster/build.sh [kube|etcd|containerd|images]...   (default: all)
 #
 # Each component is built once per content of its inputs (versions.env, its wrapper module's
 # go.mod, go.sum and sources, this script, the Go version) into
@@ -87,6 +87,10 @@ build_etcd() {
     gobuild -ldflags "-s -w" -o "$1/etcdctl" go.etcd.io/etcd/etcdctl/v3
 }
 
+build_images() {
+    gobuild -ldflags "-s -w" -o "$1/pause" ./pause
+}
+
 build_containerd() {
     local ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
     local cmd
@@ -96,12 +100,13 @@ build_containerd() {
 }
 
 comps=("$@")
-[ ${#comps[@]} -gt 0 ] || comps=(kube etcd containerd)
+[ ${#comps[@]} -gt 0 ] || comps=(kube etcd containerd images)
 for comp in "${comps[@]}"; do
     case "$comp" in
     kube) build_one kube kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl ;;
     etcd) build_one etcd etcd etcdctl ;;
     containerd) build_one containerd containerd containerd-shim-runc-v2 ctr ;;
-    *) echo "build.sh: unknown component $comp (kube, etcd, containerd)" >&2; exit 2 ;;
+    images) build_one images pause ;;
+    *) echo "build.sh: unknown component $comp (kube, etcd, containerd, images)" >&2; exit 2 ;;
     esac
 done
