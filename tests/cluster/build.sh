@@ -2,10 +2,9 @@
 # Builds the test cluster's binaries that are missing, into a cache outside the clone, and
 # links them into target/cluster/bin of this clone.
 #
-#   tests/cluster/build.sh [kube|etcd|containerd|images]...   (default: all)
+#   tests/cluster/build.sh [kube|etcd|containerd|coredns|images]...   (default: all)
 #
-# Each component is built once per content of its inputs (versions.env, its wrapper module's
-# go.mod, go.sum and sources, this script, the Go version) into
+# Each component is built once per content of its inputs (see key() below) into
 # ${KMIRROR_CLUSTER_CACHE:-/var/cache/kmirror/cluster}/<component>-<hash>/, so a second clone
 # of the same commit, or a later one that changed nothing here, reuses it. Builds run at the
 # lowest CPU priority (nice 19): the machine is shared. Go's own module and build caches
@@ -26,17 +25,24 @@ command -v go >/dev/null || {
     exit 1
 }
 
-# The cache key of one component: everything that decides what its binaries contain (its
-# build function's text stands for the flags; edits elsewhere in this script do not rebuild).
+# The cache key of one component: everything that decides what its binaries contain: the Go
+# version, its build function's text (the flags), the versions.env lines it reads and its wrapper
+# module's files. Edits elsewhere (this script, another component's version) do not rebuild it.
 key() {
     {
         go version
-        cat "$here/versions.env"
         declare -f "build_$1" gobuild
+        grep -E "^(${versions_of[$1]:-NONE})=" "$here/versions.env" || true
         find "$here/$1" -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) -print0 |
             sort -z | xargs -0 cat
     } | sha256sum | cut -c1-16
 }
+declare -A versions_of=(
+    [kube]="KUBERNETES_VERSION|KUBERNETES_STAGING_VERSION"
+    [etcd]=ETCD_VERSION
+    [containerd]=CONTAINERD_VERSION
+    [coredns]=COREDNS_VERSION
+)
 
 # build_one COMPONENT OUTPUT-NAME... : runs build_<component> into a fresh directory and moves
 # it into place only when it succeeded, so an interrupted build is never taken for a cached one.
@@ -91,6 +97,10 @@ build_images() {
     gobuild -ldflags "-s -w" -o "$1/pause" ./pause
 }
 
+build_coredns() {
+    gobuild -ldflags "-s -w" -o "$1/coredns" .
+}
+
 build_containerd() {
     local ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
     local cmd
@@ -100,13 +110,14 @@ build_containerd() {
 }
 
 comps=("$@")
-[ ${#comps[@]} -gt 0 ] || comps=(kube etcd containerd images)
+[ ${#comps[@]} -gt 0 ] || comps=(kube etcd containerd coredns images)
 for comp in "${comps[@]}"; do
     case "$comp" in
     kube) build_one kube kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl ;;
     etcd) build_one etcd etcd etcdctl ;;
     containerd) build_one containerd containerd containerd-shim-runc-v2 ctr ;;
     images) build_one images pause ;;
-    *) echo "build.sh: unknown component $comp (kube, etcd, containerd, images)" >&2; exit 2 ;;
+    coredns) build_one coredns coredns ;;
+    *) echo "build.sh: unknown component $comp (kube, etcd, containerd, coredns, images)" >&2; exit 2 ;;
     esac
 done
