@@ -539,7 +539,7 @@ cmd_up() {
     # containerd finds containerd-shim-runc-v2 on PATH.
     PATH="$BIN:$PATH" start containerd "$BIN/containerd" --config "$S/containerd/config.toml"
     wait_for containerd 30 "$BIN/ctr" -a "$S/containerd/containerd.sock" version
-    cmd_import_pause
+    import_binary "$PAUSE_IMAGE" pause
 
     start kubelet "$BIN/kubelet" --config "$S/kubelet.yaml" --kubeconfig "$S/kubelet.kubeconfig" \
         --root-dir "$S/kubelet" --cert-dir "$S/kubelet/pki" \
@@ -547,6 +547,12 @@ cmd_up() {
     start kube-proxy "$BIN/kube-proxy" --config "$S/kube-proxy.yaml"
     wait_for kubelet 120 node_ready
     log "node $NODE Ready ($(since "$tb")s after the binaries; $(since "$t0")s in all)"
+
+    import_binary "docker.io/kmirror/coredns:$COREDNS_VERSION" coredns
+    sed -e "s/@COREDNS_VERSION@/$COREDNS_VERSION/g" -e "s/@DNS_IP@/$DNS_IP/g" \
+        "$here/manifests/coredns.yaml" | kctl apply -f - >/dev/null
+    wait_for kubelet 90 kctl -n kube-system wait --for=condition=Available --timeout=2s deployment/coredns
+    log "CoreDNS ready ($(since "$t0")s in all)"
     echo "export KUBECONFIG=$T/kubeconfig"
 }
 
@@ -554,13 +560,14 @@ node_ready() {
     [ "$(kctl get node "$NODE" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
 
-cmd_import_pause() {
+# import_binary IMAGE NAME: an image holding only the static binary bin/NAME as /NAME.
+import_binary() {
     local dir
     dir="$(mktemp -d)"
-    cp "$(readlink -f "$BIN/pause")" "$dir/pause"
-    "$root/scripts/oci-image.sh" --entrypoint /pause "$PAUSE_IMAGE" "$dir" "$S/pause.tar" >/dev/null
+    cp "$(readlink -f "$BIN/$2")" "$dir/$2"
+    "$root/scripts/oci-image.sh" --entrypoint "/$2" "$1" "$dir" "$S/$2.tar" >/dev/null
     rm -rf "$dir"
-    cmd_import "$S/pause.tar"
+    cmd_import "$S/$2.tar"
 }
 
 cmd_import() {
@@ -625,8 +632,14 @@ cmd_status() {
             rc=1
         fi
     done
+    # Every process of the cluster is in its cgroups: components, shims, containers.
+    local pids
+    pids="$(cgroup_pids | paste -sd, -)"
+    [ -z "$pids" ] || ps -o rss= -p "$pids" |
+        awk '{ s += $1; n++ } END { printf "memory: %.0f MiB RSS in %d processes\n", s / 1024, n }'
     if alive kube-apiserver; then
         kctl get nodes -o wide 2>&1 || rc=1
+        kctl get pods -A -o wide 2>&1 || rc=1
     fi
     echo "export KUBECONFIG=$T/kubeconfig"
     return $rc
