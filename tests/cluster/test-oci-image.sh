@@ -82,13 +82,20 @@ state = "$work/c/state"
 [plugins.'io.containerd.internal.v1.opt']
   path = "$work/c/opt"
 TOML
+    # containerd makes /run/containerd (its shims' fixed socket directory) whatever its config
+    # says: remove it again if it was not there before.
+    run_existed=0
+    [ ! -e /run/containerd ] || run_existed=1
     "$containerd" --config "$work/containerd.toml" >"$work/containerd.log" 2>&1 &
     cpid=$!
-    trap 'kill $cpid 2>/dev/null; wait $cpid 2>/dev/null; rm -rf "$work"' EXIT
+    trap 'kill $cpid 2>/dev/null; wait $cpid 2>/dev/null; rm -rf "$work"
+        [ $run_existed = 1 ] || rmdir /run/containerd 2>/dev/null || true' EXIT
     for _ in $(seq 100); do [ -S "$work/c/sock" ] && break; sleep 0.1; done
-    "$ctr" -a "$work/c/sock" -n k8s.io images import "$work/a.tar" >/dev/null
-    "$ctr" -a "$work/c/sock" -n k8s.io images ls -q | grep -qx docker.io/kmirror/test-img:1 ||
-        { echo "FAIL: not imported"; tail "$work/containerd.log"; exit 1; }
+    "$ctr" -a "$work/c/sock" -n k8s.io images import "$work/a.tar" >/dev/null 2>"$work/ctr.err" ||
+        { echo "FAIL: import"; cat "$work/ctr.err"; exit 1; }
+    images="$("$ctr" -a "$work/c/sock" -n k8s.io images ls -q 2>/dev/null)"
+    grep -qx docker.io/kmirror/test-img:1 <<<"$images" ||
+        { echo "FAIL: not imported: $images"; tail "$work/containerd.log"; exit 1; }
     echo "oci-image: imported into a private containerd"
 else
     echo "oci-image: containerd not built (tests/cluster/build.sh containerd); import not tried"
