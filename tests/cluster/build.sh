@@ -109,6 +109,11 @@ build_containerd() {
     done
 }
 
+# One build at a time per cache (two clones, or up while a build runs): wait for the other.
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+
 comps=("$@")
 [ ${#comps[@]} -gt 0 ] || comps=(kube etcd containerd coredns images)
 for comp in "${comps[@]}"; do
