@@ -384,6 +384,9 @@ state = "$S/containerd/state"
 [plugins.'io.containerd.cri.v1.runtime']
   netns_mounts_under_state_dir = true
   enable_cdi = false
+  # The workplace runs us without CAP_SYS_RESOURCE, so no process here may lower its
+  # oom_score_adj (the kubelet asks -998 for sandboxes): keep containers at containerd's.
+  restrict_oom_score_adj = true
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["/usr/lib/cni"]
     conf_dir = "$S/cni/net.d"
@@ -426,6 +429,9 @@ evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available:
 podLogsDir: $S/pod-logs
 serializeImagePulls: false
 protectKernelDefaults: false
+# Otherwise the kubelet creates iptables chains (KUBE-FIREWALL, canaries) in the machine's own
+# ip/ip6 filter, nat and mangle tables, and nothing removes them.
+makeIPTablesUtilChains: false
 EOF
 
     cat >"$S/kube-proxy.yaml" <<EOF
@@ -494,6 +500,7 @@ cmd_up() {
         [ -r "$(sysctl_path "$k")" ] && echo "$k $(cat "$(sysctl_path "$k")")"
     done >"$RUN/sysctl.before"
     for d in "${HOST_DIRS[@]}"; do [ -e "$d" ] || echo "$d"; done >"$RUN/hostdirs"
+    nft list tables >"$T/nft-tables.before"
     make_cgroups
     net_up
     make_pki
@@ -610,6 +617,41 @@ cmd_down() {
     fi
     rm -rf "$S" "$RUN" "$T/kubeconfig"
     log "down ($(since "$t0")s)"
+    leftovers >&2 || log "down left the above behind"
+}
+
+# Everything up makes, as it is now: prints what is left and fails if anything is.
+leftovers() {
+    local found=0 cg h d
+    cg="$(cgroup_root)"
+    if pgrep -f "^$BIN/|$S/" >/dev/null; then
+        echo "processes:"; pgrep -af "^$BIN/|$S/"; found=1
+    fi
+    if grep -qF " $T/" /proc/self/mountinfo; then
+        echo "mounts:"; grep -F " $T/" /proc/self/mountinfo; found=1
+    fi
+    for d in "$BRIDGE" "$DUMMY" "${DUMMY}p"; do
+        if ip link show "$d" >/dev/null 2>&1; then echo "link: $d"; found=1; fi
+    done
+    if ip route show type unreachable | grep -qE '^10\.21[567]\.'; then
+        echo "routes:"; ip route show type unreachable | grep -E '^10\.21[567]\.'; found=1
+    fi
+    if nft list tables | grep -qE "inet $NFT_TABLE\$|kube-proxy\$"; then
+        echo "nftables:"; nft list tables | grep -E "inet $NFT_TABLE\$|kube-proxy\$"; found=1
+    fi
+    # Tables that appeared while the cluster ran (none should: nothing here uses iptables).
+    if [ -f "$T/nft-tables.before" ] && ! diff <(sort "$T/nft-tables.before") <(nft list tables | sort) | grep '^>'; then
+        :
+    elif [ -f "$T/nft-tables.before" ]; then
+        echo "(nftables tables above appeared since up)"; found=1
+    fi
+    for h in $(hierarchies); do
+        if [ -d "$h$cg" ]; then echo "cgroup: $h$cg"; found=1; fi
+    done
+    for d in "$S" "$RUN"; do
+        if [ -e "$d" ]; then echo "directory: $d"; found=1; fi
+    done
+    return $found
 }
 
 cmd_status() {
@@ -651,6 +693,7 @@ case "${1:-}" in
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status ;;
+leftovers) leftovers ;;
 import)
     shift
     cmd_import "$@"
