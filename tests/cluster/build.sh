@@ -95,6 +95,7 @@ build_etcd() {
 
 build_images() {
     gobuild -ldflags "-s -w" -o "$1/pause" ./pause
+    gobuild -ldflags "-s -w" -o "$1/probe" ./probe
 }
 
 build_coredns() {
@@ -121,7 +122,7 @@ for comp in "${comps[@]}"; do
     kube) build_one kube kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl ;;
     etcd) build_one etcd etcd etcdctl ;;
     containerd) build_one containerd containerd containerd-shim-runc-v2 ctr ;;
-    images) build_one images pause ;;
+    images) build_one images pause probe ;;
     coredns) build_one coredns coredns ;;
     *) echo "build.sh: unknown component $comp (kube, etcd, containerd, coredns, images)" >&2; exit 2 ;;
     esac

@@ -48,6 +48,7 @@ DUMMY=kmnode0
 NFT_TABLE=kmirror_cluster
 ETCD_PORT=2379
 PAUSE_IMAGE=docker.io/kmirror/pause:1
+PROBE_IMAGE=docker.io/kmirror/probe:1 # the smoke tests' program (images/probe)
 # Host paths other software may own: created (and later removed) only if absent.
 HOST_DIRS=(/run/containerd /var/lib/cni)
 SYSCTLS=(
@@ -521,6 +522,7 @@ cmd_up() {
         --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
         --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
         --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+        --kubelet-preferred-address-types InternalIP \
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
         --authorization-mode Node,RBAC --allow-privileged=true \
@@ -547,6 +549,7 @@ cmd_up() {
     PATH="$BIN:$PATH" start containerd "$BIN/containerd" --config "$S/containerd/config.toml"
     wait_for containerd 30 "$BIN/ctr" -a "$S/containerd/containerd.sock" version
     import_binary "$PAUSE_IMAGE" pause
+    import_binary "$PROBE_IMAGE" probe
 
     start kubelet "$BIN/kubelet" --config "$S/kubelet.yaml" --kubeconfig "$S/kubelet.kubeconfig" \
         --root-dir "$S/kubelet" --cert-dir "$S/kubelet/pki" \
@@ -589,7 +592,14 @@ cmd_down() {
     # Control plane and node agents first (reverse start order), by their recorded PIDs.
     for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
         c="${COMPONENTS[i]}"
-        alive "$c" && stop_pid "$(pid_of "$c")" 10
+        if alive "$c"; then
+            local t1
+            t1="$(now)"
+            # kube-apiserver sometimes lingers after shutting its controllers down; its data
+            # is in etcd, which stops cleanly after it.
+            if [ "$c" = kube-apiserver ]; then stop_pid "$(pid_of "$c")" 3; else stop_pid "$(pid_of "$c")" 10; fi
+            log "stopped $c ($(since "$t1")s)"
+        fi
     done
     # What is left in the cluster's own cgroups: container processes and their shims.
     for _ in 1 2 3 4 5 6 7 8 9 10; do
