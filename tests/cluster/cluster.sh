@@ -167,11 +167,14 @@ remove_cgroups() {
 
 pid_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
 
-alive() { # NAME: the recorded process runs (and is the one we started: same start time)
-    local pid
+alive() { # NAME: the recorded process runs (the one we started: same start time; no zombie)
+    local pid stat
     pid="$(pid_of "$1")"
-    [ -n "$pid" ] && [ -d "/proc/$pid" ] &&
-        [ "$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)" = "$(cat "$RUN/$1.start" 2>/dev/null)" ]
+    [ -n "$pid" ] || return 1
+    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }" # fields after the command name, from the state on
+    [ "${stat%% *}" != Z ] &&
+        [ "$(cut -d' ' -f20 <<<"$stat")" = "$(cat "$RUN/$1.start" 2>/dev/null)" ]
 }
 
 # start NAME CMD...: runs CMD in the cluster's cgroup, its own session, output to its log.
@@ -687,8 +690,14 @@ cmd_status() {
     # Every process of the cluster is in its cgroups: components, shims, containers.
     local pids
     pids="$(cgroup_pids | paste -sd, -)"
-    [ -z "$pids" ] || ps -o rss= -p "$pids" |
-        awk '{ s += $1; n++ } END { printf "memory: %.0f MiB RSS in %d processes\n", s / 1024, n }'
+    if [ -n "$pids" ]; then
+        # RSS counts the multi-call binary's shared pages once per process; PSS splits them.
+        local pss
+        pss="$(for p in ${pids//,/ }; do cat "/proc/$p/smaps_rollup" 2>/dev/null; done |
+            awk '/^Pss:/ { s += $2 } END { printf "%.0f", s / 1024 }')"
+        ps -o rss= -p "$pids" | awk -v pss="$pss" '{ s += $1; n++ }
+            END { printf "memory: %.0f MiB RSS, %s MiB PSS, in %d processes\n", s / 1024, pss, n }'
+    fi
     if alive kube-apiserver; then
         kctl get nodes -o wide 2>&1 || rc=1
         kctl get pods -A -o wide 2>&1 || rc=1
