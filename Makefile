@@ -77,3 +77,9 @@ cluster-import:
 	@tests/cluster/cluster.sh import $(IMAGE)
 cluster-test-images:
 	@tests/cluster/test-oci-image.sh
+# The smoke suite on a running cluster; the whole cycle (up, smoke, down, nothing left, twice).
+.PHONY: cluster-smoke cluster-test
+cluster-smoke:
+	@tests/cluster/smoke.sh
+cluster-test:
+	@tests/cluster/cycle.sh
