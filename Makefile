@@ -67,7 +67,7 @@ bench: setup fixtures
 .PHONY: cluster-build cluster-up cluster-down cluster-status cluster-import cluster-test-images
 cluster-build:
 	@tests/cluster/build.sh
-cluster-up:
+cluster-up: fixtures
 	@tests/cluster/cluster.sh up
 cluster-down:
 	@tests/cluster/cluster.sh down
@@ -81,5 +81,5 @@ cluster-test-images:
 .PHONY: cluster-smoke cluster-test
 cluster-smoke:
 	@tests/cluster/smoke.sh
-cluster-test:
+cluster-test: fixtures
 	@tests/cluster/cycle.sh

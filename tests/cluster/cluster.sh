@@ -49,6 +49,7 @@ NFT_TABLE=kmirror_cluster
 ETCD_PORT=2379
 PAUSE_IMAGE=docker.io/kmirror/pause:1
 PROBE_IMAGE=docker.io/kmirror/probe:1 # the smoke tests' program (images/probe)
+FIXTURE="$root/target/fixtures/go-app-static" # the shop workloads' program (make fixtures)
 # Host paths other software may own: created (and later removed) only if absent.
 HOST_DIRS=(/run/containerd /var/lib/cni)
 SYSCTLS=(
@@ -489,6 +490,9 @@ cmd_up() {
         die "a cluster is half up (or another clone's runs: link $DUMMY exists); run 'make cluster-down' in the clone that started it"
     fi
     "$here/build.sh"
+    [ -x "$FIXTURE" ] || die "$FIXTURE is missing: run 'make fixtures' (make cluster-up does)"
+    # The image's tag follows the fixture's content, so a changed fixture is a new image.
+    FIXTURE_TAG="$(sha256sum "$FIXTURE" | cut -c1-12)"
     local tb
     tb="$(now)"
     log "binaries ready ($(since "$t0")s)"
@@ -566,6 +570,15 @@ cmd_up() {
         "$here/manifests/coredns.yaml" | kctl apply -f - >/dev/null
     wait_for kubelet 90 kctl -n kube-system wait --for=condition=Available --timeout=2s deployment/coredns
     log "CoreDNS ready ($(since "$t0")s in all)"
+
+    # The shop workloads, from the project's static Go fixture.
+    import_binary "docker.io/kmirror/go-app:$FIXTURE_TAG" go-app "$FIXTURE"
+    sed -e "s/@FIXTURE_TAG@/$FIXTURE_TAG/g" "$here/manifests/shop.yaml" | kctl apply -f - >/dev/null
+    wait_for kubelet 90 kctl -n shop rollout status deployment/web --timeout=2s
+    wait_for kubelet 90 kctl -n shop rollout status statefulset/db --timeout=2s
+    wait_for kubelet 90 kctl -n shop wait --for=condition=Ready pod/duo --timeout=2s
+    wait_for kubelet 90 kctl -n shop wait --for=condition=Complete job/warmup --timeout=2s
+    log "shop workloads running ($(since "$t0")s in all)"
     echo "export KUBECONFIG=$T/kubeconfig"
 }
 
@@ -573,11 +586,12 @@ node_ready() {
     [ "$(kctl get node "$NODE" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
 
-# import_binary IMAGE NAME: an image holding only the static binary bin/NAME as /NAME.
+# import_binary IMAGE NAME [FILE]: an image holding only a static binary (FILE, default
+# bin/NAME) as /NAME.
 import_binary() {
     local dir
     dir="$(mktemp -d)"
-    cp "$(readlink -f "$BIN/$2")" "$dir/$2"
+    cp "$(readlink -f "${3:-$BIN/$2}")" "$dir/$2"
     "$root/scripts/oci-image.sh" --entrypoint "/$2" "$1" "$dir" "$S/$2.tar" >/dev/null
     rm -rf "$dir"
     cmd_import "$S/$2.tar"

@@ -199,5 +199,45 @@ forward_dropped() {
 }
 check "containment: forwarding from the cluster bridge to another interface is dropped" forward_dropped
 
+# The shop workloads that up starts (manifests/shop.yaml).
+shop_running() {
+    local out
+    out="$(k -n shop get pods -o 'jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.status.containerStatuses[*].ready}{"\n"}{end}')"
+    echo "$out"
+    # Every pod Running with every container ready, or the Job's (an attempt may have failed
+    # before the web Service had endpoints; the Job retries).
+    ! grep -vE ' Running true( true)*$|^warmup-' <<<"$out" &&
+        [ "$(grep -c '^web-.* Running' <<<"$out")" = 2 ] && grep -q '^db-0 Running' <<<"$out" &&
+        grep -q '^duo Running true true$' <<<"$out" && grep -q '^warmup-.* Succeeded' <<<"$out"
+}
+check "shop: Deployment (2), StatefulSet, two-container pod running; Job succeeded" shop_running
+
+shop_env_and_files() {
+    local env secret file token
+    env="$(k -n shop exec deployment/web -- /go-app env SHOP_GREETING)" &&
+        secret="$(k -n shop exec deployment/web -- /go-app env SHOP_API_TOKEN)" &&
+        file="$(k -n shop exec deployment/web -- /go-app cat /etc/shop/app.conf)" &&
+        token="$(k -n shop exec deployment/web -- /go-app cat /var/run/secrets/kubernetes.io/serviceaccount/token)" ||
+        return 1
+    printf '%s\n' "$env" "$secret" "$file" "$token"
+    [ "$env" = "env=hello from the shop config map" ] && [ "$secret" = "env=s3cr3t-from-the-shop-secret" ] &&
+        grep -q '^currency = EUR$' <<<"$file" &&
+        grep -qE '^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$' <<<"$token" # a JWT
+}
+check "shop: env from ConfigMap and Secret, ConfigMap file, service-account token" shop_env_and_files
+
+shop_names() {
+    local db_ip got duo
+    db_ip="$(k -n shop get pod db-0 -o 'jsonpath={.status.podIP}')"
+    got="$(k -n "$NS" exec client -- /probe resolve db-0.db.shop.svc.cluster.local)" || return 1
+    echo "db-0 is $db_ip, resolved $got"
+    [ "$got" = "$db_ip" ] || return 1
+    # The two containers of duo share the pod's network: the helper reaches the app on localhost.
+    duo="$(k -n shop exec duo -c helper -- /go-app get http://127.0.0.1:8080/duo)" || return 1
+    echo "$duo"
+    k -n "$NS" exec client -- /probe get http://duo.shop.svc.cluster.local/ >/dev/null
+}
+check "shop: StatefulSet pod by DNS name, two-container pod by localhost and Service" shop_names
+
 echo "cluster smoke: $passed passed, $failed failed"
 [ "$failed" = 0 ]
