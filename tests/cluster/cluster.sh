@@ -638,7 +638,17 @@ cmd_down() {
             [ "$(cat "$(sysctl_path "$k")" 2>/dev/null)" = "$v" ] || echo "$v" >"$(sysctl_path "$k")"
         done <"$RUN/sysctl.before"
     fi
-    # Shims leave their sockets in containerd's fixed /run/containerd/s.
+    # libcni keeps each attachment's result in its fixed /var/lib/cni/results, named after
+    # the network; host-local's state is in $S. Shims leave their sockets in containerd's
+    # fixed /run/containerd/s. Both directories go if up made them.
+    local f id
+    for f in /var/lib/cni/results/kmirror-cluster-*; do
+        [ -e "$f" ] || continue
+        id="${f#/var/lib/cni/results/kmirror-cluster-}"
+        id="${id%-*}"
+        # containerd's loopback attachment of the same sandbox.
+        rm -f "$f" "/var/lib/cni/results/cni-loopback-$id-lo"
+    done
     if [ -f "$RUN/hostdirs" ]; then
         while IFS= read -r d; do rm -rf "$d"; done <"$RUN/hostdirs"
     fi
@@ -675,8 +685,8 @@ leftovers() {
     for h in $(hierarchies); do
         if [ -d "$h$cg" ]; then echo "cgroup: $h$cg"; found=1; fi
     done
-    for d in "$S" "$RUN"; do
-        if [ -e "$d" ]; then echo "directory: $d"; found=1; fi
+    for d in "$S" "$RUN" /var/lib/cni/results/kmirror-cluster-*; do
+        if [ -e "$d" ]; then echo "file: $d"; found=1; fi
     done
     return $found
 }

@@ -53,6 +53,14 @@ node_version() {
 }
 check "node Ready with $KUBERNETES_VERSION" node_version
 
+get_all() {
+    local out
+    out="$(k get nodes,pods -A)" || return 1
+    echo "$out"
+    grep -q '^node/kmirror-node *Ready' <<<"$out" && grep -q '^kube-system *pod/coredns-.* Running' <<<"$out"
+}
+check "kubectl get nodes,pods -A" get_all
+
 k delete namespace "$NS" --ignore-not-found --wait=true >/dev/null
 k apply -f - >/dev/null <<YAML
 apiVersion: v1
