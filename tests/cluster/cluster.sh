@@ -51,7 +51,7 @@ PAUSE_IMAGE=docker.io/kmirror/pause:1
 PROBE_IMAGE=docker.io/kmirror/probe:1 # the smoke tests' program (images/probe)
 FIXTURE="$root/target/fixtures/go-app-static" # the shop workloads' program (make fixtures)
 # Host paths other software may own: created (and later removed) only if absent.
-HOST_DIRS=(/run/containerd /var/lib/cni)
+HOST_DIRS=(/run/containerd /run/containerd/s /var/lib/cni /var/lib/cni/results)
 SYSCTLS=(
     net.ipv4.ip_forward
     net.bridge.bridge-nf-call-iptables
@@ -626,6 +626,17 @@ cmd_down() {
         kill -KILL $pid 2>/dev/null || true
         sleep 0.2
     done
+    # Shims listen in containerd's fixed /run/containerd/s, named by the sha256 of
+    # "<containerd address>/<namespace>/<shim id>" (containerd pkg/shim SocketAddress); a killed
+    # shim leaves its socket. The shim ids are among the task bundles' names.
+    local b sock
+    for b in "$S"/containerd/state/io.containerd.runtime.v2.task/k8s.io/*; do
+        [ -d "$b" ] || continue
+        for sock in "$S/containerd/containerd.sock/k8s.io/${b##*/}" \
+            "$S/containerd/containerd.sock/k8s.io/${b##*/}/debug"; do
+            rm -f "/run/containerd/s/$(printf %s "$sock" | sha256sum | cut -d' ' -f1)"
+        done
+    done
     # Mounts under the state directory (pod volumes, netns, rootfs), deepest first.
     if [ -d "$S" ]; then
         awk -v s="$S" 'index($5, s"/") == 1 || $5 == s { print $5 }' /proc/self/mountinfo |
@@ -649,8 +660,12 @@ cmd_down() {
         # containerd's loopback attachment of the same sandbox.
         rm -f "$f" "/var/lib/cni/results/cni-loopback-$id-lo"
     done
+    # Emptied of the cluster's files above; a directory something else has put files in since
+    # stays (and leftovers reports it).
     if [ -f "$RUN/hostdirs" ]; then
-        while IFS= read -r d; do rm -rf "$d"; done <"$RUN/hostdirs"
+        tac "$RUN/hostdirs" | while IFS= read -r d; do
+            [ ! -d "$d" ] || rmdir "$d" || log "$d is not empty; left in place"
+        done
     fi
     rm -rf "$S" "$RUN" "$T/kubeconfig"
     log "down ($(since "$t0")s)"
