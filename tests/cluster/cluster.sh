@@ -140,7 +140,7 @@ cgroup_pids() { # every process in the cluster's cgroups (pids hierarchy, else m
     for h in /sys/fs/cgroup/pids /sys/fs/cgroup/memory /sys/fs/cgroup/unified; do
         if [ -d "$h$cg" ]; then
             find "$h$cg" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -un
-            return
+            return 0
         fi
     done
 }
