@@ -599,7 +599,12 @@ import_binary() {
 
 cmd_import() {
     [ -f "${1:-}" ] || die "usage: cluster.sh import ARCHIVE (an OCI archive, see scripts/oci-image.sh)"
-    "$BIN/ctr" -a "$S/containerd/containerd.sock" -n k8s.io images import "$1" >/dev/null
+    local err
+    # ctr warns on every call that cgroup v1 is deprecated: show its errors only.
+    err="$("$BIN/ctr" -a "$S/containerd/containerd.sock" -n k8s.io images import "$1" 2>&1 >/dev/null)" || {
+        echo "$err" >&2
+        die "cannot import $1 into the cluster's containerd"
+    }
 }
 
 cmd_down() {
