@@ -618,8 +618,8 @@ cmd_down() {
             local t1
             t1="$(now)"
             # kube-apiserver sometimes lingers after shutting its controllers down; its data
-            # is in etcd, which stops cleanly after it.
-            if [ "$c" = kube-apiserver ]; then stop_pid "$(pid_of "$c")" 3; else stop_pid "$(pid_of "$c")" 10; fi
+            # is in etcd, which stops cleanly after it, and down deletes it all anyway.
+            if [ "$c" = kube-apiserver ]; then stop_pid "$(pid_of "$c")" 1; else stop_pid "$(pid_of "$c")" 10; fi
             log "stopped $c ($(since "$t1")s)"
         fi
     done
