@@ -58,3 +58,28 @@ kernel-matrix: build fixtures
 bench: setup fixtures
 	$(CARGO) build --release --workspace
 	$(CARGO) run --release -p kmirror-suite --bin kmirror-bench -- $(BENCH_ARGS)
+
+# A real single-node Kubernetes built from source (work in progress; README, "Kubernetes test
+# cluster"). Not part of `make test` yet. Needs root. cluster-build builds what is missing into
+# /var/cache/kmirror/cluster (cold: tens of minutes); cluster-up builds, starts and waits for
+# the node to be Ready, printing `export KUBECONFIG=...` last; cluster-down removes everything
+# up made; cluster-import IMAGE=archive.tar imports an OCI archive (scripts/oci-image.sh).
+.PHONY: cluster-build cluster-up cluster-down cluster-status cluster-import cluster-test-images
+cluster-build:
+	@tests/cluster/build.sh
+cluster-up: fixtures
+	@tests/cluster/cluster.sh up
+cluster-down:
+	@tests/cluster/cluster.sh down
+cluster-status:
+	@tests/cluster/cluster.sh status
+cluster-import:
+	@tests/cluster/cluster.sh import $(IMAGE)
+cluster-test-images:
+	@tests/cluster/test-oci-image.sh
+# The smoke suite on a running cluster; the whole cycle (up, smoke, down, nothing left, twice).
+.PHONY: cluster-smoke cluster-test
+cluster-smoke:
+	@tests/cluster/smoke.sh
+cluster-test: fixtures
+	@tests/cluster/cycle.sh
