@@ -69,20 +69,8 @@ pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
 
 /// True when a TCP socket has never been connected (state CLOSE), i.e. a first connect.
 pub fn tcp_is_fresh(fd: BorrowedFd<'_>) -> bool {
-    let mut info = [0u8; 8];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: TCP_INFO writes at most `len` bytes into `info`; the first byte is tcpi_state.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
     const TCP_CLOSE: u8 = 7;
-    rc == 0 && info[0] == TCP_CLOSE
+    tcp_state(fd) == Some(TCP_CLOSE)
 }
 
 /// The send timeout the app set (SO_SNDTIMEO), which also bounds a blocking connect.

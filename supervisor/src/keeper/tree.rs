@@ -99,7 +99,10 @@ pub fn signal_member(member: Member, sig: i32, unless_group: Option<i32>) -> boo
 /// many were found.
 pub fn signal_all(root: u32, skip: &[u32], sig: i32, unless_group: Option<i32>) -> usize {
     let members = descendants(root, skip);
-    for &member in &members {
+    // Deepest first (the walk lists parents before children): a child is signalled while the
+    // parent it was found under still lives, before the parent's death reparents it and its
+    // parent check would skip it.
+    for &member in members.iter().rev() {
         signal_member(member, sig, unless_group);
     }
     members.len()
