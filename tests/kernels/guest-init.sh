@@ -16,6 +16,11 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose ho
     echo "kmirror-guest: cannot mount the host's root over 9p"
     echo o > /proc/sysrq-trigger
 fi
+# The repository may lie under a directory that gets a tmpfs below (a clone in /tmp): keep a
+# view of it to put back on top.
+root=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^kmirror.root=//p')
+mkdir -p /repo
+mount -o bind "/host$root" /repo
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
@@ -30,6 +35,8 @@ mkdir -p /etc-copy
 mount -t tmpfs -o mode=0755 tmpfs /etc-copy
 cp -a /host/etc/. /etc-copy/
 mount -o bind /etc-copy /host/etc
+mkdir -p "/host$root" 2>/dev/null
+mount -o bind /repo "/host$root"
 mount -t bpf bpf /host/sys/fs/bpf 2>/dev/null
 mount -t tracefs tracefs /host/sys/kernel/tracing 2>/dev/null
 echo "kmirror-guest: kernel $(uname -r) up, running $plan"

@@ -153,7 +153,7 @@ for k in $KERNELS; do
   timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -machine q35 -cpu max -smp 2 -m 3072 \
     -nographic -no-reboot -monitor none -serial "file:$log" \
     -kernel "$kdir/root/boot/vmlinuz-$kver" -initrd "$gdir/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet kmirror.plan=$plan" \
+    -append "console=ttyS0 panic=-1 quiet kmirror.plan=$plan kmirror.root=$root" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
     >/dev/null 2>&1 || true
   took=$(( $(date +%s) - started ))
