@@ -13,7 +13,7 @@
 use crate::target::Target;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
@@ -118,8 +118,8 @@ pub fn enter(netns: &OwnedFd) -> std::io::Result<()> {
 }
 
 /// Sets an int-valued socket option.
-fn set_int_option(fd: &OwnedFd, level: i32, name: i32, value: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads one int from `value`; `fd` is open.
+pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads one int from `value`; `fd` is borrowed, so open.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
@@ -134,7 +134,7 @@ fn set_int_option(fd: &OwnedFd, level: i32, name: i32, value: libc::c_int) -> st
 
 /// Lets an IPv6 socket carry IPv4 too (v4-mapped addresses), whatever the namespace's default.
 pub fn set_dual_stack(fd: &OwnedFd) -> std::io::Result<()> {
-    set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
+    set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
 }
 
 fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
@@ -149,7 +149,7 @@ fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
         // Every TCP socket of the agent relays bytes that must not wait for Nagle. Set here, on
         // the stocking thread, it costs a pod connect nothing (a listener passes it on to the
         // connections it accepts).
-        set_int_option(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+        set_int_option(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     }
     Ok(fd)
 }

@@ -1,6 +1,6 @@
 //! Outgoing connections made on the app's behalf from the pod's network namespace.
 
-use crate::netns::NetnsWorker;
+use crate::netns::{NetnsWorker, set_int_option};
 use kmirror_protocol::tunnel::Inbound;
 use kmirror_protocol::tunnel::Stream;
 use kmirror_protocol::{Errno, OpenTarget, SocketOptions, decode_addressed, encode_addressed};
@@ -28,25 +28,11 @@ fn opened_at(stream: &Stream, local: std::io::Result<std::net::SocketAddr>) {
     }
 }
 
-fn set_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads one int from `value`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
 /// Gives the pod-side socket the app socket's options, before it connects (so TCP_USER_TIMEOUT
 /// bounds the handshake too, as on the app's socket).
 fn apply_options(fd: BorrowedFd<'_>, options: &SocketOptions) -> std::io::Result<()> {
     if options.keepalive {
-        set_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        set_int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     }
     let tcp = [
         (libc::TCP_KEEPIDLE, options.keep_idle),
@@ -56,7 +42,7 @@ fn apply_options(fd: BorrowedFd<'_>, options: &SocketOptions) -> std::io::Result
     ];
     for (name, value) in tcp {
         if let Some(value) = value {
-            set_option(fd, libc::IPPROTO_TCP, name, value.min(i32::MAX as u32) as i32)?;
+            set_int_option(fd, libc::IPPROTO_TCP, name, value.min(i32::MAX as u32) as i32)?;
         }
     }
     Ok(())
@@ -97,7 +83,7 @@ async fn open_udp_unconnected(netns: NetnsWorker, mut stream: Stream, v6: bool, 
         let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         let fd = netns.socket(domain, libc::SOCK_DGRAM).await?;
         if v6 {
-            set_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6_only as i32)?;
+            set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6_only as i32)?;
         }
         let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
         let any: SocketAddr =

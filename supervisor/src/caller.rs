@@ -83,7 +83,7 @@ fn sorted(groups: &[u32]) -> Vec<u32> {
 
 /// The thread group id and credentials in a `/proc/<tid>/status` text.
 fn parse_status(status: &str) -> Option<(u32, Credentials)> {
-    let field = |key: &str| status.lines().find_map(|line| line.strip_prefix(key)).map(str::trim);
+    let field = |key: &str| crate::tracee::status_field(status, key);
     let ids = |key: &str| -> Option<[u32; 4]> {
         let parsed: Vec<u32> =
             field(key)?.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
@@ -121,20 +121,31 @@ pub fn run_as<R: Send>(
     creates: Creates,
     op: impl FnOnce() -> R + Send,
 ) -> Result<R, i32> {
-    let mine = Credentials::of_current_thread().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    let mine = own_credentials()?;
     let umask_differs = creates == Creates::Files && creds.umask != mine.umask;
-    if creds.checks_like(&mine) && !umask_differs {
+    if creds.checks_like(mine) && !umask_differs {
         return Ok(op());
     }
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                take(creds, &mine, umask_differs)?;
+                take(creds, mine, umask_differs)?;
                 Ok(op())
             })
             .join()
             .unwrap_or(Err(libc::EIO))
     })
+}
+
+/// kmirror's own credentials, read once: nothing in kmirror changes them (only the short-lived
+/// threads of [`run_as`] take others, and they end with their operation).
+fn own_credentials() -> Result<&'static Credentials, i32> {
+    static OWN: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+    if let Some(own) = OWN.get() {
+        return Ok(own);
+    }
+    let read = Credentials::of_current_thread().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    Ok(OWN.get_or_init(|| read))
 }
 
 /// Gives the calling thread `creds` for permission checks. Only this thread changes.

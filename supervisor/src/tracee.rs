@@ -161,10 +161,8 @@ fn open_handle(tid: u32, thread_pidfds: bool) -> std::io::Result<Handle> {
         return Ok(Handle { pidfd: pidfd_open(tid, PIDFD_THREAD)?, of_process: false });
     }
     let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
-    let tgid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
+    let tgid = status_field(&status, "Tgid:")
+        .and_then(|v| v.parse().ok())
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
     Ok(Handle { pidfd: pidfd_open(tgid, 0)?, of_process: true })
 }
@@ -309,12 +307,17 @@ impl SignalWatch {
     }
 }
 
+/// The value of one `Key:` line of a `/proc/<tid>/status` text, trimmed.
+pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|line| line.strip_prefix(key)).map(str::trim)
+}
+
 /// Signals pending for this thread and not blocked, from a `/proc/<tid>/status` text. A
 /// process-wide signal (`kill`, a terminal's Ctrl-C) counts only for the thread-group leader:
 /// the kernel offers it to the leader first, and every other waiting thread that handed its
 /// call back for it would then sit in the kernel's call instead, out of kmirror's reach.
 fn deliverable_signals(status: &str) -> Option<u64> {
-    let field = |key: &str| status.lines().find_map(|line| line.strip_prefix(key)).map(str::trim);
+    let field = |key: &str| status_field(status, key);
     let mask = |key: &str| field(key).and_then(|hex| u64::from_str_radix(hex, 16).ok());
     let leader = field("Tgid:")? == field("Pid:")?;
     let shared = if leader { mask("ShdPnd:")? } else { 0 };

@@ -65,10 +65,6 @@ enum Routing {
     },
 }
 
-fn steps_back(path: &[u8]) -> bool {
-    path.ends_with(b"/") || path.split(|&b| b == b'/').any(|part| part == b"." || part == b"..")
-}
-
 /// Judges a path argument on the notify thread. Paths that are not about the pod (relative to
 /// the working directory or to a local directory, empty, or confined by openat2 to a local
 /// directory) stay with the kernel.
@@ -81,7 +77,7 @@ fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
     if raw.first() == Some(&b'/') && !scoped {
         if let Some(pod_path) = ctx.files.pod_path_of_materialized(&raw) {
             // A path into kmirror's mirror of pod directories: the pod's, relative to its root.
-            if !steps_back(&pod_path) {
+            if !walk::steps_back(&pod_path) {
                 return Routing::Decided(plan_for(ctx, pod_path, arg.write, true));
             }
             let path = pod_path.strip_prefix(b"/").unwrap_or(&pod_path).to_vec();
@@ -116,7 +112,7 @@ fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
     else {
         return Routing::Decided(Plan::Local);
     };
-    if !steps_back(&raw) && !scoped && raw.first() != Some(&b'/') {
+    if !walk::steps_back(&raw) && !scoped && raw.first() != Some(&b'/') {
         return Routing::Decided(plan_for(ctx, files::join(&pod_dir, &raw), arg.write, true));
     }
     let scope = if arg.resolve & localfs::RESOLVE_IN_ROOT != 0 {

@@ -149,12 +149,17 @@ pub async fn walk(lookup: &impl Lookup, walk: Walk<'_>) -> Result<Walked, i32> {
     Ok(Walked { path: joined(&stack), through_pod })
 }
 
+/// Whether a path names a step back (`.`, `..`) or ends in a slash: only such a path can
+/// resolve differently from its text.
+pub fn steps_back(path: &[u8]) -> bool {
+    path.ends_with(b"/") || components(path).any(|part| part == b"." || part == b"..")
+}
+
 /// Whether a walk could change anything for this path: it names a step back (`.`, `..`), or a
 /// trailing slash, and some directory it passes through lexically is the pod's. Paths that
 /// never touch the pod are the local kernel's to resolve, as made.
 pub fn needs_walk(path: &[u8], is_pod: impl Fn(&[u8]) -> bool) -> bool {
-    let steps_back = path.ends_with(b"/") || components(path).any(|part| part == b"." || part == b"..");
-    if !steps_back {
+    if !steps_back(path) {
         return false;
     }
     let mut stack: Vec<Vec<u8>> = Vec::new();
