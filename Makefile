@@ -39,10 +39,12 @@ audit: setup
 fuzz: setup
 	@scripts/fuzz.sh
 
-# Lint and fuzz, then unit tests of every crate and the end-to-end suite against local pods
-# (needs root).
+# Lint and fuzz, then unit tests of every crate and the end-to-end suite against local pods,
+# then the test cluster (needs root): its smoke suite on a running one, or else the whole cycle
+# (tests/cluster/test.sh; a fresh machine first builds the cluster, about 19 minutes).
 test: build fixtures lint fuzz
 	$(CARGO) test --workspace
+	@tests/cluster/test.sh
 
 clean:
 	$(CARGO) clean
@@ -59,8 +61,8 @@ bench: setup fixtures
 	$(CARGO) build --release --workspace
 	$(CARGO) run --release -p kmirror-suite --bin kmirror-bench -- $(BENCH_ARGS)
 
-# A real single-node Kubernetes built from source (work in progress; README, "Kubernetes test
-# cluster"). Not part of `make test` yet. Needs root. cluster-build builds what is missing into
+# A real single-node Kubernetes built from source (README, "Kubernetes test cluster"); `make
+# test` runs it too. Needs root. cluster-build builds what is missing into
 # /var/cache/kmirror/cluster (cold: tens of minutes); cluster-up builds, starts and waits for
 # the node to be Ready, printing `export KUBECONFIG=...` last; cluster-down removes everything
 # up made; cluster-import IMAGE=archive.tar imports an OCI archive (scripts/oci-image.sh).

@@ -20,6 +20,8 @@ export CGO_ENABLED=0
 # Only the committed go.mod/go.sum are used: a build never resolves versions by itself.
 export GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath"
 
+# The machine's Go when it has one; else the current Go that scripts/setup.sh installs.
+command -v go >/dev/null || PATH="/opt/kmirror-go/bin:$PATH"
 command -v go >/dev/null || {
     echo "build.sh: Go is not installed; run scripts/setup.sh (it installs a current Go)" >&2
     exit 1
@@ -60,12 +62,35 @@ build_one() {
         mv "$dir.tmp" "$dir"
         echo "build.sh: built $comp in $(cat "$dir/build-seconds")s" >&2
     fi
+    # Its time of last use, for prune_cache.
+    touch "$dir"
+    prune_cache "$comp" "$dir"
     mkdir -p "$bin"
     shift
     local name
     for name in "$@"; do
         ln -sfn "$dir/$(target_of "$comp" "$name")" "$bin/$name"
     done
+}
+
+# prune_cache COMPONENT CURRENT-DIR: the cache keeps, besides the build in use, the one used
+# most recently before it (another clone on an older commit, or a switch back), and removes older
+# builds and what interrupted builds left, so version bumps do not pile up 300 MB each. Go's own
+# caches trim themselves (GOCACHE drops entries unused for days); `go clean -modcache -cache`
+# empties them.
+prune_cache() {
+    local comp="$1" keep="$2" d kept=0
+    rm -rf "$cache/$comp"-*.tmp
+    while IFS= read -r d; do
+        [ "$d" != "$keep" ] || continue
+        if [ $kept = 0 ]; then
+            kept=1
+        else
+            echo "build.sh: removing the unused build $d" >&2
+            rm -rf "$d"
+        fi
+    done < <(find "$cache" -mindepth 1 -maxdepth 1 -type d -name "$comp-*" -printf '%T@ %p\n' |
+        sort -rn | cut -d' ' -f2-)
 }
 
 target_of() { # COMPONENT NAME: the file in the component's cache directory behind NAME

@@ -623,7 +623,21 @@ cmd_down() {
             log "stopped $c ($(since "$t1")s)"
         fi
     done
-    # What is left in the cluster's own cgroups: container processes and their shims.
+    # What is left in the cluster's own cgroups: container processes and their shims. They get
+    # SIGTERM first and up to the workloads' grace period (2 s) to exit on their own, as the
+    # kubelet would give them, then SIGKILL.
+    pid="$(cgroup_pids)"
+    if [ -n "$pid" ]; then
+        local t1
+        t1="$(now)"
+        # shellcheck disable=SC2086 # one PID per word
+        kill -TERM $pid 2>/dev/null || true
+        for _ in $(seq 20); do
+            [ -n "$(cgroup_pids)" ] || break
+            sleep 0.1
+        done
+        log "stopped the containers ($(since "$t1")s; $(cgroup_pids | wc -w) needed SIGKILL)"
+    fi
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         pid="$(cgroup_pids)"
         [ -n "$pid" ] || break

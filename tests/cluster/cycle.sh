@@ -23,11 +23,30 @@ if "$c" status >/dev/null 2>&1; then
     exit 1
 fi
 "$here/build.sh"
+# A component that dies is reported by status, with its log's last lines, and down still
+# removes everything. kube-scheduler stands in for any component: SIGKILL by its recorded PID.
+crash_reported() {
+    local pid out
+    pid="$(cat "$here/../../target/cluster/run/kube-scheduler.pid")" || return 1
+    kill -KILL "$pid"
+    while [ -d "/proc/$pid" ] && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do sleep 0.1; done
+    if out="$("$c" status 2>&1)"; then
+        echo "status succeeded with a dead kube-scheduler:"
+        echo "$out"
+        return 1
+    fi
+    echo "$out" | grep -E 'kube-scheduler|last lines'
+    grep -q '^kube-scheduler: NOT RUNNING$' <<<"$out" &&
+        grep -q 'kube-scheduler is not running; last lines of .*/kube-scheduler.log:' <<<"$out"
+}
+total=0
 for round in 1 2; do
     step "up ($round)" "$c" up
     step "smoke ($round)" "$here/smoke.sh"
+    if [ $round = 2 ]; then step "a crashed component is reported" crash_reported; total=$((total + 1)); fi
     step "down ($round)" "$c" down
     step "nothing left ($round)" "$c" leftovers
 done
-echo "cluster cycle: $((8 - failed)) passed, $failed failed"
+total=$((total + 8))
+echo "cluster cycle: $((total - failed)) passed, $failed failed"
 [ $failed = 0 ]

@@ -214,7 +214,8 @@ shop_running() {
     echo "$out"
     # Every pod Running with every container ready, or the Job's (an attempt may have failed
     # before the web Service had endpoints; the Job retries).
-    ! grep -vE ' Running true( true)*$|^warmup-' <<<"$out" &&
+    # Pods of the CronJob's runs (report-...) come and go; shop_cronjob checks one.
+    ! grep -vE ' Running true( true)*$|^warmup-|^report-' <<<"$out" &&
         [ "$(grep -c '^web-.* Running' <<<"$out")" = 2 ] && grep -q '^db-0 Running' <<<"$out" &&
         grep -q '^duo Running true true$' <<<"$out" && grep -q '^warmup-.* Succeeded' <<<"$out"
 }
@@ -246,6 +247,24 @@ shop_names() {
     k -n "$NS" exec client -- /probe get http://duo.shop.svc.cluster.local/ >/dev/null
 }
 check "shop: StatefulSet pod by DNS name, two-container pod by localhost and Service" shop_names
+
+# A run of the CronJob, started now rather than waiting for its schedule: its template works,
+# and its pod reached the web Service by name.
+shop_cronjob() {
+    local job="report-smoke-$$" out
+    k -n shop create job "$job" --from=cronjob/report || return 1
+    k -n shop wait --for=condition=Complete --timeout=60s "job/$job" || {
+        k -n shop describe "job/$job"
+        k -n shop delete job "$job" --wait=false
+        return 1
+    }
+    out="$(k -n shop logs "job/$job")"
+    echo "$out"
+    k -n shop delete job "$job" --wait=false >/dev/null
+    [ "$(k -n shop get cronjob report -o 'jsonpath={.spec.schedule}')" = "*/5 * * * *" ] &&
+        grep -q '^status=200$' <<<"$out" && grep -q '^body=local-app /report$' <<<"$out"
+}
+check "shop: a run of the CronJob completes and reached the web Service" shop_cronjob
 
 echo "cluster smoke: $passed passed, $failed failed"
 [ "$failed" = 0 ]
