@@ -41,12 +41,21 @@ pub enum LaunchError {
     Setup(std::io::Error),
 }
 
-/// Has the keeper start `program` with exactly `env`, its stdio inherited from kmirror.
+/// What the app gets besides its command line.
+pub struct Inheritance {
+    pub env: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Variables of `env` set to the app's own pid when it starts.
+    pub own_pid_vars: Vec<Vec<u8>>,
+    /// Descriptors the keeper inherited for the app (see [`crate::keeper::spawn`]).
+    pub pass_fds: Vec<RawFd>,
+}
+
+/// Has the keeper start `program` with exactly `inherit.env`, its stdio inherited from kmirror.
 pub fn launch(
     keeper: Keeper,
     program: PathBuf,
     args: Vec<std::ffi::OsString>,
-    env: BTreeMap<Vec<u8>, Vec<u8>>,
+    inherit: Inheritance,
     filter: Program,
     on_listener: impl FnOnce(&OwnedFd),
 ) -> Result<App, LaunchError> {
@@ -55,8 +64,10 @@ pub fn launch(
         ignored: crate::keeper::ignored_signals(),
         program: program.as_os_str().as_bytes().to_vec(),
         args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env: env.into_iter().collect(),
+        env: inherit.env.into_iter().collect(),
         filter: filter.instructions,
+        own_pid_vars: inherit.own_pid_vars,
+        pass_fds: inherit.pass_fds,
     };
     keeper.launch(request).map_err(LaunchError::Setup)?;
     let Keeper { pid: keeper_pid, control, handoff, started, events } = keeper;
@@ -148,6 +159,51 @@ fn recv_fd(sock: RawFd) -> std::io::Result<(OwnedFd, u32, crate::signals::Pidfd)
     // Taken while the child waits for our ack: it cannot have exited yet.
     let child = crate::signals::Pidfd::open(pid)?;
     Ok((child.take_fd(fd)?, pid, child))
+}
+
+unsafe extern "C" {
+    /// The process's environment, as execvp passes it on.
+    static environ: *const *mut libc::c_char;
+}
+
+/// Runs in the forked child, before exec: writes the child's pid into the value of each
+/// variable in `names` (a [`PID_PLACEHOLDER`] the keeper put in its environment, which the
+/// child inherited). No allocation: the strings are rewritten in place.
+///
+/// [`PID_PLACEHOLDER`]: crate::policy::service_manager::PID_PLACEHOLDER
+pub fn write_own_pid(names: &[Vec<u8>]) {
+    use crate::policy::service_manager::{PID_PLACEHOLDER, write_pid};
+    if names.is_empty() {
+        return;
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    // SAFETY: `environ` is a NULL-terminated array of NUL-terminated strings that this
+    // single-threaded child owns (its copy of the keeper's memory); each value is written only
+    // when it is exactly the placeholder, so the write stays inside the string.
+    unsafe {
+        let mut entry = environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = (*entry).cast::<u8>();
+            let len = libc::strlen(text.cast());
+            let value_at = {
+                let bytes = std::slice::from_raw_parts(text, len);
+                names.iter().find_map(|name| {
+                    let value_at = name.len() + 1;
+                    (len == value_at + PID_PLACEHOLDER.len()
+                        && bytes.starts_with(name)
+                        && bytes[name.len()] == b'='
+                        && &bytes[value_at..] == PID_PLACEHOLDER)
+                        .then_some(value_at)
+                })
+            };
+            if let Some(value_at) = value_at {
+                // The placeholder's NUL terminator follows it: room for the pid's own.
+                write_pid(std::slice::from_raw_parts_mut(text.add(value_at), PID_PLACEHOLDER.len() + 1), pid);
+            }
+            entry = entry.add(1);
+        }
+    }
 }
 
 /// Runs in the forked child (forked by the keeper, `parent_pid`): only raw system calls, no

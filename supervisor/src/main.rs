@@ -16,6 +16,7 @@ mod outgoing;
 mod policy;
 mod random;
 mod seccomp;
+mod service_manager;
 mod session;
 mod signals;
 mod sockets;

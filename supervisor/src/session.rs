@@ -14,6 +14,7 @@ use kmirror_protocol::{Request, Response};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -95,8 +96,21 @@ async fn session(
             handlers::DISABLED,
         )
     });
+    // What a service manager handed to kmirror for the app (socket activation, notifications).
+    let own_env: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+        std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())).collect();
+    let handover = policy::service_manager::read(&own_env, std::process::id()).map_err(|e| Exit {
+        message: format!("{e}; check the unit or wrapper that started kmirror"),
+        code: 2,
+    })?;
+    let activated = crate::service_manager::take_activated(handover.listen_fds)
+        .map_err(|e| Exit { message: e.to_string(), code: 2 })?;
+    let pass_fds: Vec<i32> = activated.iter().map(|a| a.fd.as_raw_fd()).collect();
     // The keeper first: its start-up (an exec of this binary) then overlaps the agent's.
-    let keeper = keeper::spawn().context("cannot start the process keeper")?;
+    let keeper = keeper::spawn(&pass_fds).context("cannot start the process keeper")?;
+    let keeper_pid = keeper.pid;
+    // The app owns the activated sockets from here (through the keeper): only their ports stay.
+    let activated_ports: Vec<u16> = activated.into_iter().filter_map(|a| a.tcp_listener_port).collect();
     let agent = agent::start_local(pid, args.allow_host_network)
         .await
         .with_context(|| format!("cannot start a session with {target}"))?;
@@ -164,6 +178,21 @@ async fn session(
     let materialized = scratch.join("pod");
     std::fs::create_dir_all(&materialized)
         .with_context(|| format!("cannot create {}", materialized.display()))?;
+    let mut env = env;
+    let relay = match handover.notify_socket.as_deref().map(policy::service_manager::notify_address) {
+        Some(
+            target @ (policy::service_manager::NotifyAddress::Path(_)
+            | policy::service_manager::NotifyAddress::Abstract(_)),
+        ) => Some(crate::service_manager::start_notify_relay(&scratch, target, keeper_pid).with_context(
+            || format!("cannot relay the app's notifications to NOTIFY_SOCKET in {}", scratch.display()),
+        )?),
+        _ => None,
+    };
+    let own_pid_vars = policy::service_manager::app_env(
+        &mut env,
+        &handover,
+        relay.as_ref().map(|p| p.as_os_str().as_bytes()),
+    );
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
@@ -183,7 +212,8 @@ async fn session(
         filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = args.command[1..].to_vec();
     let app = tokio::task::spawn_blocking(move || {
-        launch::launch(keeper, program, app_args, env, filter, |listener| {
+        let inherit = launch::Inheritance { env, own_pid_vars, pass_fds };
+        launch::launch(keeper, program, app_args, inherit, filter, |listener| {
             if let Err(e) = Listener::set_sync_wake_up_fd(listener) {
                 tracing::info!(
                     "seccomp SYNC_WAKE_UP unavailable ({e}; Linux 6.6): each trapped call's answer wakes the app more slowly"
@@ -224,6 +254,11 @@ async fn session(
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
     });
     start_notify_thread(ctx.clone());
+    // Listeners passed by socket activation take part in incoming traffic as if the app had
+    // called listen on them.
+    for port in activated_ports {
+        handlers::subscribe_listener(ctx.clone(), port);
+    }
 
     let mut events = app.events;
     let mut agent_child = agent.child;

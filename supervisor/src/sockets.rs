@@ -51,6 +51,11 @@ pub fn socket_type(fd: BorrowedFd<'_>) -> Result<i32, i32> {
 }
 
 /// `SO_DOMAIN`: whether the app sees IPv4 or (dual-stack) IPv6 addresses on this socket.
+/// Whether `fd` is a socket in the listening state (`SO_ACCEPTCONN`).
+pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
+    int_option(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).is_ok_and(|v| v != 0)
+}
+
 pub fn socket_domain(fd: BorrowedFd<'_>) -> Result<i32, i32> {
     int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
 }

@@ -10,6 +10,7 @@ mod datagram;
 mod files;
 pub mod host;
 mod net;
+pub use net::subscribe_listener;
 
 use crate::outgoing::Proxy;
 use crate::policy::files::{FilePolicy, VirtualFile};

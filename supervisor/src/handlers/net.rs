@@ -578,6 +578,18 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
         if local_port == 0 {
             return;
         }
+        subscribe(&ctx, local_port).await;
+    });
+}
+
+/// Subscribes the pod port that `local_port` maps to, for a listener the app did not open
+/// with a trapped `listen` (socket activation hands it over already listening).
+pub fn subscribe_listener(ctx: Arc<Context>, local_port: u16) {
+    ctx.runtime.clone().spawn(async move { subscribe(&ctx, local_port).await });
+}
+
+async fn subscribe(ctx: &Arc<Context>, local_port: u16) {
+    {
         let Some((pod_port, mode)) = ctx.incoming.subscription(local_port) else { return };
         if !super::lock(&ctx.subscribed).insert(pod_port) {
             return;
@@ -605,5 +617,5 @@ pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
                 );
             }
         }
-    });
+    }
 }

@@ -130,15 +130,19 @@ fn prctl(option: i32, arg: libc::c_ulong) -> std::io::Result<()> {
 /// Starts the keeper. kmirror becomes a child subreaper itself: should the keeper be killed
 /// on its own, the tree's orphans come to kmirror, which then ends them ([`end_leftovers`]).
 ///
-/// The keeper's ends of its two sockets are inheritable only for this spawn, and nothing else
-/// is spawned meanwhile (the agent starts after it). With nothing to run between fork and
-/// exec the spawn takes the posix_spawn path (a vfork, no copy of kmirror's page tables).
-pub fn spawn() -> std::io::Result<Keeper> {
+/// The keeper's ends of its two sockets, and `pass` (descriptors for the app: socket
+/// activation), are inheritable only for this spawn, and nothing else is spawned meanwhile
+/// (the agent starts after it). With nothing to run between fork and exec the spawn takes the
+/// posix_spawn path (a vfork, no copy of kmirror's page tables).
+pub fn spawn(pass: &[RawFd]) -> std::io::Result<Keeper> {
     prctl(libc::PR_SET_CHILD_SUBREAPER, 1)?;
     let (control, control_theirs) = UnixStream::pair()?;
     let (handoff, handoff_theirs) = UnixStream::pair()?;
     make_inheritable(control_theirs.as_raw_fd())?;
     make_inheritable(handoff_theirs.as_raw_fd())?;
+    for &fd in pass {
+        make_inheritable(fd)?;
+    }
     let mut command = std::process::Command::new("/proc/self/exe");
     command
         .arg0(ARGV0)
@@ -147,6 +151,9 @@ pub fn spawn() -> std::io::Result<Keeper> {
         .env_clear();
     let spawned = command.spawn();
     drop((control_theirs, handoff_theirs));
+    for &fd in pass {
+        set_cloexec(fd)?;
+    }
     let mut child = spawned?;
     let pid = child.id();
 
@@ -373,21 +380,39 @@ fn keep() -> std::io::Result<()> {
     };
 
     ignore_like(request.ignored);
-    let mut command = std::process::Command::new(OsStr::from_bytes(&request.program));
-    command.args(request.args.iter().map(|a| OsStr::from_bytes(a))).env_clear();
+    // The app's environment becomes the keeper's own (kmirror started the keeper with an empty
+    // one), so the child inherits it through `environ`: a Command with its own environment
+    // installs that only after the pre-exec hook, which must write the app's pid into the
+    // variables that name it (see policy::service_manager).
     for (name, value) in &request.env {
-        command.env(OsStr::from_bytes(name), OsStr::from_bytes(value));
+        // What no environment can hold (set_var would panic on it); none of kmirror's making.
+        if name.is_empty() || name.contains(&b'=') || name.contains(&0) || value.contains(&0) {
+            continue;
+        }
+        // SAFETY: the keeper is single-threaded: nothing reads the environment concurrently.
+        unsafe { std::env::set_var(OsStr::from_bytes(name), OsStr::from_bytes(value)) };
     }
+    let mut command = std::process::Command::new(OsStr::from_bytes(&request.program));
+    command.args(request.args.iter().map(|a| OsStr::from_bytes(a)));
     let filter = request.filter;
+    let own_pid_vars = request.own_pid_vars;
     let sock = handoff.as_raw_fd();
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    // SAFETY: the hook only makes raw, async-signal-safe system calls on memory that was
-    // allocated before fork.
+    // SAFETY: the hook only makes raw, async-signal-safe system calls and writes into memory
+    // that was allocated before fork.
     unsafe {
-        command.pre_exec(move || crate::launch::install_filter(&filter, sock, me));
+        command.pre_exec(move || {
+            crate::launch::write_own_pid(&own_pid_vars);
+            crate::launch::install_filter(&filter, sock, me)
+        });
     }
-    let main = match command.spawn() {
+    let spawned = command.spawn();
+    for &fd in &request.pass_fds {
+        // SAFETY: kmirror passed these for the app only; the keeper holds no other reference.
+        unsafe { libc::close(fd) };
+    }
+    let main = match spawned {
         Ok(child) => child.id(),
         Err(e) => {
             let _ = control.write_all(&Report::SpawnFailed(e.raw_os_error().unwrap_or(libc::EIO)).encode());

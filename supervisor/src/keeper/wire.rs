@@ -29,6 +29,12 @@ pub struct LaunchRequest {
     pub args: Vec<Vec<u8>>,
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     pub filter: Vec<libc::sock_filter>,
+    /// Variables of `env` whose value the app's launcher replaces with the app's pid (see
+    /// [`crate::policy::service_manager`]).
+    pub own_pid_vars: Vec<Vec<u8>>,
+    /// Descriptors the keeper inherited for the app (socket activation): the app inherits
+    /// them at the same numbers, and the keeper closes its copies once the app started.
+    pub pass_fds: Vec<i32>,
 }
 
 /// keeper → kmirror.
@@ -129,6 +135,14 @@ impl Command {
                     body.push(insn.jf);
                     body.extend_from_slice(&insn.k.to_le_bytes());
                 }
+                body.extend_from_slice(&(req.own_pid_vars.len() as u32).to_le_bytes());
+                for name in &req.own_pid_vars {
+                    put_bytes(&mut body, name);
+                }
+                body.extend_from_slice(&(req.pass_fds.len() as u32).to_le_bytes());
+                for fd in &req.pass_fds {
+                    body.extend_from_slice(&fd.to_le_bytes());
+                }
             }
             Command::Signal { sig, outside_group_only } => {
                 body.extend_from_slice(&[b'S', *sig as u8, *outside_group_only as u8]);
@@ -157,7 +171,9 @@ impl Command {
                         Ok(libc::sock_filter { code, jt, jf, k: f.u32()? })
                     })
                     .collect::<Result<_, _>>()?;
-                Command::Launch(LaunchRequest { ignored, program, args, env, filter })
+                let own_pid_vars = (0..f.u32()?).map(|_| f.bytes()).collect::<Result<_, _>>()?;
+                let pass_fds = (0..f.u32()?).map(|_| Ok(f.u32()? as i32)).collect::<Result<_, _>>()?;
+                Command::Launch(LaunchRequest { ignored, program, args, env, filter, own_pid_vars, pass_fds })
             }
             b'S' => Command::Signal { sig: f.u8()? as i32, outside_group_only: f.u8()? != 0 },
             b'E' => Command::EndTree,
@@ -214,6 +230,8 @@ mod tests {
                 libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 4 },
                 libc::sock_filter { code: 0x15, jt: 1, jf: 2, k: 0xc000_003e },
             ],
+            own_pid_vars: vec![b"LISTEN_PID".to_vec()],
+            pass_fds: vec![3, 4],
         })
     }
 

@@ -34,6 +34,24 @@ const LOCAL_ONLY: &[&str] = &[
     "LANG",
     "LANGUAGE",
     "LC_*",
+    // What a service manager hands to kmirror (see service_manager): about this machine's
+    // processes and sockets, never the pod's.
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "SYSTEMD_EXEC_PID",
+    "MANAGERPID",
+    "CREDENTIALS_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+    "STATE_DIRECTORY",
+    "CACHE_DIRECTORY",
+    "LOGS_DIRECTORY",
+    "CONFIGURATION_DIRECTORY",
 ];
 
 /// Variables that make a runtime load or run code (a module, an agent, a startup script, a

@@ -7,4 +7,5 @@ pub mod files;
 pub mod host;
 pub mod incoming;
 pub mod net;
+pub mod service_manager;
 pub mod walk;
