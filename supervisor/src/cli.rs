@@ -27,6 +27,23 @@ pub enum Command {
     /// Show the kernel features kmirror uses, whether this kernel has them, and what kmirror
     /// does without each (exit status 1 if kmirror cannot run here).
     Features,
+    /// Forward local ports to addresses or names reached from the target, until Ctrl-C:
+    /// `kmirror port-forward -t pid/1234 -L 8080:web.shop:80 -L 5432:10.0.0.7:5432`.
+    PortForward(PortForwardArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PortForwardArgs {
+    /// Where the connections are made from: pid/<PID> (as for `run`).
+    #[arg(long, short = 't', value_name = "TARGET")]
+    pub target: String,
+
+    /// `[BIND:]LOCAL_PORT:HOST:PORT` (repeatable): connections to LOCAL_PORT on BIND
+    /// (127.0.0.1 by default; port 0 picks one) go to HOST:PORT as the target reaches it, HOST
+    /// looked up with the target's resolver and search domains.
+    #[arg(short = 'L', long = "forward", value_name = "[BIND:]LOCAL_PORT:HOST:PORT", required = true,
+          value_parser = crate::port_forward::parse_forward)]
+    pub forwards: Vec<crate::port_forward::Forward>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -14,6 +14,7 @@ mod launch;
 mod localfs;
 mod outgoing;
 mod policy;
+mod port_forward;
 mod random;
 mod seccomp;
 mod service_manager;
@@ -63,6 +64,13 @@ fn main() {
                 std::process::exit(code);
             }
         },
+        cli::Command::PortForward(args) => {
+            if let Err(e) = port_forward::run(&args.target, args.forwards) {
+                eprintln!("kmirror: {e:#}");
+                let code = e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code);
+                std::process::exit(code);
+            }
+        }
         cli::Command::Features => {
             let features = kernel::features();
             print!("{}", kernel::report(features));

@@ -6,6 +6,7 @@ pub mod env;
 pub mod files;
 pub mod host;
 pub mod incoming;
+pub mod lookup;
 pub mod net;
 pub mod service_manager;
 pub mod walk;
