@@ -6,8 +6,11 @@
 //! * [`link`]: the tunnel's Unix socket as a reader and a writer that wake only when needed.
 //! * [`tunnel`]: one connection multiplexed into request/response exchanges and byte streams,
 //!   each stream with its own credit-based flow control.
+//! * [`creds`]: a thread taking an app's credentials for file permission checks (mechanism
+//!   shared by the supervisor's local calls made as the app and the agent's pod-file requests).
 
 pub mod codec;
+pub mod creds;
 pub mod link;
 pub mod message;
 pub mod splice;
