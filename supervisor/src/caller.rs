@@ -7,8 +7,9 @@
 //! on a short-lived thread that first takes the calling thread's file-system uid and gid,
 //! supplementary groups and effective capabilities ([`kmirror_protocol::creds`], the mechanism
 //! the agent uses for pod files too); the thread ends after the call, so nothing leaks back.
+//! Pod-file requests carry the same credentials to the agent ([`Credentials::identity`]).
 
-use kmirror_protocol::creds;
+use kmirror_protocol::{Identity, creds};
 use std::io;
 
 /// What the kernel checks a thread's file and socket operations against, read from
@@ -63,6 +64,18 @@ impl Credentials {
         creds.gids[FS] = self.gids[REAL];
         creds.cap_effective = if self.uids[REAL] == 0 { self.cap_permitted } else { 0 };
         creds
+    }
+
+    /// What the agent checks a pod-file request with: these credentials' file-system ids,
+    /// groups and effective capabilities (see [`Credentials::for_real_id_check`] for
+    /// `access(2)`).
+    pub fn identity(&self) -> Identity {
+        Identity {
+            uid: self.uids[FS],
+            gid: self.gids[FS],
+            groups: self.groups.clone(),
+            caps: self.cap_effective,
+        }
     }
 
     /// Whether a thread with `self` and one with `other` get the same answers from file and
