@@ -349,12 +349,15 @@ fn dir_entry(entry: std::fs::DirEntry) -> DirEntry {
     DirEntry { name: entry.file_name().as_bytes().to_vec(), kind, ino: entry.ino() }
 }
 
-pub fn access(root: &OwnedFd, path: &[u8], mode: u32) -> Result<(), Errno> {
-    let fd = open_in_root(root, path, libc::O_PATH)?;
+/// `faccessat2` of `path` for `mode` (`follow`: whether a final symlink is followed), checked
+/// with the calling thread's file-system credentials: a request made as the app runs on a
+/// thread that took the app's ids for exactly this check (real or effective, as the app's call
+/// asked; see `identity`), so AT_EACCESS is always given here.
+pub fn access(root: &OwnedFd, path: &[u8], mode: u32, follow: bool) -> Result<(), Errno> {
+    let fd = open_in_root(root, path, libc::O_PATH | if follow { 0 } else { libc::O_NOFOLLOW })?;
+    let flags = libc::AT_EMPTY_PATH | libc::AT_EACCESS;
     // SAFETY: faccessat2 with an empty path and AT_EMPTY_PATH checks the descriptor itself.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_faccessat2, fd.as_raw_fd(), c"".as_ptr(), mode, libc::AT_EMPTY_PATH)
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_faccessat2, fd.as_raw_fd(), c"".as_ptr(), mode, flags) };
     if rc == 0 { Ok(()) } else { Err(last_errno()) }
 }
 
@@ -446,8 +449,8 @@ mod tests {
             names,
             vec![b"abs-link".to_vec(), b"etc".to_vec(), b"outside".to_vec(), b"rel-link".to_vec()]
         );
-        assert!(access(&root, b"/etc/hosts", libc::R_OK as u32).is_ok());
-        assert_eq!(access(&root, b"/nope", 0), Err(Errno(libc::ENOENT)));
+        assert!(access(&root, b"/etc/hosts", libc::R_OK as u32, true).is_ok());
+        assert_eq!(access(&root, b"/nope", 0, true), Err(Errno(libc::ENOENT)));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -9,6 +9,7 @@
 mod dns;
 mod env;
 mod files;
+mod identity;
 mod incoming;
 mod netns;
 mod outgoing;

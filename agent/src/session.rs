@@ -2,10 +2,12 @@
 //! the target exits.
 
 use crate::incoming::IncomingService;
-use crate::{dns, env, files, netns::NetnsWorker, outgoing, target::Target};
+use crate::{dns, env, files, identity, netns::NetnsWorker, outgoing, target::Target};
 use anyhow::{Context, Result, bail};
 use kmirror_protocol::tunnel::{self, Incoming, Side, Tunnel};
-use kmirror_protocol::{Control, Errno, HelloReply, Request, Response, constant_time_eq, negotiate_version};
+use kmirror_protocol::{
+    Control, Errno, HelloReply, Identity, Request, Response, constant_time_eq, negotiate_version,
+};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -98,7 +100,7 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
         };
         tokio::select! {
             message = incoming.recv() => match message {
-                Some(Incoming::Request { id, body: Request::Subscribe { port, mode, filter } }) => {
+                Some(Incoming::Request { id, body: Request::Subscribe { port, mode, filter }, caller: None }) => {
                     let (tunnel, service, running) = (tunnel.clone(), incoming_service.clone(), running.clone());
                     tokio::spawn(async move {
                         let _running = running.acquire().await.expect("the semaphore is never closed");
@@ -110,7 +112,7 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
                         drop(permit);
                     });
                 }
-                Some(Incoming::Request { id, body }) => {
+                Some(Incoming::Request { id, body, caller }) => {
                     let (tunnel, target, netns, nameservers, handles, running) = (
                         tunnel.clone(),
                         target.clone(),
@@ -121,7 +123,10 @@ pub async fn serve(tunnel_fd: OwnedFd, token: Vec<u8>, target: Target, netns: Ne
                     );
                     tokio::spawn(async move {
                         let _running = running.acquire().await.expect("the semaphore is never closed");
-                        let answer = answer(body, &target, &netns, &nameservers, &handles).await;
+                        let answer = match caller {
+                            None => answer(body, &target, &netns, &nameservers, &handles).await,
+                            Some(caller) => answer_as(caller, body, &target, &handles).await,
+                        };
                         tunnel.respond(id, answer).await;
                         drop(permit);
                     });
@@ -206,13 +211,37 @@ async fn answer(
         .unwrap_or(Response::Error(Errno(libc::EIO)))
 }
 
+/// A pod-file request served with the app's credentials (see `identity`); a request that
+/// names no pod path cannot be made so (EINVAL).
+async fn answer_as(
+    caller: Identity,
+    request: Request,
+    target: &Arc<Target>,
+    handles: &files::SharedHandles,
+) -> Response {
+    if !request.names_pod_path() {
+        return Response::Error(Errno(libc::EINVAL));
+    }
+    let (target, handles) = (target.clone(), handles.clone());
+    tokio::task::spawn_blocking(move || {
+        identity::run_as(&caller, || file_or_env(request, &target, &handles)).unwrap_or_else(Response::Error)
+    })
+    .await
+    .unwrap_or(Response::Error(Errno(libc::EIO)))
+}
+
 fn file_or_env(request: Request, target: &Target, handles: &files::SharedHandles) -> Response {
     let result = match request {
         Request::Environ => env::read_environ(target).map(Response::Environ),
         Request::Stat { path, follow } => files::stat(&target.root, &path, follow).map(Response::Stat),
         Request::ReadFile { path, offset, len } => files::read_chunk(&target.root, &path, offset, len)
             .map(|(bytes, eof)| Response::FileChunk { bytes, eof }),
-        Request::Access { path, mode } => files::access(&target.root, &path, mode).map(|()| Response::Access),
+        Request::Access { path, mode } => {
+            files::access(&target.root, &path, mode, true).map(|()| Response::Access)
+        }
+        Request::AccessAt { path, mode, follow } => {
+            files::access(&target.root, &path, mode, follow).map(|()| Response::Access)
+        }
         Request::ReadLink { path } => files::read_link(&target.root, &path).map(Response::ReadLink),
         Request::ListDir { path } => files::list_dir(&target.root, &path).map(Response::ListDir),
         Request::OpenFile { path, follow } => files::open_file(handles, &target.root, &path, follow)

@@ -37,6 +37,7 @@ fn main() {
         Request::OpenDir { path: b"/data".to_vec() },
         Request::ReadDir { handle: 4 },
         Request::CloseHandle { handle: 3 },
+        Request::AccessAt { path: b"/data/l".to_vec(), mode: 4, follow: false },
     ];
     let responses = [
         Response::Environ(vec![(b"A".to_vec(), b"1".to_vec())]),
@@ -81,6 +82,11 @@ fn main() {
             body: Request::OpenFile { path: b"/etc/hostname".to_vec(), follow: true },
         },
         Control::Response { id: 10, body: Response::DirEntries { entries: Vec::new(), more: None } },
+        Control::RequestAs {
+            id: 11,
+            caller: Identity { uid: 65534, gid: 65534, groups: vec![4242, 4243], caps: 1 << 2 },
+            body: Request::OpenFile { path: b"/etc/shadow".to_vec(), follow: true },
+        },
     ];
     write("handshake", "hello", &encode_message(&hello).unwrap());
     for (i, r) in replies.iter().enumerate() {

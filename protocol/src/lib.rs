@@ -6,8 +6,11 @@
 //! * [`link`]: the tunnel's Unix socket as a reader and a writer that wake only when needed.
 //! * [`tunnel`]: one connection multiplexed into request/response exchanges and byte streams,
 //!   each stream with its own credit-based flow control.
+//! * [`creds`]: a thread taking an app's credentials for file permission checks (mechanism
+//!   shared by the supervisor's local calls made as the app and the agent's pod-file requests).
 
 pub mod codec;
+pub mod creds;
 pub mod link;
 pub mod message;
 pub mod splice;
@@ -25,14 +28,18 @@ pub use message::*;
 ///   directory is listed in several frames;
 /// * 4: `OpenTarget::TcpWith` (the app socket's options go with its connect) and
 ///   `OpenTarget::UdpUnconnected` (one unconnected pod-side socket per app socket, its
-///   datagrams addressed), so replies from any address reach the app as in the pod.
-pub const PROTOCOL_VERSION: u16 = 4;
+///   datagrams addressed), so replies from any address reach the app as in the pod;
+/// * 5: `Control::RequestAs`: a pod-file request carries the app's [`Identity`], and the agent
+///   serves it with the app's credentials, so the pod's permissions apply as in the pod.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The first version with file and directory handles.
 pub const HANDLES_VERSION: u16 = 3;
 /// The first version with `OpenTarget::TcpWith` and `OpenTarget::UdpUnconnected`.
 pub const SOCKETS_VERSION: u16 = 4;
+/// The first version with `Control::RequestAs`.
+pub const CREDENTIALS_VERSION: u16 = 5;
 
 /// Negotiates the version both sides use: the highest one both support.
 pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {

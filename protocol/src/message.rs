@@ -80,6 +80,54 @@ pub enum Request {
     ReadDir { handle: u64 },
     /// Closes a handle before its end was read; answered by [`Response::Closed`].
     CloseHandle { handle: u64 },
+    // ---- protocol 5 ----
+    /// `faccessat2`-style check of `mode` inside the target's root, of a final symlink itself
+    /// unless `follow`; answered by [`Response::Access`]. Checked with the credentials the
+    /// request is served with: sent as [`Control::RequestAs`] with the real ids for `access(2)`,
+    /// the effective ones for AT_EACCESS.
+    AccessAt { path: Vec<u8>, mode: u32, follow: bool },
+}
+
+impl Request {
+    /// Whether the request names a path in the target's root: only such a request can be
+    /// made as the app ([`Control::RequestAs`]); the others touch no pod file, or one already
+    /// opened (a handle), whose permissions were checked when it was opened.
+    pub fn names_pod_path(&self) -> bool {
+        match self {
+            Request::Stat { .. }
+            | Request::ReadFile { .. }
+            | Request::Access { .. }
+            | Request::ReadLink { .. }
+            | Request::ListDir { .. }
+            | Request::OpenFile { .. }
+            | Request::OpenDir { .. }
+            | Request::AccessAt { .. } => true,
+            Request::Environ
+            | Request::Dns { .. }
+            | Request::Subscribe { .. }
+            | Request::ReadHandle { .. }
+            | Request::ReadDir { .. }
+            | Request::CloseHandle { .. } => false,
+        }
+    }
+}
+
+/// Whose permissions a pod-file request is checked with (protocol 5, [`Control::RequestAs`]):
+/// what the kernel consults for file access, as the app's calling thread holds it. Ids are
+/// numbers as the app has them: uid 1000 on this side is uid 1000 in the pod (a pod in a
+/// user namespace of its own is not mapped).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The uid and gid permission checks use: the file-system ones, or for an `access(2)`
+    /// without AT_EACCESS the real ones.
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the kernel allows at most 65536; the agent refuses more).
+    pub groups: Vec<u32>,
+    /// Effective capabilities, bit n for capability n (for `access(2)` without AT_EACCESS,
+    /// what the kernel grants the real uid). The agent honours only those that file permission
+    /// checks consult.
+    pub caps: u64,
 }
 
 /// How the pod's incoming connections reach the local app.
@@ -316,5 +364,16 @@ pub enum Control {
     /// The agent's session is over (target exited, shutdown); `reason` is for the user.
     Goodbye {
         reason: String,
+    },
+    // ---- protocol 5 ----
+    /// A request whose pod-file work the agent does with `caller`'s credentials (permission
+    /// checks, directory search along the path included, as the pod's kernel makes them for
+    /// the app); answered by a [`Control::Response`] with the same `id`. Only requests that
+    /// name a pod path ([`Request::names_pod_path`]) may be sent so; the agent answers the
+    /// others EINVAL.
+    RequestAs {
+        id: u64,
+        caller: Identity,
+        body: Request,
     },
 }

@@ -136,9 +136,19 @@ pub enum TunnelError {
 /// What the peer asked of this side.
 #[derive(Debug)]
 pub enum Incoming {
-    Request { id: u64, body: Request },
-    Open { stream: Stream, target: OpenTarget },
-    Goodbye { reason: String },
+    /// `caller`: the app the request acts for, when it came as [`Control::RequestAs`].
+    Request {
+        id: u64,
+        body: Request,
+        caller: Option<Identity>,
+    },
+    Open {
+        stream: Stream,
+        target: OpenTarget,
+    },
+    Goodbye {
+        reason: String,
+    },
 }
 
 /// An event on the receive side of a stream.
@@ -274,9 +284,29 @@ impl Tunnel {
     /// Sends a request and waits for its answer, at most `timeout`. A request too large for
     /// one frame fails at once with E2BIG.
     pub async fn request(&self, body: Request, timeout: Duration) -> Result<Response, TunnelError> {
+        self.send_request(|id| Control::Request { id, body }, timeout).await
+    }
+
+    /// Sends a request to be served with `caller`'s credentials ([`Control::RequestAs`]; the
+    /// peer must speak [`crate::CREDENTIALS_VERSION`]) and waits for its answer, as
+    /// [`Tunnel::request`].
+    pub async fn request_as(
+        &self,
+        caller: Identity,
+        body: Request,
+        timeout: Duration,
+    ) -> Result<Response, TunnelError> {
+        self.send_request(|id| Control::RequestAs { id, caller, body }, timeout).await
+    }
+
+    async fn send_request(
+        &self,
+        control: impl FnOnce(u64) -> Control,
+        timeout: Duration,
+    ) -> Result<Response, TunnelError> {
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
         let mut encoded = Vec::new();
-        if let Err(e) = codec::encode(&Frame::Control(Control::Request { id, body }), &mut encoded) {
+        if let Err(e) = codec::encode(&Frame::Control(control(id)), &mut encoded) {
             tracing::warn!("a request cannot be sent: {e}");
             return Err(TunnelError::Refused(Errno(E2BIG)));
         }
@@ -471,7 +501,10 @@ impl Tunnel {
     /// Frames no honest peer sends are a protocol violation (`Err`): the tunnel is closed.
     fn route(&self, control: Control) -> Result<Option<Incoming>, String> {
         match control {
-            Control::Request { id, body } => return Ok(Some(Incoming::Request { id, body })),
+            Control::Request { id, body } => return Ok(Some(Incoming::Request { id, body, caller: None })),
+            Control::RequestAs { id, caller, body } => {
+                return Ok(Some(Incoming::Request { id, body, caller: Some(caller) }));
+            }
             Control::Response { id, body } => {
                 if let Some(waiter) = lock(&self.shared.pending).remove(&id) {
                     let _ = waiter.send(body);
@@ -1309,7 +1342,7 @@ mod tests {
     async fn requests_are_matched_to_responses() {
         let ((sup, _), (agent, mut agent_in)) = pair();
         tokio::spawn(async move {
-            while let Some(Incoming::Request { id, body }) = agent_in.recv().await {
+            while let Some(Incoming::Request { id, body, .. }) = agent_in.recv().await {
                 let answer = match body {
                     Request::ReadLink { path } => Response::ReadLink(path),
                     _ => Response::Error(Errno(38)),
@@ -1324,6 +1357,29 @@ mod tests {
         );
         assert_eq!(a.unwrap(), Response::ReadLink(b"x".to_vec()));
         assert_eq!(b.unwrap(), Response::Error(Errno(38)));
+    }
+
+    /// A request made as the app reaches the agent with the app's identity; a plain one without.
+    #[tokio::test]
+    async fn requests_as_the_app_carry_its_identity() {
+        let ((sup, _), (agent, mut agent_in)) = pair();
+        tokio::spawn(async move {
+            while let Some(Incoming::Request { id, caller, .. }) = agent_in.recv().await {
+                let answer = match caller {
+                    Some(who) => Response::ReadLink(
+                        format!("{} {} {:?} {:x}", who.uid, who.gid, who.groups, who.caps).into(),
+                    ),
+                    None => Response::Error(Errno(1)),
+                };
+                agent.respond(id, answer).await;
+            }
+        });
+        let t = Duration::from_secs(5);
+        let who = Identity { uid: 65534, gid: 65533, groups: vec![10, 20], caps: 0x6 };
+        let stat = Request::Stat { path: b"/etc/shadow".to_vec(), follow: true };
+        let (a, b) = tokio::join!(sup.request_as(who, stat.clone(), t), sup.request(stat, t));
+        assert_eq!(a.unwrap(), Response::ReadLink(b"65534 65533 [10, 20] 6".to_vec()));
+        assert_eq!(b.unwrap(), Response::Error(Errno(1)));
     }
 
     /// An agent-side tunnel end driven by hand: what a hostile or broken supervisor can send.
@@ -1461,7 +1517,8 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(1), grows).await.is_err());
         assert_eq!(agent_in.len(), INCOMING_QUEUE, "the reader fills the queue, then waits");
         tokio::spawn(async move {
-            while let Some(Incoming::Request { id, body: Request::ReadLink { path } }) = agent_in.recv().await
+            while let Some(Incoming::Request { id, body: Request::ReadLink { path }, .. }) =
+                agent_in.recv().await
             {
                 agent.respond(id, Response::ReadLink(path)).await;
             }

@@ -5,10 +5,11 @@
 //! control messages. kmirror usually runs as root; doing such a call with kmirror's credentials
 //! would let an unprivileged app read or create any file (a confused deputy). So the call runs
 //! on a short-lived thread that first takes the calling thread's file-system uid and gid,
-//! supplementary groups and effective capabilities. Linux keeps credentials per thread, and the
-//! raw system calls below change only the calling thread (glibc's wrappers of `setgroups` would
-//! change every thread of kmirror); the thread ends after the call, so nothing leaks back.
+//! supplementary groups and effective capabilities ([`kmirror_protocol::creds`], the mechanism
+//! the agent uses for pod files too); the thread ends after the call, so nothing leaks back.
+//! Pod-file requests carry the same credentials to the agent ([`Credentials::identity`]).
 
+use kmirror_protocol::{Identity, creds};
 use std::io;
 
 /// What the kernel checks a thread's file and socket operations against, read from
@@ -63,6 +64,18 @@ impl Credentials {
         creds.gids[FS] = self.gids[REAL];
         creds.cap_effective = if self.uids[REAL] == 0 { self.cap_permitted } else { 0 };
         creds
+    }
+
+    /// What the agent checks a pod-file request with: these credentials' file-system ids,
+    /// groups and effective capabilities (see [`Credentials::for_real_id_check`] for
+    /// `access(2)`).
+    pub fn identity(&self) -> Identity {
+        Identity {
+            uid: self.uids[FS],
+            gid: self.gids[FS],
+            groups: self.groups.clone(),
+            caps: self.cap_effective,
+        }
     }
 
     /// Whether a thread with `self` and one with `other` get the same answers from file and
@@ -126,15 +139,7 @@ pub fn run_as<R: Send>(
     if creds.checks_like(mine) && !umask_differs {
         return Ok(op());
     }
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                take(creds, mine, umask_differs)?;
-                Ok(op())
-            })
-            .join()
-            .unwrap_or(Err(libc::EIO))
-    })
+    creds::on_own_thread(|| take(creds, umask_differs), op)
 }
 
 /// kmirror's own credentials, read once: nothing in kmirror changes them (only the short-lived
@@ -149,62 +154,23 @@ fn own_credentials() -> Result<&'static Credentials, i32> {
 }
 
 /// Gives the calling thread `creds` for permission checks. Only this thread changes.
-fn take(creds: &Credentials, mine: &Credentials, umask: bool) -> Result<(), i32> {
-    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM);
+fn take(creds: &Credentials, umask: bool) -> Result<(), i32> {
     if umask {
         // The umask lives in the file-system context that kmirror's threads share: this thread
         // gets a copy of its own first.
         // SAFETY: unshare(CLONE_FS) affects this thread only; umask takes a value.
         if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-            return Err(errno());
+            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM));
         }
         // SAFETY: as above.
         unsafe { libc::umask(creds.umask) };
     }
-    // SAFETY: raw setgroups reads `len` gids from a live slice and changes this thread only.
-    if unsafe { libc::syscall(libc::SYS_setgroups, creds.groups.len(), creds.groups.as_ptr()) } != 0 {
-        return Err(errno());
-    }
-    // setfsuid/setfsgid report the previous value, never an error: read the new one back.
-    for (nr, id) in [(libc::SYS_setfsgid, creds.gids[FS]), (libc::SYS_setfsuid, creds.uids[FS])] {
-        // SAFETY: takes an id by value; affects this thread only.
-        unsafe { libc::syscall(nr, id) };
-        // SAFETY: -1 is never a valid id, so this changes nothing and returns the current one.
-        if unsafe { libc::syscall(nr, u32::MAX) } as u32 != id {
-            return Err(libc::EPERM);
-        }
-    }
-    // Leaving root's fs uid dropped the file capabilities; now set exactly the app's effective
-    // set (within what kmirror has: it can never gain more).
-    set_effective_caps(creds.cap_effective & mine.cap_permitted, mine.cap_permitted)
-}
-
-fn set_effective_caps(effective: u64, permitted: u64) -> Result<(), i32> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    let header = Header { version: VERSION_3, pid: 0 };
-    let half = |set: u64, high: bool| (if high { set >> 32 } else { set }) as u32;
-    let data = [false, true].map(|high| Data {
-        effective: half(effective, high),
-        permitted: half(permitted, high),
-        inheritable: 0,
-    });
-    // SAFETY: capset reads a v3 header and two data entries, both live; pid 0 is this thread.
-    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM));
-    }
-    Ok(())
+    creds::take(&creds::ThreadCredentials {
+        fsuid: creds.uids[FS],
+        fsgid: creds.gids[FS],
+        groups: &creds.groups,
+        effective: creds.cap_effective,
+    })
 }
 
 #[cfg(test)]

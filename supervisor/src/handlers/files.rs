@@ -12,7 +12,7 @@ use crate::policy::files::{self, FileRoute, VirtualFile};
 use crate::policy::walk::{self, Node, Scope};
 use crate::seccomp::Notification;
 use crate::{abi, localfs, tracee};
-use kmirror_protocol::{DirEntry, FileStat, Request, Response};
+use kmirror_protocol::{DirEntry, FileStat, Identity, Request, Response};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -152,14 +152,16 @@ impl walk::Lookup for WalkLookup<'_> {
         match self.ctx.files.route(path, self.write) {
             FileRoute::Virtual(_) => Ok(Node::NotDir),
             FileRoute::Remote => {
-                let st = remote_stat(self.ctx, path, false).await?;
+                let who = self.caller.credentials.identity();
+                let st = remote_stat(self.ctx, &who, path, false).await?;
                 match st.mode & libc::S_IFMT {
                     libc::S_IFDIR => Ok(Node::Dir),
-                    libc::S_IFLNK => match remote(self.ctx, Request::ReadLink { path: path.to_vec() }).await?
-                    {
-                        Response::ReadLink(target) => Ok(Node::Symlink(target)),
-                        _ => Err(libc::EIO),
-                    },
+                    libc::S_IFLNK => {
+                        match remote_as(self.ctx, &who, Request::ReadLink { path: path.to_vec() }).await? {
+                            Response::ReadLink(target) => Ok(Node::Symlink(target)),
+                            _ => Err(libc::EIO),
+                        }
+                    }
                     _ => Ok(Node::NotDir),
                 }
             }
@@ -175,6 +177,11 @@ impl walk::Lookup for WalkLookup<'_> {
 
 fn caller_of(n: &Notification) -> Result<Caller, i32> {
     Caller::of_thread(n.tid).map_err(|e| e.raw_os_error().unwrap_or(libc::ESRCH))
+}
+
+/// Who a pod-file request of the calling thread acts for: its file-system credentials.
+fn identity_of(n: &Notification) -> Result<Identity, i32> {
+    Ok(caller_of(n)?.credentials.identity())
 }
 
 /// Decides how to serve a call's path argument and runs `serve` with that plan: at once on the
@@ -234,8 +241,26 @@ async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
     }
 }
 
-async fn remote_stat(ctx: &Context, path: &[u8], follow: bool) -> Result<FileStat, i32> {
-    match remote(ctx, Request::Stat { path: path.to_vec(), follow }).await? {
+/// A request about a pod path, served by the agent with `who`'s credentials, so the pod's
+/// permissions apply to the app as in the pod. An agent older than protocol 5 serves it as
+/// root (the app then reads what its user could not in the pod).
+async fn remote_as(ctx: &Context, who: &Identity, request: Request) -> Result<Response, i32> {
+    if ctx.tunnel.version() < kmirror_protocol::CREDENTIALS_VERSION {
+        let request = match request {
+            Request::AccessAt { path, mode, .. } => Request::Access { path, mode },
+            request => request,
+        };
+        return remote(ctx, request).await;
+    }
+    match ctx.tunnel.request_as(who.clone(), request, ctx.remote_timeout).await {
+        Ok(Response::Error(errno)) => Err(errno.0),
+        Ok(response) => Ok(response),
+        Err(e) => Err(tunnel_errno(&e)),
+    }
+}
+
+async fn remote_stat(ctx: &Context, who: &Identity, path: &[u8], follow: bool) -> Result<FileStat, i32> {
+    match remote_as(ctx, who, Request::Stat { path: path.to_vec(), follow }).await? {
         Response::Stat(st) => Ok(st),
         _ => Err(libc::EIO),
     }
@@ -341,7 +366,10 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
         Plan::Remote(path) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
-                let result = open_remote(&ctx, &path, flags).await;
+                let result = match identity_of(&n) {
+                    Ok(who) => open_remote(&ctx, &who, &path, flags).await,
+                    Err(errno) => Err(errno),
+                };
                 deliver_fd(&ctx, &n, result, flags);
             });
         }
@@ -372,29 +400,35 @@ fn reopen_read_only(fd: i32) -> std::io::Result<OwnedFd> {
     Ok(std::fs::File::open(format!("/proc/self/fd/{fd}"))?.into())
 }
 
-async fn open_remote(ctx: &Context, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
-    let st = remote_stat(ctx, path, flags & libc::O_NOFOLLOW == 0).await?;
+async fn open_remote(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
+    let st = remote_stat(ctx, who, path, flags & libc::O_NOFOLLOW == 0).await?;
     match st.mode & libc::S_IFMT {
         libc::S_IFDIR => {
-            let local = materialize_dir(ctx, path).await?;
+            let local = materialize_dir(ctx, who, path).await?;
             Ok(std::fs::File::open(local).map_err(errno_of)?.into())
         }
         _ if flags & libc::O_DIRECTORY != 0 => Err(libc::ENOTDIR),
-        libc::S_IFREG => fetch_file(ctx, path, &st, flags & libc::O_NOFOLLOW == 0).await,
+        libc::S_IFREG => fetch_file(ctx, who, path, &st, flags & libc::O_NOFOLLOW == 0).await,
         libc::S_IFLNK => Err(libc::ELOOP),
         _ => Err(libc::ENXIO),
     }
 }
 
-async fn fetch_file(ctx: &Context, path: &[u8], st: &FileStat, follow: bool) -> Result<OwnedFd, i32> {
+async fn fetch_file(
+    ctx: &Context,
+    who: &Identity,
+    path: &[u8],
+    st: &FileStat,
+    follow: bool,
+) -> Result<OwnedFd, i32> {
     if st.size.max(0) as u64 > MAX_REMOTE_FILE {
         return Err(libc::EFBIG);
     }
     let memfd = new_memfd(path.rsplit(|&b| b == b'/').next().unwrap_or(b"file"))?;
     let read = if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
-        fetch_by_handle(ctx, path, follow, memfd.as_file()).await?
+        fetch_by_handle(ctx, who, path, follow, memfd.as_file()).await?
     } else {
-        fetch_by_path(ctx, path, memfd.as_file()).await?;
+        fetch_by_path(ctx, who, path, memfd.as_file()).await?;
         *st
     };
     seal(&memfd)?;
@@ -441,12 +475,13 @@ impl Drop for RemoteHandle<'_> {
 /// copy is one version of the file even if the pod replaces it meanwhile.
 async fn fetch_by_handle(
     ctx: &Context,
+    who: &Identity,
     path: &[u8],
     follow: bool,
     mut file: &std::fs::File,
 ) -> Result<FileStat, i32> {
     let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
-    let opened = remote(ctx, Request::OpenFile { path: path.to_vec(), follow }).await?;
+    let opened = remote_as(ctx, who, Request::OpenFile { path: path.to_vec(), follow }).await?;
     let Response::FileOpened { handle, stat, bytes } = opened else { return Err(libc::EIO) };
     let mut handle = RemoteHandle { ctx, handle };
     if stat.size.max(0) as u64 > MAX_REMOTE_FILE {
@@ -473,10 +508,16 @@ async fn fetch_by_handle(
 }
 
 /// Protocol 2: each chunk is read by path (a replaced file can mix versions).
-async fn fetch_by_path(ctx: &Context, path: &[u8], mut file: &std::fs::File) -> Result<(), i32> {
+async fn fetch_by_path(
+    ctx: &Context,
+    who: &Identity,
+    path: &[u8],
+    mut file: &std::fs::File,
+) -> Result<(), i32> {
     let mut offset = 0u64;
     loop {
-        let chunk = remote(ctx, Request::ReadFile { path: path.to_vec(), offset, len: READ_CHUNK }).await?;
+        let chunk =
+            remote_as(ctx, who, Request::ReadFile { path: path.to_vec(), offset, len: READ_CHUNK }).await?;
         let Response::FileChunk { bytes, eof } = chunk else { return Err(libc::EIO) };
         file.write_all(&bytes).map_err(errno_of)?;
         offset += bytes.len() as u64;
@@ -491,11 +532,13 @@ async fn fetch_by_path(ctx: &Context, path: &[u8], mut file: &std::fs::File) -> 
 
 /// Mirrors a pod directory's entries (names and types, empty content) under the session's
 /// materialisation root and returns the local directory.
-async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBuf, i32> {
+async fn materialize_dir(ctx: &Context, who: &Identity, path: &[u8]) -> Result<std::path::PathBuf, i32> {
     let entries = if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
-        list_by_handle(ctx, path).await?
+        list_by_handle(ctx, who, path).await?
     } else {
-        let Response::ListDir(entries) = remote(ctx, Request::ListDir { path: path.to_vec() }).await? else {
+        let Response::ListDir(entries) =
+            remote_as(ctx, who, Request::ListDir { path: path.to_vec() }).await?
+        else {
             return Err(libc::EIO);
         };
         entries
@@ -510,10 +553,10 @@ async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBu
 }
 
 /// Lists a pod directory in as many answers as it takes (one frame holds some 30k names).
-async fn list_by_handle(ctx: &Context, path: &[u8]) -> Result<Vec<DirEntry>, i32> {
+async fn list_by_handle(ctx: &Context, who: &Identity, path: &[u8]) -> Result<Vec<DirEntry>, i32> {
     let _slot = HANDLE_SLOTS.acquire().await.map_err(|_| libc::EIO)?;
     let Response::DirEntries { mut entries, more } =
-        remote(ctx, Request::OpenDir { path: path.to_vec() }).await?
+        remote_as(ctx, who, Request::OpenDir { path: path.to_vec() }).await?
     else {
         return Err(libc::EIO);
     };
@@ -632,10 +675,11 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
         Plan::Remote(path) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
-                let result = match remote_stat(&ctx, &path, follow).await {
-                    Ok(st) => write_out(&ctx, &n, buf, &encode(&st)),
+                let stat = match identity_of(&n) {
+                    Ok(who) => remote_stat(&ctx, &who, &path, follow).await,
                     Err(errno) => Err(errno),
                 };
+                let result = stat.and_then(|st| write_out(&ctx, &n, buf, &encode(&st)));
                 answer(&ctx, &n, result.map(|()| 0));
             });
         }
@@ -656,6 +700,11 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_faccessat => (n.args[0] as i32, n.args[1], n.args[2] as u32, 0),
         _ => (n.args[0] as i32, n.args[1], n.args[2] as u32, n.args[3] as i32),
     };
+    // The kernel refuses these before it looks at the path.
+    if mode & !0o7 != 0 || flags & !(libc::AT_EACCESS | libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH) != 0
+    {
+        return answer(ctx, &n, Err(libc::EINVAL));
+    }
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
@@ -672,7 +721,18 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
         Plan::Remote(path) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
-                let result = remote(&ctx, Request::Access { path, mode }).await.map(|_| 0);
+                // access(2) checks with the real ids unless AT_EACCESS asks for the effective ones.
+                let who = caller_of(&n).map(|caller| match flags & libc::AT_EACCESS {
+                    0 => caller.credentials.for_real_id_check().identity(),
+                    _ => caller.credentials.identity(),
+                });
+                let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+                let result = match who {
+                    Ok(who) => {
+                        remote_as(&ctx, &who, Request::AccessAt { path, mode, follow }).await.map(|_| 0)
+                    }
+                    Err(errno) => Err(errno),
+                };
                 answer(&ctx, &n, result);
             });
         }
@@ -705,7 +765,11 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         Plan::Remote(path) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
-                let target = match remote(&ctx, Request::ReadLink { path }).await {
+                let response = match identity_of(&n) {
+                    Ok(who) => remote_as(&ctx, &who, Request::ReadLink { path }).await,
+                    Err(errno) => Err(errno),
+                };
+                let target = match response {
                     Ok(Response::ReadLink(target)) => Ok(target),
                     Ok(_) => Err(libc::EIO),
                     Err(errno) => Err(errno),

@@ -1,0 +1,180 @@
+//! Taking another identity on one thread, for the kernel's file permission checks.
+//!
+//! Mechanism shared by the supervisor (local calls it makes as the app, `supervisor/src/caller.rs`)
+//! and the agent (pod-file requests it serves as the app, `agent/src/identity.rs`). Both run as
+//! root; acting for an app with root's credentials would let the app read what it could not (a
+//! confused deputy). So such work runs on a short-lived thread that first takes the app's
+//! file-system uid and gid, supplementary groups and effective capabilities. Linux keeps
+//! credentials per thread and the raw system calls below change only the calling thread
+//! (glibc's `setgroups` wrapper would change every thread of the process); the thread ends
+//! after the work, so nothing leaks back to the process's other threads, which keep root.
+
+use std::io;
+
+/// What one thread takes for its file permission checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadCredentials<'a> {
+    pub fsuid: u32,
+    pub fsgid: u32,
+    pub groups: &'a [u32],
+    /// Effective capabilities, bit n for capability n; limited to what the thread has permitted.
+    pub effective: u64,
+}
+
+/// The most supplementary groups a thread can have (the kernel's NGROUPS_MAX).
+pub const MAX_GROUPS: usize = 65536;
+
+fn last_errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM)
+}
+
+/// Runs `prepare` and then `op` on a thread of their own, which ends with them: whatever
+/// `prepare` changed about that thread (its credentials) never reaches another. `op` does not
+/// run if `prepare` fails; its errno is returned instead.
+pub fn on_own_thread<R: Send>(
+    prepare: impl FnOnce() -> Result<(), i32> + Send,
+    op: impl FnOnce() -> R + Send,
+) -> Result<R, i32> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                prepare()?;
+                Ok(op())
+            })
+            .join()
+            .unwrap_or(Err(libc::EIO))
+    })
+}
+
+/// Gives the calling thread `creds` for permission checks; only this thread changes. Fails
+/// with the errno of a change the thread is not allowed to make (then call no file operation
+/// on it: its credentials are half changed).
+pub fn take(creds: &ThreadCredentials) -> Result<(), i32> {
+    if creds.groups.len() > MAX_GROUPS {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: raw setgroups reads `len` gids from a live slice and changes this thread only.
+    if unsafe { libc::syscall(libc::SYS_setgroups, creds.groups.len(), creds.groups.as_ptr()) } != 0 {
+        return Err(last_errno());
+    }
+    // setfsuid/setfsgid report the previous value, never an error: read the new one back.
+    for (nr, id) in [(libc::SYS_setfsgid, creds.fsgid), (libc::SYS_setfsuid, creds.fsuid)] {
+        // SAFETY: takes an id by value; affects this thread only.
+        unsafe { libc::syscall(nr, id) };
+        if fs_id(nr) != id {
+            return Err(libc::EPERM);
+        }
+    }
+    // Leaving root's fs uid dropped the file capabilities; now set exactly the wanted effective
+    // set, within the permitted one (a thread can never gain more).
+    let (_, permitted) = capabilities()?;
+    set_capabilities(creds.effective & permitted, permitted)
+}
+
+/// The calling thread's fs uid or gid (`nr`: SYS_setfsuid or SYS_setfsgid).
+fn fs_id(nr: libc::c_long) -> u32 {
+    // SAFETY: -1 is never a valid id, so this changes nothing and returns the current one.
+    unsafe { libc::syscall(nr, u32::MAX) as u32 }
+}
+
+/// The calling thread's fs uid, fs gid, supplementary groups and effective capabilities.
+pub fn current() -> Result<(u32, u32, Vec<u32>, u64), i32> {
+    // SAFETY: a zero-sized query returns the number of groups and writes nothing.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    if n < 0 {
+        return Err(last_errno());
+    }
+    let mut groups = vec![0; n as usize];
+    // SAFETY: the buffer holds `n` gids.
+    let n = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+    if n < 0 {
+        return Err(last_errno());
+    }
+    groups.truncate(n as usize);
+    let (effective, _) = capabilities()?;
+    Ok((fs_id(libc::SYS_setfsuid), fs_id(libc::SYS_setfsgid), groups, effective))
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// The calling thread's effective and permitted capability sets.
+fn capabilities() -> Result<(u64, u64), i32> {
+    let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes a v3 header's two data entries into a live array; pid 0 is this
+    // thread.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(last_errno());
+    }
+    let join = |low: u32, high: u32| u64::from(low) | (u64::from(high) << 32);
+    Ok((join(data[0].effective, data[1].effective), join(data[0].permitted, data[1].permitted)))
+}
+
+fn set_capabilities(effective: u64, permitted: u64) -> Result<(), i32> {
+    let header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    let half = |set: u64, high: bool| (if high { set >> 32 } else { set }) as u32;
+    let data = [false, true].map(|high| CapData {
+        effective: half(effective, high),
+        permitted: half(permitted, high),
+        inheritable: 0,
+    });
+    // SAFETY: capset reads a v3 header and two data entries, both live; pid 0 is this thread.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_takes_the_credentials_and_the_others_keep_theirs() {
+        let mine = current().unwrap();
+        assert_eq!(mine.0, 0, "changing to another user needs root: run the tests as root");
+        let groups = [4242, 4243];
+        let creds = ThreadCredentials { fsuid: 65534, fsgid: 65533, groups: &groups, effective: 1 << 2 };
+        let seen = on_own_thread(
+            || take(&creds),
+            || {
+                let shadow = std::fs::File::open("/etc/shadow").map_err(|e| e.raw_os_error());
+                (current().unwrap(), shadow.err())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen.0, (65534, 65533, groups.to_vec(), 1 << 2));
+        // CAP_DAC_READ_SEARCH alone lets it read anything: the capability took effect.
+        assert_eq!(seen.1, None);
+        let without = ThreadCredentials { effective: 0, ..creds };
+        let denied = on_own_thread(|| take(&without), || std::fs::File::open("/etc/shadow").is_ok()).unwrap();
+        assert!(!denied, "nobody without capabilities read /etc/shadow");
+        assert_eq!(current().unwrap(), mine, "the calling thread keeps its credentials");
+    }
+
+    #[test]
+    fn a_failed_preparation_skips_the_operation() {
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let result =
+            on_own_thread(|| Err(libc::EPERM), || ran.store(true, std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(result, Err(libc::EPERM));
+        assert!(!ran.into_inner());
+        let too_many = vec![1; MAX_GROUPS + 1];
+        let creds = ThreadCredentials { fsuid: 1, fsgid: 1, groups: &too_many, effective: 0 };
+        assert_eq!(on_own_thread(|| take(&creds), || ()), Err(libc::EINVAL));
+    }
+}
