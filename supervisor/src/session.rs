@@ -252,6 +252,7 @@ async fn session(
         incoming_peers: Default::default(),
         hostname: handlers::host::Hostname::new(pod_hostname.unwrap_or_else(handlers::host::local_hostname)),
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
+        pod_fds: Default::default(),
     });
     start_notify_thread(ctx.clone());
     // Listeners passed by socket activation take part in incoming traffic as if the app had

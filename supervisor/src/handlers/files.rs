@@ -424,7 +424,8 @@ async fn fetch_file(
     if st.size.max(0) as u64 > MAX_REMOTE_FILE {
         return Err(libc::EFBIG);
     }
-    let memfd = new_memfd(path.rsplit(|&b| b == b'/').next().unwrap_or(b"file"))?;
+    let (id, name) = ctx.pod_fds.next_name();
+    let memfd = new_memfd(name.as_bytes())?;
     let read = if ctx.tunnel.version() >= kmirror_protocol::HANDLES_VERSION {
         fetch_by_handle(ctx, who, path, follow, memfd.as_file()).await?
     } else {
@@ -434,14 +435,16 @@ async fn fetch_file(
     seal(&memfd)?;
     let app_fd = reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)?;
     // After the reopen (a mode without read permission must not stop it): the copy describes
-    // the pod's file to fstat, as stat of its path does.
+    // the pod's file to fstat, as stat of its path does (pod_fds also answers fstat itself,
+    // with the pod's inode; the dressing covers what reads the copy without a trapped call).
     dress_as(memfd.as_file(), &read);
+    ctx.pod_fds.insert(id, path, &read);
     Ok(app_fd)
 }
 
 /// Gives a fetched copy the pod file's mode, owner and times, as far as this side may: an
-/// app that checks its key file's mode (ssh) or compares times sees the pod's. The inode and
-/// device stay the copy's own. Best effort: without root the owner stays kmirror's.
+/// app that checks its key file's mode (ssh) or compares times sees the pod's. Best effort:
+/// without root the owner stays kmirror's.
 fn dress_as(file: &std::fs::File, st: &FileStat) {
     use std::os::unix::fs::PermissionsExt;
     let _ = file.set_permissions(std::fs::Permissions::from_mode(st.mode & 0o7777));
@@ -647,6 +650,14 @@ fn kind_of(ft: std::fs::FileType) -> u8 {
 
 // ---- stat family ----
 
+/// `fstat(fd, buf)`: a pod file's copy is described as the pod's file; every other
+/// descriptor is the kernel's (and costs only a check while no pod file was opened).
+pub fn on_fstat(ctx: &Arc<Context>, n: Notification) {
+    if !super::pod_fds::answer_fstat(ctx, &n, n.args[0] as i32, n.args[1], false) {
+        ctx.listener.continue_call(n.id);
+    }
+}
+
 pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
     let (dirfd, path_ptr, buf, flags, statx) = match n.nr {
         libc::SYS_stat => (libc::AT_FDCWD, n.args[0], n.args[1], 0, false),
@@ -654,6 +665,14 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_newfstatat => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i32, false),
         _ => (n.args[0] as i32, n.args[1], n.args[4], n.args[2] as i32, true),
     };
+    // fstat of a pod file's copy (glibc's fstat is newfstatat with AT_EMPTY_PATH).
+    if flags & libc::AT_EMPTY_PATH != 0
+        && !ctx.pod_fds.is_empty()
+        && tracee::read_cstring(n.tid, path_ptr, 1).is_ok_and(|p| p.is_empty())
+        && super::pod_fds::answer_fstat(ctx, &n, dirfd, buf, statx)
+    {
+        return;
+    }
     let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
     let encode = move |st: &FileStat| if statx { abi::encode_statx(st) } else { abi::encode_stat(st) };
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
@@ -746,6 +765,13 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_readlink => (libc::AT_FDCWD, n.args[0], n.args[1], n.args[2] as i64),
         _ => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i64),
     };
+    if !ctx.pod_fds.is_empty()
+        && (dirfd == libc::AT_FDCWD || n.nr == libc::SYS_readlink)
+        && let Ok(raw) = tracee::read_cstring(n.tid, path_ptr, PATH_MAX)
+        && super::pod_fds::answer_readlink(ctx, &n, &raw, buf, size)
+    {
+        return;
+    }
     let copy_out = move |ctx: &Context, n: &Notification, target: Result<Vec<u8>, i32>| {
         let result = if size <= 0 {
             Err(libc::EINVAL)

@@ -10,6 +10,7 @@ mod datagram;
 mod files;
 pub mod host;
 mod net;
+mod pod_fds;
 pub use net::subscribe_listener;
 
 use crate::outgoing::Proxy;
@@ -40,6 +41,7 @@ pub const TRAPPED: &[&str] = &[
     "openat2",
     "stat",
     "lstat",
+    "fstat",
     "newfstatat",
     "statx",
     "access",
@@ -92,6 +94,8 @@ pub struct Context {
     pub subscribed: Mutex<std::collections::HashSet<u16>>,
     /// Upper bound of any single request to the agent.
     pub remote_timeout: Duration,
+    /// The pod files behind the memfd copies handed to the app.
+    pub pod_fds: pod_fds::PodFds,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -252,6 +256,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_sendmsg | libc::SYS_sendmmsg => datagram::on_sendmsg(ctx, n),
         libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
+        libc::SYS_fstat => files::on_fstat(ctx, n),
         libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),
         libc::SYS_readlink | libc::SYS_readlinkat => files::on_readlink(ctx, n),
         libc::SYS_getxattr | libc::SYS_lgetxattr | libc::SYS_listxattr | libc::SYS_llistxattr => {

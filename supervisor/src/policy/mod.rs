@@ -8,5 +8,6 @@ pub mod host;
 pub mod incoming;
 pub mod lookup;
 pub mod net;
+pub mod proc_fd;
 pub mod service_manager;
 pub mod walk;
