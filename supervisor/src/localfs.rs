@@ -17,9 +17,7 @@ struct OpenHow {
     resolve: u64,
 }
 
-pub const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-pub const RESOLVE_BENEATH: u64 = 0x08;
-pub const RESOLVE_IN_ROOT: u64 = 0x10;
+use libc::RESOLVE_IN_ROOT;
 
 fn last() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
@@ -101,6 +99,26 @@ fn openat2(dirfd: RawFd, path: &CString, flags: i32, mode: u32, resolve: u64) ->
             libc::EAGAIN if resolve & RESOLVE_IN_ROOT != 0 => continue,
             errno => return Err(errno),
         }
+    }
+}
+
+/// Whether the kernel accepts openat2's `how`, as the app passed it (all its bytes). The
+/// kernel judges `how` before it reads the path, so an empty path asks exactly that, with no
+/// lookup: ENOENT means accepted; otherwise the kernel's own refusal (EINVAL for unknown or
+/// contradictory flags and for a mode without O_CREAT, E2BIG for non-zero bytes it does not
+/// know, EAGAIN for RESOLVE_CACHED with O_CREAT). No copy of the kernel's rules to go stale.
+pub fn check_open_how(how: &[u8]) -> Result<(), i32> {
+    // SAFETY: openat2 reads `how.len()` bytes of `how` and the empty, NUL-terminated path.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, c"".as_ptr(), how.as_ptr(), how.len()) };
+    if fd >= 0 {
+        // SAFETY: a descriptor the kernel just returned (it never should for an empty path).
+        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        return Ok(());
+    }
+    match last() {
+        libc::ENOENT => Ok(()),
+        errno => Err(errno),
     }
 }
 
@@ -316,7 +334,7 @@ mod tests {
         let caller = me();
         assert_eq!(as_app_path(&caller, b"/proc/selfish").unwrap().as_bytes(), b"/proc/selfish");
         // /proc/self/exe is a symlink: refused under RESOLVE_NO_SYMLINKS, as the kernel would.
-        let no_symlinks = open(&caller, b"/proc/self/exe", libc::O_RDONLY, 0, RESOLVE_NO_SYMLINKS);
+        let no_symlinks = open(&caller, b"/proc/self/exe", libc::O_RDONLY, 0, libc::RESOLVE_NO_SYMLINKS);
         assert_eq!(no_symlinks.err(), Some(libc::ELOOP));
         assert_eq!(lookup(&caller, b"/proc/self/exe").map(|n| matches!(n, Node::Symlink(_))), Ok(true));
         assert_eq!(lookup(&caller, b"/etc"), Ok(Node::Dir));

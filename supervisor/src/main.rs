@@ -19,6 +19,7 @@ mod seccomp;
 mod session;
 mod signals;
 mod sockets;
+mod standin;
 mod stats;
 mod target;
 mod tracee;

@@ -164,11 +164,14 @@ async fn session(
     let materialized = scratch.join("pod");
     std::fs::create_dir_all(&materialized)
         .with_context(|| format!("cannot create {}", materialized.display()))?;
+    let standins = crate::standin::StandIns::create(&scratch).context("cannot create the stand-in tree")?;
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
         extra_local: local_only_paths(&program, &env),
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
+        standin_root: standins.root().as_os_str().as_bytes().to_vec(),
+        link_root: standins.links().as_os_str().as_bytes().to_vec(),
     };
 
     let incoming = Arc::new(IncomingPolicy {
@@ -216,6 +219,7 @@ async fn session(
         threads: Default::default(),
         virtual_files,
         materialized,
+        standins: Arc::new(standins),
         incoming: incoming.clone(),
         incoming_filter,
         subscribed: Default::default(),
