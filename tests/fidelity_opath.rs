@@ -185,3 +185,72 @@ fn o_path_descriptors_of_pod_files_behave_as_in_the_pod() {
     let reopened = String::from_utf8_lossy(&out.stdout);
     assert!(reopened.contains(" proc=EFBIG proc-path=reg devfd=EFBIG "), "{reopened}");
 }
+
+/// openat2 on pod paths: the `resolve` flags constrain every component as the kernel's do in
+/// the pod (RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH, RESOLVE_IN_ROOT from a pod directory,
+/// RESOLVE_NO_XDEV across a mount of the pod), and a `how` the kernel refuses is refused
+/// with its errno (a size below the first version, unknown non-zero bytes beyond it, unknown
+/// resolve bits, a mode without O_CREAT, flags O_PATH does not allow).
+#[test]
+fn openat2_resolves_pod_paths_as_in_the_pod() {
+    let pod = LocalPod::start(214);
+    let dir = ScratchDir::new("opath-214");
+    let binary = probe(&dir);
+    let data = pod.rootfs.join("data");
+    std::os::unix::fs::symlink("/b.txt", data.join("dir/abs")).unwrap();
+    std::fs::create_dir(data.join("mnt")).unwrap();
+    // A mount in the pod only (its own mount namespace), on another file system.
+    let mounted = pod.exec_in_pod(
+        "/bin/sh",
+        &["-c", "mount -t tmpfs -o size=1m tmpfs /data/mnt && echo m > /data/mnt/m.txt"],
+    );
+    assert!(mounted.status.success(), "{}", String::from_utf8_lossy(&mounted.stderr));
+    // Flags and resolve bits as numbers: O_PATH|O_NOFOLLOW, O_PATH|O_RDWR.
+    let path_nofollow = (libc::O_PATH | libc::O_NOFOLLOW).to_string();
+    let path_rdwr = (libc::O_PATH | libc::O_RDWR).to_string();
+    #[rustfmt::skip]
+    let cases: Vec<[&str; 7]> = vec![
+        // dirfd, path, flags, resolve, size, tail byte, mode
+        ["-", "/data/link-to-a", "0", "4", "24", "0", "-"],
+        ["-", "/data/link-to-a", &path_nofollow, "4", "24", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "4", "24", "0", "-"],
+        ["-", "/etc/hostname", "0", "4", "24", "0", "-"],
+        ["/data", "link-to-a", "0", "8", "24", "0", "-"],
+        ["/data", "escape", "0", "8", "24", "0", "-"],
+        ["/data/dir", "../pod-only.txt", "0", "8", "24", "0", "-"],
+        ["/data", "/etc/hostname", "0", "8", "24", "0", "-"],
+        ["/data/dir", "abs", "0", "8", "24", "0", "-"],
+        ["/data/dir", "abs", "0", "16", "24", "0", "-"],
+        ["/data/dir", "/a.txt", "0", "16", "24", "0", "-"],
+        ["/data/dir", "../../dir/b.txt", "0", "16", "24", "0", "-"],
+        ["/data", "escape", "0", "16", "24", "0", "-"],
+        ["/data", "escape", "0", "0", "24", "0", "-"],
+        ["-", "/data/mnt/m.txt", "0", "1", "24", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "1", "24", "0", "-"],
+        ["/data/mnt", "m.txt", "0", "1", "24", "0", "-"],
+        ["/data/mnt", "../dir/a.txt", "0", "1", "24", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "2", "24", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "0", "16", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "0", "32", "1", "-"],
+        ["-", "/data/dir/a.txt", "0", "0", "32", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "64", "24", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "24", "24", "0", "-"],
+        ["-", "/data/dir/a.txt", "0", "0", "24", "0", "0644"],
+        ["-", "/data/dir/a.txt", &path_rdwr, "0", "24", "0", "-"],
+    ];
+    let args: Vec<&str> =
+        cases.iter().flat_map(|case| std::iter::once("openat2").chain(case.iter().copied())).collect();
+    let (inside, under) = both(&pod, &binary, &args);
+    eprintln!("in the pod:\n{inside}\nunder kmirror:\n{under}");
+    let answers: Vec<&str> = inside.lines().map(|l| l.rsplit(':').next().unwrap().trim()).collect();
+    #[rustfmt::skip]
+    let expected = [
+        "ELOOP", "lnk", "reg read=\"a\"", "reg read=\"kmirror-pod-214\"",
+        "reg read=\"a\"", "EXDEV", "EXDEV", "EXDEV", "EXDEV", "reg read=\"bb\"", "reg read=\"a\"",
+        "ENOENT", "ENOENT", "ENOENT",
+        "EXDEV", "reg read=\"a\"", "reg read=\"m\"", "EXDEV", "reg read=\"a\"",
+        "EINVAL", "E2BIG", "reg read=\"a\"", "EINVAL", "EINVAL", "EINVAL", "EINVAL",
+    ];
+    assert_eq!(answers, expected, "in the pod:\n{inside}");
+    assert_same_lines(&inside, &under);
+}
