@@ -184,6 +184,17 @@ fn o_path_descriptors_of_pod_files_behave_as_in_the_pod() {
     let out = kmirror(pod.target_pid, &["--fs-mode", "read"], &[bin, "reopen", "/data/big"]);
     let reopened = String::from_utf8_lossy(&out.stdout);
     assert!(reopened.contains(" proc=EFBIG proc-path=reg devfd=EFBIG "), "{reopened}");
+
+    // A file kmirror synthesises (resolv.conf pointing at its DNS forwarder) is no readable
+    // descriptor under O_PATH either.
+    let out = kmirror(pod.target_pid, &[], &[bin, "opath", "/etc/resolv.conf", "reopen", "/etc/resolv.conf"]);
+    let virtual_file = String::from_utf8_lossy(&out.stdout);
+    assert!(virtual_file.starts_with("opath /etc/resolv.conf: reg 0644 0:0 "), "{virtual_file}");
+    assert!(virtual_file.contains(" read=EBADF fstatat=same stat=same "), "{virtual_file}");
+    assert!(
+        line(&virtual_file, "reopen /etc/resolv.conf:").contains(" proc read=\"# written by kmirror"),
+        "{virtual_file}"
+    );
 }
 
 /// openat2 on pod paths: the `resolve` flags constrain every component as the kernel's do in

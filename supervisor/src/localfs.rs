@@ -323,6 +323,32 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The kernel itself judges openat2's `how`: what it accepts and what it refuses, with its
+    /// errno, and nothing is looked up or created on the way.
+    #[test]
+    fn the_kernel_judges_open_how() {
+        let how = |flags: i32, mode: u64, resolve: u64, extra: &[u8]| {
+            let mut bytes =
+                [(flags as u64).to_ne_bytes(), mode.to_ne_bytes(), resolve.to_ne_bytes()].concat();
+            bytes.extend_from_slice(extra);
+            check_open_how(&bytes)
+        };
+        assert_eq!(how(libc::O_RDONLY, 0, 0, &[]), Ok(()));
+        assert_eq!(
+            how(libc::O_RDONLY, 0, libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH, &[0; 8]),
+            Ok(())
+        );
+        assert_eq!(how(libc::O_RDONLY, 0, 0, &[0, 0, 1, 0, 0, 0, 0, 0]), Err(libc::E2BIG));
+        assert_eq!(how(libc::O_RDONLY, 0o644, 0, &[]), Err(libc::EINVAL), "a mode without O_CREAT");
+        assert_eq!(how(libc::O_CREAT | libc::O_WRONLY, 0o644, 0, &[]), Ok(()));
+        assert_eq!(how(libc::O_CREAT | libc::O_WRONLY, 0o10644, 0, &[]), Err(libc::EINVAL));
+        assert_eq!(how(libc::O_RDONLY, 0, 0x40, &[]), Err(libc::EINVAL), "an unknown resolve bit");
+        let scopes = libc::RESOLVE_BENEATH | libc::RESOLVE_IN_ROOT;
+        assert_eq!(how(libc::O_RDONLY, 0, scopes, &[]), Err(libc::EINVAL));
+        assert_eq!(how(libc::O_PATH | libc::O_RDWR, 0, 0, &[]), Err(libc::EINVAL));
+        assert_eq!(how(libc::O_CREAT | libc::O_WRONLY, 0, libc::RESOLVE_CACHED, &[]), Err(libc::EAGAIN));
+    }
+
     #[test]
     fn proc_self_names_the_caller_and_openat2_flags_hold() {
         let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();

@@ -410,6 +410,9 @@ async fn read_pod_file(tunnel: &kmirror_protocol::tunnel::Tunnel, path: &[u8]) -
 fn sealed_file(name: &str, content: &[u8]) -> Result<std::fs::File> {
     let memfd = memfd::MemfdOptions::default().allow_sealing(true).create(format!("kmirror:{name}"))?;
     memfd.as_file().write_all(content)?;
+    // The mode `stat` of its path reports (see `handlers::files::virtual_stat`), so the
+    // descriptor's fstat agrees.
+    memfd.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     memfd.add_seals(&[
         memfd::FileSeal::SealShrink,
         memfd::FileSeal::SealGrow,

@@ -316,6 +316,9 @@ fn virtual_file(ctx: &Context, v: VirtualFile) -> Result<std::fs::File, i32> {
 fn sealed(name: &[u8], content: &[u8]) -> Result<std::fs::File, i32> {
     let memfd = new_memfd(name)?;
     memfd.as_file().write_all(content).map_err(errno_of)?;
+    // The mode `virtual_stat` reports, so fstat of the descriptor agrees with stat of the path.
+    use std::os::unix::fs::PermissionsExt;
+    memfd.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(errno_of)?;
     seal(&memfd)?;
     Ok(memfd.into_file())
 }
