@@ -35,7 +35,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub struct StandIns {
     /// `<scratch>/path`: what the pod's paths lead to.
@@ -46,6 +46,9 @@ pub struct StandIns {
     /// node appears whole and concurrent opens of one path never dress each other's node.
     spare: PathBuf,
     next: AtomicU64,
+    /// The app was given a descriptor that stands for a pod file (a stand-in, a listed
+    /// directory): until then no descriptor needs looking up (libc's every `fstat` is trapped).
+    handed_out: AtomicBool,
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -66,7 +69,7 @@ impl StandIns {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
-        Ok(StandIns { root, links, spare, next: AtomicU64::new(0) })
+        Ok(StandIns { root, links, spare, next: AtomicU64::new(0), handed_out: AtomicBool::new(false) })
     }
 
     pub fn root(&self) -> &Path {
@@ -77,10 +80,21 @@ impl StandIns {
         &self.links
     }
 
+    /// Notes that a descriptor standing for a pod file is about to reach the app.
+    pub fn note_handed_out(&self) {
+        self.handed_out.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether any descriptor of the app may stand for a pod file.
+    pub fn any_handed_out(&self) -> bool {
+        self.handed_out.load(Ordering::Relaxed)
+    }
+
     /// A descriptor of a node standing for the pod file at `path` (absolute, normalised) whose
     /// metadata is `st` (a symlink's own when `st` says so: the node then stands for the
     /// symlink itself).
     pub fn make(&self, path: &[u8], st: &FileStat) -> Result<OwnedFd, i32> {
+        self.note_handed_out();
         let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
         if parts.iter().any(|p| matches!(*p, b"." | b"..")) {
             return Err(libc::EINVAL);

@@ -83,7 +83,8 @@ fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
     let rules = walk::Rules::of_resolve(arg.resolve, arg.follow_last);
     if raw.is_empty() {
         // Asked about a descriptor itself: the pod file, if the descriptor stands for one.
-        return Routing::Decided(match arg.empty_is_fd && arg.dirfd >= 0 {
+        let ours = arg.empty_is_fd && arg.dirfd >= 0 && ctx.standins.any_handed_out();
+        return Routing::Decided(match ours {
             true => pod_file_of_fd(ctx, tid, arg.dirfd).map_or(Plan::Local, Plan::PodFile),
             false => Plan::Local,
         });
@@ -143,6 +144,9 @@ fn route_through_fd_link(
     arg: &PathArg,
     rules: walk::Rules,
 ) -> Option<Routing> {
+    if !ctx.standins.any_handed_out() {
+        return None;
+    }
     let link = files::fd_link(raw)?;
     let refused = libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS | walk::SCOPES;
     if arg.resolve & refused != 0 || (link.rest.is_empty() && !arg.follow_last) {
@@ -506,6 +510,7 @@ async fn open_remote(ctx: &Context, path: &[u8], flags: i32) -> Result<OwnedFd, 
     match st.mode & libc::S_IFMT {
         libc::S_IFDIR => {
             let local = materialize_dir(ctx, path).await?;
+            ctx.standins.note_handed_out();
             Ok(std::fs::File::open(local).map_err(errno_of)?.into())
         }
         _ if flags & libc::O_DIRECTORY != 0 => Err(libc::ENOTDIR),
@@ -836,7 +841,7 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         answer(ctx, n, result);
     };
     // The link of a descriptor that stands for a pod file names the pod path, as in the pod.
-    if dirfd == libc::AT_FDCWD {
+    if dirfd == libc::AT_FDCWD && ctx.standins.any_handed_out() {
         let raw = tracee::read_cstring(n.tid, path_ptr, PATH_MAX).unwrap_or_default();
         let link = files::fd_link(&raw).filter(|link| link.rest.is_empty());
         if let Some(file) = link.and_then(|link| own_pod_file(ctx, n.tid, &link)) {
