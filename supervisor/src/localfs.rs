@@ -17,9 +17,7 @@ struct OpenHow {
     resolve: u64,
 }
 
-pub const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-pub const RESOLVE_BENEATH: u64 = 0x08;
-pub const RESOLVE_IN_ROOT: u64 = 0x10;
+use libc::RESOLVE_IN_ROOT;
 
 fn last() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
@@ -101,6 +99,26 @@ fn openat2(dirfd: RawFd, path: &CString, flags: i32, mode: u32, resolve: u64) ->
             libc::EAGAIN if resolve & RESOLVE_IN_ROOT != 0 => continue,
             errno => return Err(errno),
         }
+    }
+}
+
+/// Whether the kernel accepts openat2's `how`, as the app passed it (all its bytes). The
+/// kernel judges `how` before it reads the path, so an empty path asks exactly that, with no
+/// lookup: ENOENT means accepted; otherwise the kernel's own refusal (EINVAL for unknown or
+/// contradictory flags and for a mode without O_CREAT, E2BIG for non-zero bytes it does not
+/// know, EAGAIN for RESOLVE_CACHED with O_CREAT). No copy of the kernel's rules to go stale.
+pub fn check_open_how(how: &[u8]) -> Result<(), i32> {
+    // SAFETY: openat2 reads `how.len()` bytes of `how` and the empty, NUL-terminated path.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, c"".as_ptr(), how.as_ptr(), how.len()) };
+    if fd >= 0 {
+        // SAFETY: a descriptor the kernel just returned (it never should for an empty path).
+        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        return Ok(());
+    }
+    match last() {
+        libc::ENOENT => Ok(()),
+        errno => Err(errno),
     }
 }
 
@@ -305,6 +323,32 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The kernel itself judges openat2's `how`: what it accepts and what it refuses, with its
+    /// errno, and nothing is looked up or created on the way.
+    #[test]
+    fn the_kernel_judges_open_how() {
+        let how = |flags: i32, mode: u64, resolve: u64, extra: &[u8]| {
+            let mut bytes =
+                [(flags as u64).to_ne_bytes(), mode.to_ne_bytes(), resolve.to_ne_bytes()].concat();
+            bytes.extend_from_slice(extra);
+            check_open_how(&bytes)
+        };
+        assert_eq!(how(libc::O_RDONLY, 0, 0, &[]), Ok(()));
+        assert_eq!(
+            how(libc::O_RDONLY, 0, libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH, &[0; 8]),
+            Ok(())
+        );
+        assert_eq!(how(libc::O_RDONLY, 0, 0, &[0, 0, 1, 0, 0, 0, 0, 0]), Err(libc::E2BIG));
+        assert_eq!(how(libc::O_RDONLY, 0o644, 0, &[]), Err(libc::EINVAL), "a mode without O_CREAT");
+        assert_eq!(how(libc::O_CREAT | libc::O_WRONLY, 0o644, 0, &[]), Ok(()));
+        assert_eq!(how(libc::O_CREAT | libc::O_WRONLY, 0o10644, 0, &[]), Err(libc::EINVAL));
+        assert_eq!(how(libc::O_RDONLY, 0, 0x40, &[]), Err(libc::EINVAL), "an unknown resolve bit");
+        let scopes = libc::RESOLVE_BENEATH | libc::RESOLVE_IN_ROOT;
+        assert_eq!(how(libc::O_RDONLY, 0, scopes, &[]), Err(libc::EINVAL));
+        assert_eq!(how(libc::O_PATH | libc::O_RDWR, 0, 0, &[]), Err(libc::EINVAL));
+        assert_eq!(how(libc::O_CREAT | libc::O_WRONLY, 0, libc::RESOLVE_CACHED, &[]), Err(libc::EAGAIN));
+    }
+
     #[test]
     fn proc_self_names_the_caller_and_openat2_flags_hold() {
         let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
@@ -316,7 +360,7 @@ mod tests {
         let caller = me();
         assert_eq!(as_app_path(&caller, b"/proc/selfish").unwrap().as_bytes(), b"/proc/selfish");
         // /proc/self/exe is a symlink: refused under RESOLVE_NO_SYMLINKS, as the kernel would.
-        let no_symlinks = open(&caller, b"/proc/self/exe", libc::O_RDONLY, 0, RESOLVE_NO_SYMLINKS);
+        let no_symlinks = open(&caller, b"/proc/self/exe", libc::O_RDONLY, 0, libc::RESOLVE_NO_SYMLINKS);
         assert_eq!(no_symlinks.err(), Some(libc::ELOOP));
         assert_eq!(lookup(&caller, b"/proc/self/exe").map(|n| matches!(n, Node::Symlink(_))), Ok(true));
         assert_eq!(lookup(&caller, b"/etc"), Ok(Node::Dir));

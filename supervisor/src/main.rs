@@ -21,6 +21,7 @@ mod service_manager;
 mod session;
 mod signals;
 mod sockets;
+mod standin;
 mod stats;
 mod target;
 mod tracee;

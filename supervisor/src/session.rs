@@ -193,11 +193,14 @@ async fn session(
         &handover,
         relay.as_ref().map(|p| p.as_os_str().as_bytes()),
     );
+    let standins = crate::standin::StandIns::create(&scratch).context("cannot create the stand-in tree")?;
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
         extra_local: local_only_paths(&program, &env),
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
+        standin_root: standins.root().as_os_str().as_bytes().to_vec(),
+        link_root: standins.links().as_os_str().as_bytes().to_vec(),
     };
 
     let incoming = Arc::new(IncomingPolicy {
@@ -246,6 +249,7 @@ async fn session(
         threads: Default::default(),
         virtual_files,
         materialized,
+        standins: Arc::new(standins),
         incoming: incoming.clone(),
         incoming_filter,
         subscribed: Default::default(),
@@ -442,6 +446,9 @@ async fn read_pod_file(tunnel: &kmirror_protocol::tunnel::Tunnel, path: &[u8]) -
 fn sealed_file(name: &str, content: &[u8]) -> Result<std::fs::File> {
     let memfd = memfd::MemfdOptions::default().allow_sealing(true).create(format!("kmirror:{name}"))?;
     memfd.as_file().write_all(content)?;
+    // The mode `stat` of its path reports (see `handlers::files::virtual_stat`), so the
+    // descriptor's fstat agrees.
+    memfd.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     memfd.add_seals(&[
         memfd::FileSeal::SealShrink,
         memfd::FileSeal::SealGrow,

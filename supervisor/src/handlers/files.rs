@@ -38,6 +38,10 @@ enum Plan {
     LocalAt(Vec<u8>),
     Virtual(VirtualFile),
     Remote(Vec<u8>),
+    /// The pod file one of kmirror's descriptors stands for (a mirrored directory, an O_PATH
+    /// stand-in), asked about through the descriptor itself: with `follow` false it is the
+    /// symlink itself, whatever the call's own flags say.
+    PodFile(files::PodFile),
 }
 
 /// A trapped call's path argument.
@@ -49,19 +53,23 @@ struct PathArg {
     write: bool,
     /// openat2's `resolve` flags (0 for other calls).
     resolve: u64,
+    /// The call follows a symlink in the last component.
+    follow_last: bool,
+    /// An empty path names the descriptor `dirfd` itself (AT_EMPTY_PATH, readlinkat).
+    empty_is_fd: bool,
 }
 
 /// Where a path argument leads, as far as its text tells.
 enum Routing {
     Decided(Plan),
-    /// It steps back (`..`, `.`, a trailing slash) through a pod directory: only a walk that
-    /// looks at each such step can tell (see `policy::walk`).
+    /// It steps back (`..`, `.`, a trailing slash) through a pod directory, or openat2's
+    /// resolve flags constrain each component: only a walk that looks at each such step can
+    /// tell (see `policy::walk`).
     Walk {
         start: Vec<u8>,
         start_in_pod: bool,
         path: Vec<u8>,
-        scope: Scope,
-        no_symlinks: bool,
+        rules: walk::Rules,
     },
 }
 
@@ -72,57 +80,112 @@ fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
     let Ok(raw) = tracee::read_cstring(tid, arg.ptr, PATH_MAX) else {
         return Routing::Decided(Plan::Local);
     };
-    let scoped = arg.resolve & (localfs::RESOLVE_BENEATH | localfs::RESOLVE_IN_ROOT) != 0;
-    let no_symlinks = arg.resolve & localfs::RESOLVE_NO_SYMLINKS != 0;
+    let rules = walk::Rules::of_resolve(arg.resolve, arg.follow_last);
+    if raw.is_empty() {
+        // Asked about a descriptor itself: the pod file, if the descriptor stands for one.
+        let ours = arg.empty_is_fd && arg.dirfd >= 0 && ctx.standins.any_handed_out();
+        return Routing::Decided(match ours {
+            true => pod_file_of_fd(ctx, tid, arg.dirfd).map_or(Plan::Local, Plan::PodFile),
+            false => Plan::Local,
+        });
+    }
+    if let Some(routing) = route_through_fd_link(ctx, tid, &raw, arg, rules) {
+        return routing;
+    }
+    let scoped = rules.scope != Scope::Root;
     if raw.first() == Some(&b'/') && !scoped {
         if let Some(pod_path) = ctx.files.pod_path_of_materialized(&raw) {
             // A path into kmirror's mirror of pod directories: the pod's, relative to its root.
-            if !walk::steps_back(&pod_path) {
-                return Routing::Decided(plan_for(ctx, pod_path, arg.write, true));
-            }
-            let path = pod_path.strip_prefix(b"/").unwrap_or(&pod_path).to_vec();
-            return Routing::Walk {
-                start: b"/".to_vec(),
-                start_in_pod: true,
-                path,
-                scope: Scope::Root,
-                no_symlinks,
-            };
+            return route_pod_path(ctx, pod_path, arg.write, rules);
         }
-        if files::is_normal(&raw) {
+        if !rules.strict && files::is_normal(&raw) {
             return Routing::Decided(plan_for(ctx, raw, arg.write, false));
         }
-        if !walk::needs_walk(&raw, |p| ctx.files.route(p, arg.write) != FileRoute::Local) {
+        if !walk::needs_walk(&raw, rules.strict, |p| ctx.files.route(p, arg.write) != FileRoute::Local) {
             return Routing::Decided(Plan::Local);
         }
-        return Routing::Walk {
-            start: b"/".to_vec(),
-            start_in_pod: false,
-            path: raw,
-            scope: Scope::Root,
-            no_symlinks,
-        };
+        return Routing::Walk { start: b"/".to_vec(), start_in_pod: false, path: raw, rules };
     }
-    if raw.is_empty() || arg.dirfd == libc::AT_FDCWD {
+    if arg.dirfd == libc::AT_FDCWD {
         return Routing::Decided(Plan::Local);
     }
     let Some(pod_dir) = tracee::proc_link(tid, &format!("fd/{}", arg.dirfd))
         .ok()
-        .and_then(|dir| ctx.files.pod_path_of_materialized(&dir))
+        .and_then(|dir| ctx.files.pod_path_of_fd_link(&dir))
     else {
         return Routing::Decided(Plan::Local);
     };
-    if !walk::steps_back(&raw) && !scoped && raw.first() != Some(&b'/') {
+    if !walk::steps_back(&raw) && !rules.strict && raw.first() != Some(&b'/') {
         return Routing::Decided(plan_for(ctx, files::join(&pod_dir, &raw), arg.write, true));
     }
-    let scope = if arg.resolve & localfs::RESOLVE_IN_ROOT != 0 {
-        Scope::InRoot
-    } else if arg.resolve & localfs::RESOLVE_BENEATH != 0 {
-        Scope::Beneath
-    } else {
-        Scope::Root
+    Routing::Walk { start: pod_dir, start_in_pod: true, path: raw, rules }
+}
+
+/// Routes an absolute pod path the app reached through one of kmirror's local trees.
+fn route_pod_path(ctx: &Context, pod_path: Vec<u8>, write: bool, rules: walk::Rules) -> Routing {
+    if !walk::steps_back(&pod_path) && !rules.strict {
+        return Routing::Decided(plan_for(ctx, pod_path, write, true));
+    }
+    // Relative to the pod's root, so the walk counts it as passing through the pod.
+    let path = pod_path.strip_prefix(b"/").unwrap_or(&pod_path).to_vec();
+    Routing::Walk { start: b"/".to_vec(), start_in_pod: true, path, rules }
+}
+
+/// Routes a path through one of the caller's own descriptor links (`/proc/self/fd/N[/...]`)
+/// when that descriptor stands for a pod file (a mirrored directory, an O_PATH stand-in):
+/// opening the local node would give its empty content. A link that is not followed (the
+/// last component of a call that does not follow), resolve flags that refuse magic links,
+/// and names below a pod symlink's own stand-in (ENOTDIR, from the kernel as from the pod)
+/// are the kernel's business.
+fn route_through_fd_link(
+    ctx: &Context,
+    tid: u32,
+    raw: &[u8],
+    arg: &PathArg,
+    rules: walk::Rules,
+) -> Option<Routing> {
+    if !ctx.standins.any_handed_out() {
+        return None;
+    }
+    let link = files::fd_link(raw)?;
+    let refused = libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS | walk::SCOPES;
+    if arg.resolve & refused != 0 || (link.rest.is_empty() && !arg.follow_last) {
+        return None;
+    }
+    let file = own_pod_file(ctx, tid, &link)?;
+    if link.rest.is_empty() {
+        // The link leads to the descriptor's file and no further, as the kernel's does.
+        return Some(Routing::Decided(Plan::PodFile(file)));
+    }
+    if !file.follow {
+        return None;
+    }
+    // Steps back are the walk's to take, as the kernel would from the descriptor's file.
+    let path = match walk::steps_back(link.rest) {
+        true => [&file.path[..], link.rest].concat(),
+        false => files::join(&file.path, link.rest),
     };
-    Routing::Walk { start: pod_dir, start_in_pod: true, path: raw, scope, no_symlinks }
+    Some(route_pod_path(ctx, path, arg.write, rules))
+}
+
+/// The pod file behind a descriptor link, if the link is the caller's own.
+fn own_pod_file(ctx: &Context, tid: u32, link: &files::FdLink) -> Option<files::PodFile> {
+    let own = match link.owner {
+        files::FdOwner::Process | files::FdOwner::Thread => true,
+        files::FdOwner::Task(t) => t == tid,
+        files::FdOwner::Pid(p) => p == tid || Caller::of_thread(tid).is_ok_and(|c| c.tgid == p),
+    };
+    own.then(|| pod_file_of_fd(ctx, tid, link.fd)).flatten()
+}
+
+/// The pod file descriptor `fd` of thread `tid` stands for, if any: a fetched copy, a
+/// mirrored directory or an O_PATH stand-in.
+fn pod_file_of_fd(ctx: &Context, tid: u32, fd: i32) -> Option<files::PodFile> {
+    let link = tracee::proc_link(tid, &format!("fd/{fd}")).ok()?;
+    if let Some(path) = ctx.pod_fds.path_of_link(&link) {
+        return Some(files::PodFile { path, follow: true });
+    }
+    ctx.files.pod_file_of_fd_link(&link)
 }
 
 /// The plan for a resolved path. `through_pod`: the raw argument passes through a pod
@@ -173,6 +236,17 @@ impl walk::Lookup for WalkLookup<'_> {
             }
         }
     }
+
+    async fn device(&self, path: &[u8], pod: bool) -> Result<u64, i32> {
+        if pod {
+            let who = self.caller.credentials.identity();
+            return Ok(remote_stat(self.ctx, &who, path, false).await?.dev);
+        }
+        let (caller, path) = (self.caller.clone(), path.to_vec());
+        tokio::task::spawn_blocking(move || localfs::stat(&caller, &path, false).map(|st| st.dev))
+            .await
+            .unwrap_or(Err(libc::EIO))
+    }
 }
 
 fn caller_of(n: &Notification) -> Result<Caller, i32> {
@@ -192,11 +266,9 @@ fn with_plan(
     arg: PathArg,
     serve: impl FnOnce(&Arc<Context>, Notification, Plan) + Send + 'static,
 ) {
-    let (start, start_in_pod, path, scope, no_symlinks) = match route_arg(ctx, n.tid, &arg) {
+    let (start, start_in_pod, path, rules) = match route_arg(ctx, n.tid, &arg) {
         Routing::Decided(plan) => return serve(ctx, n, plan),
-        Routing::Walk { start, start_in_pod, path, scope, no_symlinks } => {
-            (start, start_in_pod, path, scope, no_symlinks)
-        }
+        Routing::Walk { start, start_in_pod, path, rules } => (start, start_in_pod, path, rules),
     };
     let task_ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
@@ -204,7 +276,7 @@ fn with_plan(
         let walked = async {
             let caller = Arc::new(caller_of(&n)?);
             let lookup = WalkLookup { ctx: &ctx, caller: &caller, write: arg.write };
-            let request = walk::Walk { start: &start, start_in_pod, path: &path, scope, no_symlinks };
+            let request = walk::Walk { start: &start, start_in_pod, path: &path, rules };
             walk::walk(&lookup, request).await
         }
         .await;
@@ -279,6 +351,9 @@ fn virtual_file(ctx: &Context, v: VirtualFile) -> Result<std::fs::File, i32> {
 fn sealed(name: &[u8], content: &[u8]) -> Result<std::fs::File, i32> {
     let memfd = new_memfd(name)?;
     memfd.as_file().write_all(content).map_err(errno_of)?;
+    // The mode `virtual_stat` reports, so fstat of the descriptor agrees with stat of the path.
+    use std::os::unix::fs::PermissionsExt;
+    memfd.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(errno_of)?;
     seal(&memfd)?;
     Ok(memfd.into_file())
 }
@@ -330,54 +405,108 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
     let (dirfd, path_ptr, flags, mode, resolve) = match n.nr {
         libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32, n.args[2] as u32, 0),
         libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32, n.args[3] as u32, 0),
-        // openat2: `struct open_how` is the flags, the mode and the resolve flags; a smaller
-        // size is the kernel's to refuse.
-        _ => match tracee::read_bytes(n.tid, n.args[2], OPEN_HOW_SIZE) {
-            Ok(how) if n.args[3] as usize >= OPEN_HOW_SIZE => {
-                let field = |i: usize| u64::from_ne_bytes(how[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                (n.args[0] as i32, n.args[1], field(0) as i32, field(1) as u32, field(2))
-            }
-            _ => return ctx.listener.continue_call(n.id),
+        _ => match read_open_how(&n) {
+            Some(Ok(how)) => (n.args[0] as i32, n.args[1], how.flags as i32, how.mode as u32, how.resolve),
+            // `how` is one the kernel refuses before it looks at the path: its answer.
+            Some(Err(errno)) => return answer(ctx, &n, Err(errno)),
+            // Too small, too large or unreadable: the kernel's to refuse as it does.
+            None => return ctx.listener.continue_call(n.id),
         },
     };
     let write = flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
         || flags & libc::O_TMPFILE == libc::O_TMPFILE;
-    let arg = PathArg { dirfd, ptr: path_ptr, write, resolve };
+    let follow_last = flags & libc::O_NOFOLLOW == 0;
+    let arg = PathArg { dirfd, ptr: path_ptr, write, resolve, follow_last, empty_is_fd: false };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
-            move |caller| localfs::open(caller, &path, flags, mode, resolve),
+            // The walk that found this path applied the scope flags already.
+            move |caller| localfs::open(caller, &path, flags, mode, resolve & !walk::SCOPES),
             move |ctx, n, result| deliver_fd(ctx, n, result, flags),
         ),
         Plan::Virtual(v) => {
             let result = if flags & libc::O_DIRECTORY != 0 {
                 Err(libc::ENOTDIR)
+            } else if flags & libc::O_PATH != 0 {
+                // See `standin` for why not a real O_PATH descriptor.
+                virtual_file(ctx, v).and_then(|f| reopen(f.as_raw_fd(), libc::O_ACCMODE).map_err(errno_of))
             } else if write && v == VirtualFile::Hostname {
                 super::host::open_for_write(ctx, &n)
             } else if write {
                 Err(libc::EACCES)
             } else {
-                virtual_file(ctx, v).and_then(|f| reopen_read_only(f.as_raw_fd()).map_err(errno_of))
+                virtual_file(ctx, v).and_then(|f| reopen(f.as_raw_fd(), libc::O_RDONLY).map_err(errno_of))
             };
             deliver_fd(ctx, &n, result, flags);
         }
-        Plan::Remote(path) => {
-            let ctx = ctx.clone();
-            super::spawn_answering(ctx.clone(), n.id, async move {
-                let result = match identity_of(&n) {
-                    Ok(who) => open_remote(&ctx, &who, &path, flags).await,
-                    Err(errno) => Err(errno),
-                };
-                deliver_fd(&ctx, &n, result, flags);
-            });
+        Plan::Remote(path) => open_pod_file(ctx, n, path, flags),
+        Plan::PodFile(file) => {
+            let nofollow = if file.follow { 0 } else { libc::O_NOFOLLOW };
+            open_pod_file(ctx, n, file.path, (flags & !libc::O_NOFOLLOW) | nofollow);
         }
     });
 }
 
-/// The part of `struct open_how` kmirror reads: flags, mode, resolve.
+fn open_pod_file(ctx: &Arc<Context>, n: Notification, path: Vec<u8>, flags: i32) {
+    let ctx = ctx.clone();
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let result = match identity_of(&n) {
+            Ok(who) if flags & libc::O_PATH != 0 => open_path_only(&ctx, &who, &path, flags).await,
+            Ok(who) => open_remote(&ctx, &who, &path, flags).await,
+            Err(errno) => Err(errno),
+        };
+        deliver_fd(&ctx, &n, result, flags);
+    });
+}
+
+/// openat2's `struct open_how`: its first three fields, which are all this kernel knows.
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Reads openat2's `how` (`args[2]`, `args[3]` bytes) as the kernel does: `None` when the
+/// kernel refuses it before reading it whole (a size below the first version's or above a
+/// page) or cannot read it, `Some(Err)` when the kernel refuses what it says, which the kernel
+/// itself tells (see `localfs::check_open_how`).
+fn read_open_how(n: &Notification) -> Option<Result<OpenHow, i32>> {
+    let size = n.args[3] as usize;
+    if !(OPEN_HOW_SIZE..=page_size()).contains(&size) {
+        return None;
+    }
+    let how = tracee::read_bytes(n.tid, n.args[2], size).ok()?;
+    if let Err(errno) = localfs::check_open_how(&how) {
+        return Some(Err(errno));
+    }
+    let field = |i: usize| u64::from_ne_bytes(how[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Some(Ok(OpenHow { flags: field(0), mode: field(1), resolve: field(2) }))
+}
+
+fn page_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *SIZE.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096))
+}
+
+/// openat2's `struct open_how` as its first version: flags, mode, resolve.
 const OPEN_HOW_SIZE: usize = 24;
+
+/// `O_PATH` of a pod path: the pod file is looked at, never opened or read (a FIFO, a device,
+/// a file of any size), and the app gets a descriptor of a stand-in dressed as it, which the
+/// calls about a descriptor map back to the pod file (see `standin`).
+async fn open_path_only(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
+    let st = remote_stat(ctx, who, path, flags & libc::O_NOFOLLOW == 0).await?;
+    let kind = st.mode & libc::S_IFMT;
+    if flags & libc::O_DIRECTORY != 0 && kind != libc::S_IFDIR {
+        return Err(libc::ENOTDIR);
+    }
+    let path = path.to_vec();
+    let standins = ctx.standins.clone();
+    tokio::task::spawn_blocking(move || standins.make(&path, &st)).await.unwrap_or(Err(libc::EIO))
+}
 
 fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
@@ -394,10 +523,17 @@ fn errno_of(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// A new, read-only open file description of an existing file (each app open gets its own
-/// file offset).
-fn reopen_read_only(fd: i32) -> std::io::Result<OwnedFd> {
-    Ok(std::fs::File::open(format!("/proc/self/fd/{fd}"))?.into())
+/// A new open file description of an existing file, with access mode `access` (each app open
+/// gets its own file offset).
+fn reopen(fd: i32, access: i32) -> std::io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+    // SAFETY: a NUL-terminated path; the descriptor is owned below.
+    let fd = unsafe { libc::open(path.as_ptr(), access | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 async fn open_remote(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
@@ -405,6 +541,7 @@ async fn open_remote(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> 
     match st.mode & libc::S_IFMT {
         libc::S_IFDIR => {
             let local = materialize_dir(ctx, who, path).await?;
+            ctx.standins.note_handed_out();
             Ok(std::fs::File::open(local).map_err(errno_of)?.into())
         }
         _ if flags & libc::O_DIRECTORY != 0 => Err(libc::ENOTDIR),
@@ -433,12 +570,13 @@ async fn fetch_file(
         *st
     };
     seal(&memfd)?;
-    let app_fd = reopen_read_only(memfd.as_file().as_raw_fd()).map_err(errno_of)?;
+    let app_fd = reopen(memfd.as_file().as_raw_fd(), libc::O_RDONLY).map_err(errno_of)?;
     // After the reopen (a mode without read permission must not stop it): the copy describes
-    // the pod's file to fstat, as stat of its path does (pod_fds also answers fstat itself,
-    // with the pod's inode; the dressing covers what reads the copy without a trapped call).
+    // the pod's file to fstat, as stat of its path does (calls about the descriptor are
+    // answered from the pod through pod_fds; the dressing covers what reads it untrapped).
     dress_as(memfd.as_file(), &read);
-    ctx.pod_fds.insert(id, path, &read);
+    ctx.pod_fds.insert(id, path);
+    ctx.standins.note_handed_out();
     Ok(app_fd)
 }
 
@@ -650,12 +788,22 @@ fn kind_of(ft: std::fs::FileType) -> u8 {
 
 // ---- stat family ----
 
-/// `fstat(fd, buf)`: a pod file's copy is described as the pod's file; every other
-/// descriptor is the kernel's (and costs only a check while no pod file was opened).
+/// `fstat(fd, buf)`, the system call itself (Go's, musl's; glibc's fstat is `newfstatat` with
+/// `AT_EMPTY_PATH`): a descriptor that stands for a pod file is described as the pod's file;
+/// every other one is the kernel's (and costs only a check while none was handed out).
 pub fn on_fstat(ctx: &Arc<Context>, n: Notification) {
-    if !super::pod_fds::answer_fstat(ctx, &n, n.args[0] as i32, n.args[1], false) {
-        ctx.listener.continue_call(n.id);
-    }
+    let (fd, buf) = (n.args[0] as i32, n.args[1]);
+    let file = if ctx.standins.any_handed_out() { pod_file_of_fd(ctx, n.tid, fd) } else { None };
+    let Some(file) = file else { return ctx.listener.continue_call(n.id) };
+    let ctx = ctx.clone();
+    super::spawn_answering(ctx.clone(), n.id, async move {
+        let stat = match identity_of(&n) {
+            Ok(who) => remote_stat(&ctx, &who, &file.path, file.follow).await,
+            Err(errno) => Err(errno),
+        };
+        let result = stat.and_then(|st| write_out(&ctx, &n, buf, &abi::encode_stat(&st)));
+        answer(&ctx, &n, result.map(|()| 0));
+    });
 }
 
 pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
@@ -665,17 +813,10 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_newfstatat => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i32, false),
         _ => (n.args[0] as i32, n.args[1], n.args[4], n.args[2] as i32, true),
     };
-    // fstat of a pod file's copy (glibc's fstat is newfstatat with AT_EMPTY_PATH).
-    if flags & libc::AT_EMPTY_PATH != 0
-        && !ctx.pod_fds.is_empty()
-        && tracee::read_cstring(n.tid, path_ptr, 1).is_ok_and(|p| p.is_empty())
-        && super::pod_fds::answer_fstat(ctx, &n, dirfd, buf, statx)
-    {
-        return;
-    }
     let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
     let encode = move |st: &FileStat| if statx { abi::encode_statx(st) } else { abi::encode_stat(st) };
-    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
+    let empty_is_fd = flags & libc::AT_EMPTY_PATH != 0;
+    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last: follow, empty_is_fd };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
         Plan::LocalAt(path) => as_app(
@@ -691,7 +832,13 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
             let result = virtual_stat(ctx, v).and_then(|st| write_out(ctx, &n, buf, &encode(&st)));
             answer(ctx, &n, result.map(|()| 0));
         }
-        Plan::Remote(path) => {
+        Plan::Remote(_) | Plan::PodFile(_) => {
+            // Through a descriptor, the descriptor says what is followed.
+            let (path, follow) = match plan {
+                Plan::PodFile(file) => (file.path, file.follow),
+                Plan::Remote(path) => (path, follow),
+                _ => unreachable!("matched above"),
+            };
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
                 let stat = match identity_of(&n) {
@@ -724,7 +871,9 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
     {
         return answer(ctx, &n, Err(libc::EINVAL));
     }
-    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
+    let follow_last = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    let empty_is_fd = flags & libc::AT_EMPTY_PATH != 0;
+    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last, empty_is_fd };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
         Plan::LocalAt(path) => as_app(
@@ -737,7 +886,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
             let denied = mode & (libc::W_OK | libc::X_OK) as u32 != 0;
             answer(ctx, &n, if denied { Err(libc::EACCES) } else { Ok(0) });
         }
-        Plan::Remote(path) => {
+        Plan::Remote(path) | Plan::PodFile(files::PodFile { path, .. }) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
                 // access(2) checks with the real ids unless AT_EACCESS asks for the effective ones.
@@ -765,13 +914,6 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_readlink => (libc::AT_FDCWD, n.args[0], n.args[1], n.args[2] as i64),
         _ => (n.args[0] as i32, n.args[1], n.args[2], n.args[3] as i64),
     };
-    if !ctx.pod_fds.is_empty()
-        && (dirfd == libc::AT_FDCWD || n.nr == libc::SYS_readlink)
-        && let Ok(raw) = tracee::read_cstring(n.tid, path_ptr, PATH_MAX)
-        && super::pod_fds::answer_readlink(ctx, &n, &raw, buf, size)
-    {
-        return;
-    }
     let copy_out = move |ctx: &Context, n: &Notification, target: Result<Vec<u8>, i32>| {
         let result = if size <= 0 {
             Err(libc::EINVAL)
@@ -783,12 +925,24 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         };
         answer(ctx, n, result);
     };
-    let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
+    // The link of a descriptor that stands for a pod file names the pod path, as in the pod.
+    if dirfd == libc::AT_FDCWD && ctx.standins.any_handed_out() {
+        let raw = tracee::read_cstring(n.tid, path_ptr, PATH_MAX).unwrap_or_default();
+        let link = files::fd_link(&raw).filter(|link| link.rest.is_empty());
+        if let Some(file) = link.and_then(|link| own_pod_file(ctx, n.tid, &link)) {
+            return copy_out(ctx, &n, Ok(file.path));
+        }
+    }
+    // An empty path reads the link a descriptor stands for (Linux 2.6.39).
+    let arg =
+        PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last: false, empty_is_fd: true };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
         Plan::LocalAt(path) => as_app(ctx, n, move |caller| localfs::read_link(caller, &path), copy_out),
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
-        Plan::Remote(path) => {
+        // readlinkat(fd, "") of a descriptor that is not a symlink's own.
+        Plan::PodFile(files::PodFile { follow: true, .. }) => copy_out(ctx, &n, Err(libc::ENOENT)),
+        Plan::Remote(path) | Plan::PodFile(files::PodFile { path, .. }) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
                 let response = match identity_of(&n) {
@@ -814,7 +968,14 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
 pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
     let list = matches!(n.nr, libc::SYS_listxattr | libc::SYS_llistxattr);
     let follow = matches!(n.nr, libc::SYS_getxattr | libc::SYS_listxattr);
-    let arg = PathArg { dirfd: libc::AT_FDCWD, ptr: n.args[0], write: false, resolve: 0 };
+    let arg = PathArg {
+        dirfd: libc::AT_FDCWD,
+        ptr: n.args[0],
+        write: false,
+        resolve: 0,
+        follow_last: follow,
+        empty_is_fd: false,
+    };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
         Plan::LocalAt(path) => {

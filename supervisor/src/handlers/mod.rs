@@ -84,6 +84,8 @@ pub struct Context {
     pub virtual_files: HashMap<VirtualFile, std::fs::File>,
     /// Where listings of pod directories are mirrored so the app can read them as directories.
     pub materialized: PathBuf,
+    /// Local nodes behind the app's O_PATH descriptors of pod files.
+    pub standins: Arc<crate::standin::StandIns>,
     pub incoming: Arc<IncomingPolicy>,
     pub incoming_filter: Option<kmirror_protocol::HttpFilter>,
     /// Pod clients of the loopback connections kmirror makes to the app's listeners.

@@ -89,6 +89,20 @@ pub struct FilePolicy {
     pub extra_local: Vec<Vec<u8>>,
     /// Directories whose listing kmirror materialised; paths below it map back to the pod.
     pub materialized_root: Vec<u8>,
+    /// Stand-ins of pod files the app holds O_PATH descriptors of; paths below it map back to
+    /// the pod, as for `materialized_root`.
+    pub standin_root: Vec<u8>,
+    /// Stand-ins of pod symlinks themselves (O_PATH | O_NOFOLLOW); only their descriptors map
+    /// back to the pod (no lookup goes through a symlink itself).
+    pub link_root: Vec<u8>,
+}
+
+/// The pod file a descriptor of the app stands for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PodFile {
+    pub path: Vec<u8>,
+    /// The descriptor is what the path leads to (false: the symlink itself).
+    pub follow: bool,
 }
 
 /// True when `path` is `prefix` or lies below it.
@@ -142,12 +156,90 @@ impl FilePolicy {
     /// Maps a path inside the local directory tree that mirrors pod directories back to the pod
     /// path, e.g. `<root>/etc/x` → `/etc/x`.
     pub fn pod_path_of_materialized(&self, local: &[u8]) -> Option<Vec<u8>> {
-        if self.materialized_root.is_empty() || !under(local, &self.materialized_root) {
-            return None;
-        }
-        let rest = &local[self.materialized_root.len()..];
+        let root = [&self.materialized_root, &self.standin_root]
+            .into_iter()
+            .find(|root| !root.is_empty() && under(local, root))?;
+        let rest = &local[root.len()..];
         Some(if rest.is_empty() { b"/".to_vec() } else { rest.to_vec() })
     }
+
+    /// The pod path a descriptor of the app stands for, from its `/proc/<tid>/fd/N` link: a
+    /// mirrored directory or an O_PATH stand-in, also one replaced since (the kernel then
+    /// appends ` (deleted)` to the link).
+    pub fn pod_path_of_fd_link(&self, link: &[u8]) -> Option<Vec<u8>> {
+        self.pod_path_of_materialized(link.strip_suffix(b" (deleted)").unwrap_or(link))
+    }
+
+    /// The pod file a descriptor of the app stands for, from its `/proc/<tid>/fd/N` link: as
+    /// [`FilePolicy::pod_path_of_fd_link`], or a stand-in of a pod symlink itself.
+    pub fn pod_file_of_fd_link(&self, link: &[u8]) -> Option<PodFile> {
+        if let Some(path) = self.pod_path_of_fd_link(link) {
+            return Some(PodFile { path, follow: true });
+        }
+        let link = link.strip_suffix(b" (deleted)").unwrap_or(link);
+        let rest = link.strip_prefix(&self.link_root[..]).filter(|_| !self.link_root.is_empty())?;
+        (rest.first() == Some(&b'/')).then(|| PodFile { path: rest.to_vec(), follow: false })
+    }
+}
+
+/// Whose descriptor table a `/proc` path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdOwner {
+    /// `/proc/self`, `/dev/fd`: the calling process.
+    Process,
+    /// `/proc/thread-self`: the calling thread.
+    Thread,
+    /// `/proc/<pid>`: the caller's only if `pid` is its process or thread id.
+    Pid(u32),
+    /// `/proc/<pid>/task/<tid>`: the caller's only if `tid` is its thread id.
+    Task(u32),
+}
+
+/// A path through a descriptor's magic link: `/proc/self/fd/3/etc` is `fd` 3, `rest` `/etc`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FdLink<'a> {
+    pub owner: FdOwner,
+    pub fd: i32,
+    pub rest: &'a [u8],
+}
+
+/// Recognises the spellings of a process's own descriptor links: `/proc/self/fd/N`,
+/// `/proc/thread-self/fd/N`, `/proc/<pid>/fd/N`, `/proc/<pid>/task/<tid>/fd/N`, `/dev/fd/N`,
+/// each maybe followed by more components. Other spellings (a symlink of one's own, a working
+/// directory in `/proc/self/fd`) are left to the kernel.
+pub fn fd_link(path: &[u8]) -> Option<FdLink<'_>> {
+    fn number(part: &[u8]) -> Option<u32> {
+        if part.is_empty() || part.len() > 10 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    }
+    fn split(path: &[u8]) -> (&[u8], &[u8]) {
+        match path.iter().position(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i..]),
+            None => (path, b""),
+        }
+    }
+    let (owner, rest) = if let Some(rest) = path.strip_prefix(b"/dev/fd/") {
+        (FdOwner::Process, rest)
+    } else {
+        let (who, rest) = split(path.strip_prefix(b"/proc/")?);
+        let owner = match who {
+            b"self" => FdOwner::Process,
+            b"thread-self" => FdOwner::Thread,
+            pid => FdOwner::Pid(number(pid)?),
+        };
+        let (owner, rest) = match (owner, rest.strip_prefix(b"/task/")) {
+            (FdOwner::Pid(_), Some(task)) => {
+                let (tid, rest) = split(task);
+                (FdOwner::Task(number(tid)?), rest)
+            }
+            _ => (owner, rest),
+        };
+        (owner, rest.strip_prefix(b"/fd/")?)
+    };
+    let (fd, rest) = split(rest);
+    Some(FdLink { owner, fd: i32::try_from(number(fd)?).ok()?, rest })
 }
 
 /// Whether `normalize` would return `path` unchanged: absolute, no empty, `.` or `..` part
@@ -200,6 +292,8 @@ mod tests {
             remote_dns: true,
             extra_local: vec![b"/work/app".to_vec()],
             materialized_root: b"/tmp/kmirror-1/pod".to_vec(),
+            standin_root: b"/tmp/kmirror-1/path".to_vec(),
+            link_root: b"/tmp/kmirror-1/link".to_vec(),
         }
     }
 
@@ -299,5 +393,43 @@ mod tests {
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod/etc/x"), Some(b"/etc/x".to_vec()));
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/pod"), Some(b"/".to_vec()));
         assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/podx"), None);
+        assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/path/data/big"), Some(b"/data/big".to_vec()));
+        assert_eq!(p.pod_path_of_fd_link(b"/tmp/kmirror-1/path/data/x (deleted)"), Some(b"/data/x".to_vec()));
+        assert_eq!(p.pod_path_of_fd_link(b"/tmp/kmirror-1/pathx"), None);
+        assert_eq!(p.pod_path_of_fd_link(b"/tmp/kmirror-1/link/data/l"), None, "no lookup through a symlink");
+        assert_eq!(p.pod_path_of_materialized(b"/tmp/kmirror-1/link/data/l"), None);
+        let file = |path: &[u8], follow| Some(PodFile { path: path.to_vec(), follow });
+        assert_eq!(p.pod_file_of_fd_link(b"/tmp/kmirror-1/link/data/l (deleted)"), file(b"/data/l", false));
+        assert_eq!(p.pod_file_of_fd_link(b"/tmp/kmirror-1/path/data/l"), file(b"/data/l", true));
+        assert_eq!(p.pod_file_of_fd_link(b"/tmp/kmirror-1/pod/data"), file(b"/data", true));
+        assert_eq!(p.pod_file_of_fd_link(b"/tmp/kmirror-1/linkx/a"), None);
+        assert_eq!(p.pod_file_of_fd_link(b"/memfd:kmirror:hosts (deleted)"), None);
+    }
+
+    #[test]
+    fn descriptor_links_are_recognised_in_their_usual_spellings() {
+        let link = |owner, fd, rest: &'static [u8]| Some(FdLink { owner, fd, rest });
+        assert_eq!(fd_link(b"/proc/self/fd/3"), link(FdOwner::Process, 3, b""));
+        assert_eq!(fd_link(b"/proc/self/fd/12/a/b"), link(FdOwner::Process, 12, b"/a/b"));
+        assert_eq!(fd_link(b"/dev/fd/7"), link(FdOwner::Process, 7, b""));
+        assert_eq!(fd_link(b"/proc/thread-self/fd/4/"), link(FdOwner::Thread, 4, b"/"));
+        assert_eq!(fd_link(b"/proc/4242/fd/5"), link(FdOwner::Pid(4242), 5, b""));
+        assert_eq!(fd_link(b"/proc/4242/task/4243/fd/5/x"), link(FdOwner::Task(4243), 5, b"/x"));
+        for other in [
+            &b"/proc/self/fdinfo/3"[..],
+            b"/proc/self/fd",
+            b"/proc/self/fd/",
+            b"/proc/self/fd/x",
+            b"/proc/self/fd/99999999999",
+            b"/proc/self/fd//3",
+            b"/proc/self/status",
+            b"/proc/4242/task/fd/3",
+            b"/proc/sys/fd/3",
+            b"/dev/fd",
+            b"fd/3",
+            b"/data/proc/self/fd/3",
+        ] {
+            assert_eq!(fd_link(other), None, "{}", String::from_utf8_lossy(other));
+        }
     }
 }
