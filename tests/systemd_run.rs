@@ -196,6 +196,41 @@ fn named(pids: &[u32]) -> Vec<String> {
     pids.iter().map(|&p| format!("{p} {}", comm(p))).collect()
 }
 
+/// `systemctl stop` of the unit (default `KillMode=control-group`: SIGTERM to every process of
+/// it, kmirror and its agent included) ends the whole tree at once, well before the stop
+/// timeout; the main process's shutdown work still reaches the pod (the agent outlives the
+/// SIGTERM, it ends with kmirror), and the unit ends with the main process's status, 0.
+#[test]
+fn systemctl_stop_ends_the_whole_tree_and_the_app_shuts_down_with_the_pod() {
+    let pod = LocalPod::start(225);
+    let manager = UserManager::start("stop");
+    let dir = ScratchDir::new("systemd-stop");
+    let out = dir.join("out");
+    let unit = "kmirror-stop.service";
+    let on_stop = format!("curl -sS http://echo:8080/stopping > {} 2>&1", out.display());
+    let properties = ["KillMode=control-group"];
+    let (child, _, pids) = start_tree(&manager, unit, &properties, pod.target_pid, &dir.0, Some(&on_stop));
+    let started = Instant::now();
+    let stop = manager.systemctl(&["stop", unit]);
+    let took = started.elapsed();
+    let run = kmirror_suite::run::wait_output_within(child, "systemd-run", Duration::from_secs(30));
+    assert!(stop.status.success(), "systemctl stop: {}\n{}", text(&stop.stderr), report(&run, &manager));
+    assert!(took < Duration::from_secs(10), "the stop took {took:?}\n{}", report(&run, &manager));
+    let said = std::fs::read_to_string(&out).unwrap_or_default();
+    assert_eq!(said, "pod-echo 225 /stopping\n", "{}", report(&run, &manager));
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "outlived the unit: {:?}\n{}", named(&left), report(&run, &manager));
+    assert_eq!(run.status.code(), Some(0), "{}", report(&run, &manager));
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains("Finished with result: success")
+            && stderr.contains("Main processes terminated with: code=exited/status=0"),
+        "{}",
+        report(&run, &manager)
+    );
+    assert_unit_gone(&manager, unit, &run);
+}
+
 /// kmirror SIGKILLed in a unit whose `KillMode=process` leaves every other process to it: the
 /// keeper ends the grandchild and the setsid'd orphan within a second, the unit ends, and the
 /// waiting systemd-run returns with the failure.
