@@ -264,3 +264,28 @@ fn killing_kmirror_in_a_unit_ends_the_tree_and_the_unit() {
     );
     assert_unit_gone(&manager, unit, &run);
 }
+
+/// `systemctl stop` of a unit with `KillMode=mixed`: systemd sends SIGTERM to kmirror alone,
+/// kmirror passes it to the main process, and when that exits, to the rest of the tree, which
+/// ends at once. Without that, systemd would wait out the stop timeout for processes nobody
+/// asked to stop (with the plain script and no kmirror, it SIGKILLs them as soon as the main
+/// process has exited).
+#[test]
+fn systemctl_stop_with_kill_mode_mixed_ends_the_tree_without_waiting_for_the_timeout() {
+    let pod = LocalPod::start(227);
+    let manager = UserManager::start("stop-mixed");
+    let dir = ScratchDir::new("systemd-stop-mixed");
+    let unit = "kmirror-stop-mixed.service";
+    let properties = ["KillMode=mixed", "TimeoutStopSec=30"];
+    let (child, _, pids) = start_tree(&manager, unit, &properties, pod.target_pid, &dir.0, None);
+    let started = Instant::now();
+    let stop = manager.systemctl(&["stop", unit]);
+    let took = started.elapsed();
+    let run = kmirror_suite::run::wait_output_within(child, "systemd-run", Duration::from_secs(60));
+    assert!(stop.status.success(), "systemctl stop: {}\n{}", text(&stop.stderr), report(&run, &manager));
+    assert!(took < Duration::from_secs(10), "the stop took {took:?}\n{}", report(&run, &manager));
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "outlived the unit: {:?}\n{}", named(&left), report(&run, &manager));
+    assert!(text(&run.stderr).contains("Finished with result: success"), "{}", report(&run, &manager));
+    assert_unit_gone(&manager, unit, &run);
+}
