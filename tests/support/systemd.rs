@@ -61,6 +61,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Arguments: the cgroup directories to join.
 const MANAGER_SCRIPT: &str = r#"set -eu
 for cg in "$@"; do echo 0 > "$cg/cgroup.procs"; done
+# The copies of the host's namespace mounts (`ip netns`, container runtimes) would keep those
+# namespaces alive for as long as the manager lives, after their owners deleted them.
+findmnt -rn -t nsfs -o TARGET | while read -r target; do umount -l "$target" || true; done
 if [ ! -d /run/systemd/system ]; then
     mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev kmirror-test-systemd /run/systemd
     mkdir /run/systemd/system
@@ -218,11 +221,12 @@ impl UserManager {
             watchdog: None,
             manager: None,
         };
+        // First, so that whatever follows is undone even if the test process dies.
+        manager.watchdog = Some(start_watchdog(&dir, &cgroups));
         for cgroup in &cgroups {
             fs::create_dir(cgroup).unwrap_or_else(|e| panic!("cannot create {}: {e}", cgroup.display()));
             manager.cgroups.push(cgroup.clone());
         }
-        manager.watchdog = Some(start_watchdog(&dir, &cgroups));
         manager.write_files();
         manager.start_manager();
         manager.wait_ready();
