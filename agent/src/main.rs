@@ -149,6 +149,21 @@ fn main() {
     }
 }
 
+/// Requests to stop do not end the agent: they are meant for the app, and the agent ends with
+/// kmirror anyway (its tunnel closes, or PDEATHSIG). A service manager stopping kmirror's unit
+/// (systemd's default `KillMode=control-group`) sends SIGTERM to every process in it, the
+/// agent too, while the app's shutdown may still need the pod: its last writes to a pod
+/// database, a deregistration. tokio's first registration of a signal installs a handler that
+/// stays for the life of the process, so the streams need not be kept or read.
+fn outlive_stop_signals(runtime: &tokio::runtime::Runtime) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let _context = runtime.enter();
+    for kind in [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup(), SignalKind::quit()] {
+        drop(signal(kind)?);
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     raise_fd_limit();
     let args = parse_args()?;
@@ -168,6 +183,7 @@ fn run() -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    outlive_stop_signals(&runtime).context("cannot install the agent's signal handlers")?;
     // The session runs as a task, not as `block_on`'s own future: waking that future goes
     // through the driver's eventfd even from the runtime's own thread, one system call and one
     // extra event-loop turn per stream open.

@@ -281,6 +281,9 @@ async fn session(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Whether kmirror itself told the app to stop (SIGTERM, then SIGKILL).
     let mut stopped = false;
+    // The last request to stop passed to the main process: it goes to the rest of the tree
+    // when the main process exits (see `signals::ends_the_rest`).
+    let mut stop_forwarded: Option<i32> = None;
     // Served until the last process of the tree has exited; the keeper's status only if it
     // died before.
     let keeper_died = loop {
@@ -291,6 +294,9 @@ async fn session(
                     main_status = Some(status);
                     if args.exit_with_main {
                         tree.end();
+                    } else if let Some(sig) = stop_forwarded {
+                        tree.signal(sig, false);
+                        end_after_grace(tree.clone());
                     }
                 }
                 Some(TreeEvent::TreeEnded) => break None,
@@ -300,7 +306,12 @@ async fn session(
             Some(received) = received.recv() => {
                 let main_running = main_status.is_none() && !main.has_exited();
                 match signals::route(received, main_running) {
-                    signals::Route::Main => main.signal(received.sig),
+                    signals::Route::Main => {
+                        main.signal(received.sig);
+                        if signals::ends_the_rest(received.sig) {
+                            stop_forwarded = Some(received.sig);
+                        }
+                    }
                     signals::Route::Nowhere => {}
                     signals::Route::Rest { outside_group_only, then_end } => {
                         tree.signal(received.sig, outside_group_only);

@@ -105,11 +105,20 @@ pub fn route(received: Received, main_running: bool) -> Route {
     match (main_running, received.from_terminal) {
         (true, false) => Route::Main,
         (true, true) => Route::Nowhere,
-        (false, outside_group_only) => Route::Rest {
-            outside_group_only,
-            then_end: [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT, libc::SIGHUP].contains(&received.sig),
-        },
+        (false, outside_group_only) => {
+            Route::Rest { outside_group_only, then_end: ends_the_rest(received.sig) }
+        }
     }
+}
+
+/// Whether `sig` asks the app to stop: once the main process has exited, such a signal ends
+/// the rest of the tree. One that was passed to the main process (by kill(2), not the
+/// terminal) is also passed to the rest when the main process exits: a request to stop the
+/// app is not forgotten because the main process obeyed it first. A service manager that
+/// signals only its main process (systemd's `KillMode=mixed` or `process`) would otherwise
+/// wait out its stop timeout for processes nobody asked to stop.
+pub fn ends_the_rest(sig: i32) -> bool {
+    [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT, libc::SIGHUP].contains(&sig)
 }
 
 /// A process handle that stays valid (and never names another process) after it exits.
