@@ -38,6 +38,8 @@ enum Plan {
     LocalAt(Vec<u8>),
     Virtual(VirtualFile),
     Remote(Vec<u8>),
+    /// The path does not exist for the app (`feature.fs.not_found`).
+    Missing,
 }
 
 /// A trapped call's path argument.
@@ -133,6 +135,7 @@ fn plan_for(ctx: &Context, path: Vec<u8>, write: bool, through_pod: bool) -> Pla
         FileRoute::Local => Plan::Local,
         FileRoute::Virtual(v) => Plan::Virtual(v),
         FileRoute::Remote => Plan::Remote(path),
+        FileRoute::NotFound => Plan::Missing,
     }
 }
 
@@ -151,6 +154,7 @@ impl walk::Lookup for WalkLookup<'_> {
     async fn lookup(&self, path: &[u8]) -> Result<Node, i32> {
         match self.ctx.files.route(path, self.write) {
             FileRoute::Virtual(_) => Ok(Node::NotDir),
+            FileRoute::NotFound => Err(libc::ENOENT),
             FileRoute::Remote => {
                 let st = remote_stat(self.ctx, path, false).await?;
                 match st.mode & libc::S_IFMT {
@@ -320,6 +324,7 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write, resolve };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
@@ -500,6 +505,11 @@ async fn materialize_dir(ctx: &Context, path: &[u8]) -> Result<std::path::PathBu
         };
         entries
     };
+    // Entries that do not exist for the app (`feature.fs.not_found`) are not listed either.
+    let mut entries = entries;
+    if !ctx.files.lists.not_found.is_empty() {
+        entries.retain(|e| ctx.files.route(&files::join(path, &e.name), false) != FileRoute::NotFound);
+    }
     let local = ctx.materialized.join(std::ffi::OsStr::from_bytes(path.strip_prefix(b"/").unwrap_or(path)));
     let dir = local.clone();
     tokio::task::spawn_blocking(move || mirror_entries(&dir, &entries))
@@ -616,6 +626,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
@@ -659,6 +670,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
@@ -700,6 +712,7 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0 };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(ctx, n, move |caller| localfs::read_link(caller, &path), copy_out),
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
         Plan::Remote(path) => {
@@ -727,6 +740,7 @@ pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd: libc::AT_FDCWD, ptr: n.args[0], write: false, resolve: 0 };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => {
             let (name, buf, size) = if list {
                 (None, n.args[1], n.args[2] as usize)

@@ -91,6 +91,8 @@ pub struct Context {
     pub subscribed: Mutex<std::collections::HashSet<u16>>,
     /// Upper bound of any single request to the agent.
     pub remote_timeout: Duration,
+    /// Which names the app resolved to each address (for outgoing filter rules with names).
+    pub names: Arc<crate::names::NameBook>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
