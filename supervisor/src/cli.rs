@@ -92,8 +92,12 @@ pub enum Command {
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Print kmirror's manual page (roff; read it with `kmirror man | man -l -`).
-    Man,
+    /// Print kmirror's manual page, or a subcommand's (roff; read it with
+    /// `kmirror man run | man -l -`).
+    Man {
+        /// A subcommand (run, verify-config, ...) whose page to print.
+        subcommand: Option<String>,
+    },
     /// Print the JSON schema of the configuration file.
     Schema,
 }
@@ -228,8 +232,21 @@ pub fn completions(shell: Shell) {
     clap_complete::generate(generator, &mut Cli::command(), "kmirror", &mut std::io::stdout());
 }
 
-pub fn man() -> std::io::Result<()> {
-    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())
+pub fn man(subcommand: Option<&str>) -> std::io::Result<()> {
+    let mut command = Cli::command();
+    command.build();
+    let page = match subcommand {
+        None => command,
+        Some(name) => {
+            let sub = command.find_subcommand(name).cloned().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("no subcommand `{name}`"))
+            })?;
+            // The page is printed once and the process exits: leaking the name is free.
+            let full: &'static str = Box::leak(format!("kmirror-{}", sub.get_name()).into_boxed_str());
+            sub.name(full)
+        }
+    };
+    clap_mangen::Man::new(page).render(&mut std::io::stdout())
 }
 
 #[cfg(test)]

@@ -66,7 +66,10 @@ fn main() {
         }
         cli::Command::VerifyConfig(args) => std::process::exit(config::verify(&args, &matches)),
         cli::Command::Completions { shell } => cli::completions(shell),
-        cli::Command::Man => cli::man().unwrap_or_else(|e| eprintln!("kmirror: {e}")),
+        cli::Command::Man { subcommand } => cli::man(subcommand.as_deref()).unwrap_or_else(|e| {
+            eprintln!("kmirror: {e}");
+            std::process::exit(2)
+        }),
         cli::Command::Schema => print!("{}", config::schema::json()),
     }
 }

@@ -366,7 +366,7 @@ impl Reader {
         let mut ok = true;
         for (pattern, item) in list.iter().zip(items) {
             if let Err(e) = crate::policy::files::PathLists::compile(pattern) {
-                self.error(item.pos, format!("`{path}`: invalid regex `{pattern}`: {e}"));
+                self.error(item.pos, format!("`{path}`: invalid regex `{pattern}`: {}", regex_error(&e)));
                 ok = false;
             }
         }
@@ -597,7 +597,10 @@ impl Reader {
     ) -> Option<Toggle<T>> {
         match node.value {
             Value::Bool(_) => self.bool(path, node).map(Toggle::Enabled),
-            _ => read(self, node).map(Toggle::Config),
+            _ => {
+                self.positions.insert(path.to_string(), node.pos);
+                read(self, node).map(Toggle::Config)
+            }
         }
     }
 
@@ -773,7 +776,7 @@ impl Reader {
                     _ => regex::bytes::Regex::new(p),
                 });
                 if let Some(Err(e)) = compiled {
-                    self.error(n.pos, format!("`{path}`: invalid regex: {e}"));
+                    self.error(n.pos, format!("`{path}`: invalid regex: {}", regex_error(&e)));
                     *target = None;
                 }
             }
@@ -878,6 +881,13 @@ impl Reader {
         }
         Some(d)
     }
+}
+
+/// The last line of a regex error (the first ones repeat the pattern with a caret, which the
+/// report does itself).
+fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines().last().unwrap_or(&text).trim_start_matches("error: ").to_string()
 }
 
 /// mirrord matches `header_filter` case-insensitively; kmirror's agent matches header lines
