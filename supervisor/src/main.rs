@@ -5,6 +5,7 @@ mod agent;
 mod caller;
 mod cli;
 mod command;
+mod config;
 mod dns_server;
 mod handlers;
 mod incoming;
@@ -12,6 +13,8 @@ mod keeper;
 mod kernel;
 mod launch;
 mod localfs;
+mod logging;
+mod names;
 mod outgoing;
 mod policy;
 mod port_forward;
@@ -26,8 +29,6 @@ mod stats;
 mod target;
 mod tracee;
 mod uts;
-
-use clap::Parser;
 
 /// Every tunnelled connection holds a descriptor here; the default soft limit (often 1024)
 /// would cap an app at about that many pod connections.
@@ -47,24 +48,20 @@ fn main() {
     if keeper::invoked() {
         keeper::main();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KMIRROR_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let (cli, matches) = cli::parse();
+    logging::init(cli.log_format);
     raise_fd_limit();
-    let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::Run(args) => match session::run(args) {
-            Ok(status) => signals::exit_like(status),
-            Err(e) => {
-                eprintln!("kmirror: {e:#}");
-                let code = e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code);
-                std::process::exit(code);
+        cli::Command::Run(args) => {
+            match session::run(config::settings_or_exit(&args.settings, &matches), args.command) {
+                Ok(status) => signals::exit_like(status),
+                Err(e) => {
+                    eprintln!("kmirror: {e:#}");
+                    let code = e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code);
+                    std::process::exit(code);
+                }
             }
-        },
+        }
         cli::Command::PortForward(args) => {
             if let Err(e) = port_forward::run(&args.target, args.forwards) {
                 eprintln!("kmirror: {e:#}");
@@ -77,5 +74,12 @@ fn main() {
             print!("{}", kernel::report(features));
             std::process::exit(i32::from(features.refusal().is_some()));
         }
+        cli::Command::VerifyConfig(args) => std::process::exit(config::verify(&args, &matches)),
+        cli::Command::Completions { shell } => cli::completions(shell),
+        cli::Command::Man { subcommand } => cli::man(subcommand.as_deref()).unwrap_or_else(|e| {
+            eprintln!("kmirror: {e}");
+            std::process::exit(2)
+        }),
+        cli::Command::Schema => print!("{}", config::schema::json()),
     }
 }

@@ -1,10 +1,10 @@
 //! One `kmirror run`: set up the agent, the local services and the app, then wait for the app.
 
-use crate::cli::RunArgs;
+use crate::config::settings::Settings;
 use crate::handlers::{self, Context};
 use crate::keeper::{TreeControl, TreeEvent};
-use crate::policy::env::EnvPolicy;
-use crate::policy::files::{FilePolicy, VirtualFile};
+use crate::policy::env::{EnvPolicy, UserEnv};
+use crate::policy::files::{FilePolicy, PathLists, VirtualFile};
 use crate::policy::incoming::IncomingPolicy;
 use crate::policy::net::OutgoingPolicy;
 use crate::seccomp::{Listener, filter};
@@ -40,12 +40,13 @@ pub struct Exit {
     pub code: i32,
 }
 
-pub fn run(args: RunArgs) -> Result<ExitStatus> {
-    let target = target::parse(&args.target).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
+pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
+    let spec = args.target.clone().unwrap_or_default();
+    let target = target::parse(&spec).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     target::check_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
-    let program = command::resolve(&args.command[0], std::env::var_os("PATH").as_deref())
+    let program = command::resolve(&command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
     let features = crate::kernel::features();
     if let Some(missing) = features.refusal() {
@@ -73,14 +74,15 @@ pub fn run(args: RunArgs) -> Result<ExitStatus> {
     // through the driver's eventfd even from the runtime's own thread, one system call and one
     // extra event-loop turn per message it receives.
     runtime.block_on(async {
-        tokio::spawn(session(args, target, program, signal_pipe))
+        tokio::spawn(session(args, command, target, program, signal_pipe))
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")))
     })
 }
 
 async fn session(
-    args: RunArgs,
+    args: Settings,
+    command: Vec<OsString>,
     target: target::Target,
     program: PathBuf,
     signal_pipe: i32,
@@ -141,11 +143,26 @@ async fn session(
         }
     };
     let pod_hostname = async { read_pod_file(&tunnel, b"/etc/hostname").await.unwrap_or_default() };
-    let (pod_env, pod_resolv, pod_hostname) = tokio::join!(pod_env, pod_resolv, pod_hostname);
+    // Names in the pod's hosts file are names the app can connect to, for the outgoing filter.
+    let needs_names = args.outgoing_filter.as_ref().is_some_and(|f| f.has_names());
+    let pod_hosts = async {
+        match needs_names {
+            true => read_pod_file(&tunnel, b"/etc/hosts").await.unwrap_or_default(),
+            false => Vec::new(),
+        }
+    };
+    let (pod_env, pod_resolv, pod_hostname, pod_hosts) =
+        tokio::join!(pod_env, pod_resolv, pod_hostname, pod_hosts);
     let pod_hostname = policy::host::pod_hostname(&pod_hostname);
     let local_env = std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec()));
-    let merged = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
+    let mut merged = EnvPolicy { include: args.env_include.clone(), exclude: args.env_exclude.clone() }
         .merge(local_env, pod_env?);
+    UserEnv {
+        env_file: args.env_file.clone(),
+        overrides: args.env_override.clone(),
+        unset: args.env_unset.clone(),
+    }
+    .apply(&mut merged.env);
     if !merged.kept_local.is_empty() {
         let names: Vec<_> = merged.kept_local.iter().map(|n| String::from_utf8_lossy(n)).collect();
         eprintln!(
@@ -156,9 +173,20 @@ async fn session(
     }
     let env = merged.env;
 
+    let search = policy::dns::search_domains(&String::from_utf8_lossy(&pod_resolv));
+    let names = Arc::new(crate::names::NameBook::default());
+    for (name, ip) in policy::dns::hosts_entries(&String::from_utf8_lossy(&pod_hosts)) {
+        names.record(&name, ip);
+    }
     let mut virtual_files = HashMap::new();
     if !args.no_remote_dns {
-        let forwarder = dns_server::start(tunnel.clone()).await?;
+        let routing = dns_server::Routing {
+            filter: args.dns_filter.clone(),
+            search: search.clone(),
+            local_servers: local_nameservers(),
+            names: needs_names.then(|| names.clone()),
+        };
+        let forwarder = dns_server::start(tunnel.clone(), routing).await?;
         let resolv =
             policy::dns::resolv_conf_for_app(&String::from_utf8_lossy(&pod_resolv), forwarder.addr, false);
         virtual_files.insert(VirtualFile::ResolvConf, sealed_file("resolv.conf", resolv.as_bytes())?);
@@ -201,11 +229,16 @@ async fn session(
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
         standin_root: standins.root().as_os_str().as_bytes().to_vec(),
         link_root: standins.links().as_os_str().as_bytes().to_vec(),
+        lists: PathLists::new(&args.fs_read_only, &args.fs_local, &args.fs_not_found)
+            .context("invalid feature.fs regex")?,
     };
 
     let incoming = Arc::new(IncomingPolicy {
         setting: args.incoming,
         port_map: args.port_map.iter().copied().collect(),
+        ignore_ports: args.ignore_ports.iter().copied().collect(),
+        only_ports: args.ports.as_ref().map(|p| p.iter().copied().collect()),
+        filter_ports: args.http_filter_ports.as_ref().map(|p| p.iter().copied().collect()),
     });
     let incoming_filter = (args.steal_header.is_some() || args.steal_path.is_some()).then(|| {
         kmirror_protocol::HttpFilter { header: args.steal_header.clone(), path: args.steal_path.clone() }
@@ -213,7 +246,7 @@ async fn session(
     let proxy = Proxy::start(tunnel.clone()).await.context("cannot start the outgoing proxy")?;
     let filter =
         filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
-    let app_args: Vec<OsString> = args.command[1..].to_vec();
+    let app_args: Vec<OsString> = command[1..].to_vec();
     let app = tokio::task::spawn_blocking(move || {
         let inherit = launch::Inheritance { env, own_pid_vars, pass_fds };
         launch::launch(keeper, program, app_args, inherit, filter, |listener| {
@@ -243,7 +276,14 @@ async fn session(
         listener: Arc::new(Listener::new(app.listener)),
         tunnel: tunnel.clone(),
         runtime: tokio::runtime::Handle::current(),
-        outgoing: OutgoingPolicy { remote_loopback: args.remote_loopback },
+        outgoing: OutgoingPolicy {
+            remote_loopback: args.remote_loopback,
+            tcp: args.outgoing_tcp,
+            udp: args.outgoing_udp,
+            filter: args.outgoing_filter.clone(),
+            search,
+        },
+        names,
         files,
         proxy,
         threads: Default::default(),
@@ -467,6 +507,18 @@ fn sealed_file(name: &str, content: &[u8]) -> Result<std::fs::File> {
         memfd::FileSeal::SealSeal,
     ])?;
     Ok(memfd.into_file())
+}
+
+/// This machine's own nameservers (the local resolv.conf's), for names the DNS filter keeps
+/// local.
+fn local_nameservers() -> Vec<std::net::SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .collect()
 }
 
 /// Directories that stay local in `read` mode besides the built-in list: the app's own

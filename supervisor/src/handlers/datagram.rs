@@ -12,6 +12,7 @@
 //! the others with their own address, because the kernel cannot be given back half a batch.
 
 use super::{Context, answer};
+use crate::policy::filter::Proto;
 use crate::policy::net::{self, Destination, Route};
 use crate::seccomp::Notification;
 use crate::{sockets, tracee};
@@ -112,6 +113,14 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
+    let proto = match transport_of(&socket) {
+        Some(Transport::Udp) => Proto::Udp,
+        Some(Transport::Tcp) => Proto::Tcp,
+        None => return ctx.listener.continue_call(n.id),
+    };
+    if !super::net::admits(ctx, pod.0, proto) {
+        return ctx.listener.continue_call(n.id);
+    }
     match transport_of(&socket) {
         Some(Transport::Udp) => {}
         // TCP Fast Open: connect and send in one call. A socket already connected (to the
@@ -262,6 +271,17 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         return ctx.listener.continue_call(n.id);
     };
+    let proto = match transport_of(&socket) {
+        Some(Transport::Udp) => Proto::Udp,
+        Some(Transport::Tcp) => Proto::Tcp,
+        None => return ctx.listener.continue_call(n.id),
+    };
+    for (_, pod) in &mut destinations {
+        *pod = pod.filter(|&(dest, _)| super::net::admits(ctx, dest, proto));
+    }
+    if destinations.iter().all(|(_, pod)| pod.is_none()) {
+        return ctx.listener.continue_call(n.id);
+    }
     match transport_of(&socket) {
         Some(Transport::Udp) => {}
         Some(Transport::Tcp)

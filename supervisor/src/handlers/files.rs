@@ -42,6 +42,8 @@ enum Plan {
     /// stand-in), asked about through the descriptor itself: with `follow` false it is the
     /// symlink itself, whatever the call's own flags say.
     PodFile(files::PodFile),
+    /// The path does not exist for the app (`feature.fs.not_found`).
+    Missing,
 }
 
 /// A trapped call's path argument.
@@ -196,6 +198,7 @@ fn plan_for(ctx: &Context, path: Vec<u8>, write: bool, through_pod: bool) -> Pla
         FileRoute::Local => Plan::Local,
         FileRoute::Virtual(v) => Plan::Virtual(v),
         FileRoute::Remote => Plan::Remote(path),
+        FileRoute::NotFound => Plan::Missing,
     }
 }
 
@@ -214,6 +217,7 @@ impl walk::Lookup for WalkLookup<'_> {
     async fn lookup(&self, path: &[u8]) -> Result<Node, i32> {
         match self.ctx.files.route(path, self.write) {
             FileRoute::Virtual(_) => Ok(Node::NotDir),
+            FileRoute::NotFound => Err(libc::ENOENT),
             FileRoute::Remote => {
                 let who = self.caller.credentials.identity();
                 let st = remote_stat(self.ctx, &who, path, false).await?;
@@ -419,6 +423,7 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write, resolve, follow_last, empty_is_fd: false };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
@@ -684,6 +689,11 @@ async fn materialize_dir(ctx: &Context, who: &Identity, path: &[u8]) -> Result<s
         };
         entries
     };
+    // Entries that do not exist for the app (`feature.fs.not_found`) are not listed either.
+    let mut entries = entries;
+    if !ctx.files.lists.not_found.is_empty() {
+        entries.retain(|e| ctx.files.route(&files::join(path, &e.name), false) != FileRoute::NotFound);
+    }
     let local = ctx.materialized.join(std::ffi::OsStr::from_bytes(path.strip_prefix(b"/").unwrap_or(path)));
     let dir = local.clone();
     tokio::task::spawn_blocking(move || mirror_entries(&dir, &entries))
@@ -819,6 +829,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last: follow, empty_is_fd };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
@@ -876,6 +887,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last, empty_is_fd };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
             n,
@@ -938,6 +950,7 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
         PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last: false, empty_is_fd: true };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(ctx, n, move |caller| localfs::read_link(caller, &path), copy_out),
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
         // readlinkat(fd, "") of a descriptor that is not a symlink's own.
@@ -978,6 +991,7 @@ pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
     };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
         Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => {
             let (name, buf, size) = if list {
                 (None, n.args[1], n.args[2] as usize)

@@ -98,6 +98,8 @@ pub struct Context {
     pub remote_timeout: Duration,
     /// The pod files behind the memfd copies handed to the app.
     pub pod_fds: pod_fds::PodFds,
+    /// Which names the app resolved to each address (for outgoing filter rules with names).
+    pub names: Arc<crate::names::NameBook>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -2,6 +2,7 @@
 
 use super::Context;
 use crate::outgoing::Outcome;
+use crate::policy::filter::Proto;
 use crate::policy::net::{self, Destination, Route};
 use crate::seccomp::Notification;
 use crate::{sockets, tracee};
@@ -44,7 +45,7 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     }
     let family = net::family_of(&raw);
     match (sockets::socket_type(socket.as_fd()), sockets::socket_protocol(socket.as_fd())) {
-        (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) => {
+        (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) if admits(ctx, dest, Proto::Tcp) => {
             let ctx = ctx.clone();
             super::spawn_answering(
                 ctx.clone(),
@@ -52,7 +53,7 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
                 async move { connect_tcp(&ctx, n, socket, dest).await },
             );
         }
-        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) => {
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) if admits(ctx, dest, Proto::Udp) => {
             let ctx = ctx.clone();
             super::spawn_answering(ctx.clone(), n.id, async move {
                 connect_udp(&ctx, n, socket, dest, family).await
@@ -61,6 +62,13 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
         // Raw sockets, SCTP, MPTCP...: not tunnelled; the kernel handles them locally.
         _ => ctx.listener.continue_call(n.id),
     }
+}
+
+/// Whether a connection of `proto` to `dest` goes through the pod (the protocol switches and
+/// the user's filter, with the names the app resolved to `dest`'s address).
+pub fn admits(ctx: &Context, dest: SocketAddr, proto: Proto) -> bool {
+    let names = if ctx.outgoing.needs_names() { ctx.names.names_of(dest.ip()) } else { Vec::new() };
+    ctx.outgoing.admits(dest, proto, &names)
 }
 
 async fn connect_tcp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr) {
@@ -594,8 +602,11 @@ async fn subscribe(ctx: &Arc<Context>, local_port: u16) {
         if !super::lock(&ctx.subscribed).insert(pod_port) {
             return;
         }
-        let filter =
-            if mode == kmirror_protocol::IncomingMode::Steal { ctx.incoming_filter.clone() } else { None };
+        let filter = if mode == kmirror_protocol::IncomingMode::Steal && ctx.incoming.filters(pod_port) {
+            ctx.incoming_filter.clone()
+        } else {
+            None
+        };
         let request = kmirror_protocol::Request::Subscribe { port: pod_port, mode, filter };
         match ctx.tunnel.request(request, ctx.remote_timeout).await {
             Ok(kmirror_protocol::Response::Subscribed) => {

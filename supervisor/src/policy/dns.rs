@@ -80,3 +80,144 @@ mod tests {
         assert_eq!(nsswitch_for_app(""), "hosts: files dns\n");
     }
 }
+
+/// The `search` domains of a resolv.conf (the last `search` line wins, as in glibc).
+pub fn search_domains(resolv_conf: &str) -> Vec<String> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.strip_prefix("search").filter(|rest| rest.starts_with([' ', '\t'])))
+        .next_back()
+        .map(|rest| rest.split_whitespace().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect())
+        .unwrap_or_default()
+}
+
+/// Names and addresses of a hosts file (`/etc/hosts` syntax).
+pub fn hosts_entries(hosts: &str) -> Vec<(String, std::net::IpAddr)> {
+    let mut out = Vec::new();
+    for line in hosts.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        let Some(Ok(ip)) = words.next().map(str::parse::<std::net::IpAddr>) else { continue };
+        out.extend(words.map(|name| (name.trim_end_matches('.').to_ascii_lowercase(), ip)));
+    }
+    out
+}
+
+/// Reads a domain name at `at` of DNS message `msg` (following compression pointers, at most
+/// 64 of them); the name and the offset just past it where it was written.
+fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut end = None;
+    for _ in 0..64 {
+        let len = *msg.get(at)? as usize;
+        match len {
+            0 => {
+                return Some((name, end.unwrap_or(at + 1)));
+            }
+            l if l & 0xC0 == 0xC0 => {
+                let pointer = ((l & 0x3F) << 8) | *msg.get(at + 1)? as usize;
+                end.get_or_insert(at + 2);
+                at = pointer;
+            }
+            l if l < 64 => {
+                let label = msg.get(at + 1..at + 1 + l)?;
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+                at += 1 + l;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The name a DNS query (or answer) asks about: its first question.
+pub fn question_name(msg: &[u8]) -> Option<String> {
+    let qdcount = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
+    (qdcount >= 1).then(|| read_name(msg, 12).map(|(name, _)| name)).flatten()
+}
+
+/// The addresses (A and AAAA records) of a DNS answer, for the name it was asked about.
+pub fn answer_addresses(msg: &[u8]) -> Option<(String, Vec<std::net::IpAddr>)> {
+    let count =
+        |i: usize| -> Option<usize> { Some(u16::from_be_bytes([*msg.get(i)?, *msg.get(i + 1)?]) as usize) };
+    let (qdcount, ancount) = (count(4)?, count(6)?);
+    let mut at = 12;
+    let mut asked = None;
+    for _ in 0..qdcount {
+        let (name, next) = read_name(msg, at)?;
+        asked.get_or_insert(name);
+        at = next + 4;
+    }
+    let mut addresses = Vec::new();
+    for _ in 0..ancount {
+        let (_, next) = read_name(msg, at)?;
+        let rtype = count(next)?;
+        let rdlen = count(next + 8)?;
+        let data = msg.get(next + 10..next + 10 + rdlen)?;
+        match (rtype, rdlen) {
+            (1, 4) => addresses.push(std::net::IpAddr::from(<[u8; 4]>::try_from(data).ok()?)),
+            (28, 16) => addresses.push(std::net::IpAddr::from(<[u8; 16]>::try_from(data).ok()?)),
+            _ => {}
+        }
+        at = next + 10 + rdlen;
+    }
+    Some((asked?, addresses))
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+
+    /// A query for `name` (type A), as a resolver sends it.
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            m.push(label.len() as u8);
+            m.extend_from_slice(label.as_bytes());
+        }
+        m.extend_from_slice(&[0, 0, 1, 0, 1]);
+        m
+    }
+
+    #[test]
+    fn questions_and_answers() {
+        let q = query("Echo.default.svc.cluster.local");
+        assert_eq!(question_name(&q).as_deref(), Some("echo.default.svc.cluster.local"));
+        let mut a = q.clone();
+        a[2] = 0x81;
+        a[7] = 3; // three answers: a CNAME, an A and an AAAA, names compressed
+        a.extend_from_slice(&[0xC0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xC0, 12]);
+        a.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 213, 7, 9]);
+        a.extend_from_slice(&[0xC0, 12, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+        a.extend_from_slice(&"fd00::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let (name, ips) = answer_addresses(&a).unwrap();
+        assert_eq!(name, "echo.default.svc.cluster.local");
+        assert_eq!(ips, vec!["10.213.7.9".parse::<std::net::IpAddr>().unwrap(), "fd00::9".parse().unwrap()]);
+        // Truncated or looping messages are refused, not trusted.
+        assert!(answer_addresses(&a[..a.len() - 3]).is_none());
+        let mut looping = query("x");
+        looping[12] = 0xC0;
+        looping[13] = 12;
+        assert_eq!(question_name(&looping), None);
+    }
+
+    #[test]
+    fn search_list_and_hosts() {
+        let conf =
+            "search a.example\nnameserver 1.1.1.1\nsearch default.svc.cluster.local. svc.cluster.local\n";
+        assert_eq!(search_domains(conf), vec!["default.svc.cluster.local", "svc.cluster.local"]);
+        assert!(search_domains("searchx y\n").is_empty());
+        let hosts = "127.0.0.1 localhost\n10.213.1.9 Db db.local # comment\n# 1.2.3.4 gone\n";
+        assert_eq!(
+            hosts_entries(hosts),
+            vec![
+                ("localhost".to_string(), "127.0.0.1".parse().unwrap()),
+                ("db".to_string(), "10.213.1.9".parse().unwrap()),
+                ("db.local".to_string(), "10.213.1.9".parse().unwrap()),
+            ]
+        );
+    }
+}

@@ -160,6 +160,27 @@ impl EnvPolicy {
     }
 }
 
+/// What the user sets on top of the merge: the env file's values beat the pod's and the local
+/// ones, `override` beats the env file, and `unset` removes names (case-insensitively) last.
+/// These are the user's own choices, so machine-local and code-loading names are not guarded.
+#[derive(Debug, Clone, Default)]
+pub struct UserEnv {
+    pub env_file: Vec<(String, String)>,
+    pub overrides: BTreeMap<String, String>,
+    pub unset: Vec<String>,
+}
+
+impl UserEnv {
+    pub fn apply(&self, env: &mut BTreeMap<Vec<u8>, Vec<u8>>) {
+        for (name, value) in self.env_file.iter().map(|(k, v)| (k, v)).chain(&self.overrides) {
+            env.insert(name.as_bytes().to_vec(), value.as_bytes().to_vec());
+        }
+        if !self.unset.is_empty() {
+            env.retain(|name, _| !self.unset.iter().any(|u| u.as_bytes().eq_ignore_ascii_case(name)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +214,27 @@ mod tests {
         assert_eq!(get("ONLY_LOCAL").as_deref(), Some("1"));
         assert_eq!(get("XDG_RUNTIME_DIR"), None);
         assert_eq!(get("LD_PRELOAD"), None);
+    }
+
+    #[test]
+    fn env_file_then_override_then_unset() {
+        let mut env: BTreeMap<_, _> =
+            [kv("PATH", "/bin"), kv("A", "pod"), kv("B", "pod"), kv("Gone", "x")].into();
+        let user = UserEnv {
+            env_file: vec![
+                ("A".into(), "file".into()),
+                ("B".into(), "file".into()),
+                ("PATH".into(), "/opt".into()),
+            ],
+            overrides: [("B".to_string(), "override".to_string())].into(),
+            unset: vec!["GONE".into()],
+        };
+        user.apply(&mut env);
+        let get = |k: &str| env.get(k.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(get("A").as_deref(), Some("file"));
+        assert_eq!(get("B").as_deref(), Some("override"));
+        assert_eq!(get("PATH").as_deref(), Some("/opt"), "the user's own choice");
+        assert_eq!(get("Gone"), None);
     }
 
     #[test]

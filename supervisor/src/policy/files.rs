@@ -32,6 +32,39 @@ pub enum FileRoute {
     Local,
     Remote,
     Virtual(VirtualFile),
+    /// The path does not exist for the app (`feature.fs.not_found`): ENOENT.
+    NotFound,
+}
+
+/// The user's path lists (`feature.fs.read_only`, `local`, `not_found`): case-insensitive
+/// regexes, searched anywhere in the absolute, normalised path (anchor them with `^`/`$`), as
+/// in mirrord. They come before the mode's own rules: `not_found` first, then `local`, then
+/// `read_only`.
+#[derive(Debug, Clone, Default)]
+pub struct PathLists {
+    pub read_only: Vec<regex::bytes::Regex>,
+    pub local: Vec<regex::bytes::Regex>,
+    pub not_found: Vec<regex::bytes::Regex>,
+}
+
+impl PathLists {
+    pub fn compile(pattern: &str) -> Result<regex::bytes::Regex, regex::Error> {
+        regex::bytes::RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 20).build()
+    }
+
+    /// Compiles the three lists (each pattern was checked when the configuration was read).
+    pub fn new(
+        read_only: &[String],
+        local: &[String],
+        not_found: &[String],
+    ) -> Result<PathLists, regex::Error> {
+        let all = |list: &[String]| list.iter().map(|p| PathLists::compile(p)).collect::<Result<Vec<_>, _>>();
+        Ok(PathLists { read_only: all(read_only)?, local: all(local)?, not_found: all(not_found)? })
+    }
+
+    fn any(list: &[regex::bytes::Regex], path: &[u8]) -> bool {
+        list.iter().any(|r| r.is_match(path))
+    }
 }
 
 /// Paths that come from the pod even in `localwithoverrides` mode.
@@ -95,6 +128,8 @@ pub struct FilePolicy {
     /// Stand-ins of pod symlinks themselves (O_PATH | O_NOFOLLOW); only their descriptors map
     /// back to the pod (no lookup goes through a symlink itself).
     pub link_root: Vec<u8>,
+    /// The user's path lists.
+    pub lists: PathLists,
 }
 
 /// The pod file a descriptor of the app stands for.
@@ -125,8 +160,14 @@ impl FilePolicy {
                 _ => {}
             }
         }
-        if write {
+        if PathLists::any(&self.lists.not_found, path) {
+            return FileRoute::NotFound;
+        }
+        if write || PathLists::any(&self.lists.local, path) {
             return FileRoute::Local;
+        }
+        if PathLists::any(&self.lists.read_only, path) {
+            return FileRoute::Remote;
         }
         match self.mode {
             FsMode::Local => FileRoute::Local,
@@ -294,7 +335,30 @@ mod tests {
             materialized_root: b"/tmp/kmirror-1/pod".to_vec(),
             standin_root: b"/tmp/kmirror-1/path".to_vec(),
             link_root: b"/tmp/kmirror-1/link".to_vec(),
+            lists: PathLists::default(),
         }
+    }
+
+    #[test]
+    fn user_lists_come_before_the_mode() {
+        let mut p = policy(FsMode::LocalWithOverrides);
+        p.lists = PathLists::new(
+            &["^/data/".into(), "^/usr/share/pod-data$".into()],
+            &["^/data/local".into(), r"\.CACHE$".into()],
+            &["secret".into(), "^/etc/hostname$".into()],
+        )
+        .unwrap();
+        assert_eq!(p.route(b"/data/x", false), FileRoute::Remote, "read_only");
+        assert_eq!(p.route(b"/data/x", true), FileRoute::Local, "writes stay local");
+        assert_eq!(p.route(b"/usr/share/pod-data", false), FileRoute::Remote, "even a local-only path");
+        assert_eq!(p.route(b"/data/local/y", false), FileRoute::Local, "local beats read_only");
+        assert_eq!(p.route(b"/data/z.cache", false), FileRoute::Local, "case-insensitive");
+        assert_eq!(p.route(b"/data/Secret.txt", false), FileRoute::NotFound, "not_found beats all");
+        assert_eq!(p.route(b"/home/dev/secret", true), FileRoute::NotFound, "for writes too");
+        assert_eq!(p.route(b"/etc/hostname", false), FileRoute::NotFound, "even a pod-specific path");
+        assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Virtual(VirtualFile::ResolvConf));
+        assert_eq!(p.route(b"/etc/passwd", false), FileRoute::Local, "the mode decides the rest");
+        assert!(PathLists::compile("(").is_err());
     }
 
     #[test]

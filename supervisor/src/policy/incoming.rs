@@ -1,11 +1,12 @@
 //! Incoming traffic: which local listening ports receive which pod ports.
 
 use kmirror_protocol::IncomingMode;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum IncomingSetting {
     /// A copy of the pod's incoming connections; the pod's app keeps answering.
+    #[default]
     Mirror,
     /// The local app answers the pod's new incoming connections.
     Steal,
@@ -23,11 +24,18 @@ pub fn parse_port_map(spec: &str) -> Result<(u16, u16), String> {
     Ok((port(local)?, port(pod)?))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct IncomingPolicy {
     pub setting: IncomingSetting,
     /// local port → pod port; unmapped ports are the same on both sides.
     pub port_map: BTreeMap<u16, u16>,
+    /// Pod ports never subscribed (`ignore_ports`): the app's listener on them stays local.
+    pub ignore_ports: BTreeSet<u16>,
+    /// If set, only these pod ports are subscribed (`ports`).
+    pub only_ports: Option<BTreeSet<u16>>,
+    /// If set, the HTTP filter applies to these pod ports only; other stolen ports are stolen
+    /// whole (`http_filter.ports`).
+    pub filter_ports: Option<BTreeSet<u16>>,
 }
 
 impl IncomingPolicy {
@@ -38,7 +46,18 @@ impl IncomingPolicy {
             IncomingSetting::Steal => IncomingMode::Steal,
             IncomingSetting::Off => return None,
         };
-        Some((self.port_map.get(&local_port).copied().unwrap_or(local_port), mode))
+        let pod_port = self.port_map.get(&local_port).copied().unwrap_or(local_port);
+        if self.ignore_ports.contains(&pod_port)
+            || self.only_ports.as_ref().is_some_and(|only| !only.contains(&pod_port))
+        {
+            return None;
+        }
+        Some((pod_port, mode))
+    }
+
+    /// Whether the HTTP filter (if any) applies to stolen pod port `pod_port`.
+    pub fn filters(&self, pod_port: u16) -> bool {
+        self.filter_ports.as_ref().is_none_or(|ports| ports.contains(&pod_port))
     }
 
     /// Whether any listener of the app may receive connections from the pod.
@@ -58,16 +77,44 @@ mod tests {
 
     #[test]
     fn port_mapping_both_ways() {
-        let policy = IncomingPolicy { setting: IncomingSetting::Steal, port_map: [(9090, 8080)].into() };
+        let policy = IncomingPolicy {
+            setting: IncomingSetting::Steal,
+            port_map: [(9090, 8080)].into(),
+            ..Default::default()
+        };
         assert_eq!(policy.subscription(9090), Some((8080, IncomingMode::Steal)));
         assert_eq!(policy.subscription(7000), Some((7000, IncomingMode::Steal)));
         assert_eq!(policy.local_port(8080), 9090);
         assert_eq!(policy.local_port(7000), 7000);
-        let off = IncomingPolicy { setting: IncomingSetting::Off, port_map: BTreeMap::new() };
+        let off = IncomingPolicy { setting: IncomingSetting::Off, ..Default::default() };
         assert_eq!(off.subscription(80), None);
         assert_eq!(parse_port_map("9090:8080"), Ok((9090, 8080)));
         assert!(parse_port_map("9090").is_err());
         assert!(parse_port_map("0:80").is_err());
         assert!(parse_port_map("a:80").is_err());
+    }
+
+    #[test]
+    fn ignored_and_chosen_ports_are_pod_ports() {
+        let ignoring = IncomingPolicy {
+            setting: IncomingSetting::Mirror,
+            port_map: [(9090, 8080)].into(),
+            ignore_ports: [8080, 5432].into(),
+            ..Default::default()
+        };
+        assert_eq!(ignoring.subscription(9090), None, "the pod port counts, not the local one");
+        assert_eq!(ignoring.subscription(5432), None);
+        assert_eq!(ignoring.subscription(7000), Some((7000, IncomingMode::Mirror)));
+        let only = IncomingPolicy {
+            setting: IncomingSetting::Steal,
+            only_ports: Some([80].into()),
+            filter_ports: Some([80].into()),
+            ..Default::default()
+        };
+        assert_eq!(only.subscription(80), Some((80, IncomingMode::Steal)));
+        assert_eq!(only.subscription(81), None);
+        assert!(only.filters(80));
+        assert!(!only.filters(8080));
+        assert!(IncomingPolicy::default().filters(8080), "no list: the filter applies everywhere");
     }
 }

@@ -2,8 +2,10 @@
 //! pure and unit-tested; the handlers apply these decisions through the mechanism modules.
 
 pub mod dns;
+pub mod dotenv;
 pub mod env;
 pub mod files;
+pub mod filter;
 pub mod host;
 pub mod incoming;
 pub mod lookup;

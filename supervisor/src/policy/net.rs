@@ -1,5 +1,6 @@
 //! Outgoing traffic: which destinations go through the pod, and sockaddr encoding.
 
+use super::filter::{AddressFilter, Proto};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// What a `connect` (or `sendto`) names, decoded from the app's sockaddr bytes.
@@ -103,14 +104,30 @@ pub enum Route {
 }
 
 /// The outgoing-traffic filter.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OutgoingPolicy {
     /// Send loopback destinations to the pod's loopback too (off by default: the developer's
     /// local databases and tools stay reachable).
     pub remote_loopback: bool,
+    /// TCP connections go through the pod (`feature.network.outgoing.tcp`).
+    pub tcp: bool,
+    /// UDP goes through the pod (`feature.network.outgoing.udp`).
+    pub udp: bool,
+    /// The user's `filter.remote` or `filter.local`.
+    pub filter: Option<AddressFilter>,
+    /// The pod's resolver search list: a name rule matches the names it makes of the name.
+    pub search: Vec<String>,
+}
+
+impl Default for OutgoingPolicy {
+    fn default() -> Self {
+        OutgoingPolicy { remote_loopback: false, tcp: true, udp: true, filter: None, search: Vec::new() }
+    }
 }
 
 impl OutgoingPolicy {
+    /// The decision that needs neither the protocol nor names: addresses that never go to the
+    /// pod. A `Remote` here is final only after [`OutgoingPolicy::admits`].
     pub fn route(&self, dest: SocketAddr) -> Route {
         let dest = canonical(dest);
         let ip = dest.ip();
@@ -120,7 +137,25 @@ impl OutgoingPolicy {
         if ip.is_loopback() && !self.remote_loopback {
             return Route::Local;
         }
+        if !self.tcp && !self.udp {
+            return Route::Local;
+        }
         Route::Remote(dest)
+    }
+
+    /// Whether the filter needs the names an address was the answer for.
+    pub fn needs_names(&self) -> bool {
+        self.filter.as_ref().is_some_and(AddressFilter::has_names)
+    }
+
+    /// Whether a connection of `proto` to `dest` (routed `Remote` by [`OutgoingPolicy::route`])
+    /// goes through the pod, given the names the app resolved to `dest`'s address.
+    pub fn admits(&self, dest: SocketAddr, proto: Proto, names: &[String]) -> bool {
+        let enabled = match proto {
+            Proto::Tcp => self.tcp,
+            Proto::Udp => self.udp,
+        };
+        enabled && self.filter.as_ref().is_none_or(|f| f.remote(proto, canonical(dest), names, &self.search))
     }
 }
 
@@ -228,8 +263,29 @@ mod tests {
         assert_eq!(policy.route(sa("10.96.0.1:443")), Route::Remote(sa("10.96.0.1:443")));
         assert_eq!(policy.route(sa("[::ffff:10.96.0.1]:443")), Route::Remote(sa("10.96.0.1:443")));
         assert_eq!(policy.route(sa("[fd00::10]:443")), Route::Remote(sa("[fd00::10]:443")));
-        let all = OutgoingPolicy { remote_loopback: true };
+        let all = OutgoingPolicy { remote_loopback: true, ..Default::default() };
         assert_eq!(all.route(sa("127.0.0.1:8080")), Route::Remote(sa("127.0.0.1:8080")));
+    }
+
+    #[test]
+    fn protocols_and_filters() {
+        let no_udp = OutgoingPolicy { udp: false, ..Default::default() };
+        assert!(no_udp.admits(sa("10.0.0.1:53"), Proto::Tcp, &[]));
+        assert!(!no_udp.admits(sa("10.0.0.1:53"), Proto::Udp, &[]));
+        let none = OutgoingPolicy { tcp: false, udp: false, ..Default::default() };
+        assert_eq!(none.route(sa("10.0.0.1:53")), Route::Local);
+        let filtered = OutgoingPolicy {
+            filter: Some(
+                AddressFilter::parse(super::super::filter::Side::Local, &["tcp://:5432".into(), "db".into()])
+                    .unwrap(),
+            ),
+            search: vec!["svc.cluster.local".into()],
+            ..Default::default()
+        };
+        assert!(!filtered.admits(sa("[::ffff:10.0.0.1]:5432"), Proto::Tcp, &[]));
+        assert!(filtered.admits(sa("10.0.0.1:5433"), Proto::Tcp, &[]));
+        assert!(!filtered.admits(sa("10.0.0.2:80"), Proto::Tcp, &["db.svc.cluster.local".into()]));
+        assert!(filtered.needs_names());
     }
 
     fn cmsg(level: i32, kind: i32, data: &[u8]) -> Vec<u8> {
