@@ -6,13 +6,13 @@ set -euo pipefail
 # Debian packages: libseccomp for the filter, clang + libelf + zlib for the eBPF programs
 # (libbpf is vendored), Go for the fixtures (plus a current Go below), a JDK for the Java
 # fixture, Node.js (below) for the Node one, musl-gcc for the static C fixture, the tools the
-# tests drive (curl, getent, ip, nsenter, setpriv, nc), redis-server (a daemonizing server for
+# tests drive (curl, getent, ip, nsenter, setpriv, nc, ssh-keygen), redis-server (a daemonizing server for
 # the process-tree tests), systemd and dbus-daemon (the contained service manager of
 # tests/systemd_run.rs) and the peers the benchmarks compare with (strace, proxychains4).
 packages=(
   build-essential pkg-config libseccomp-dev clang libelf-dev zlib1g-dev linux-libc-dev
   golang-go openjdk-17-jdk-headless python3 python3-venv
-  musl-tools curl iproute2 util-linux libc-bin strace proxychains4 redis-server netcat-openbsd
+  musl-tools curl iproute2 openssh-client util-linux libc-bin strace proxychains4 redis-server netcat-openbsd
   systemd dbus-daemon
 )
 missing=()

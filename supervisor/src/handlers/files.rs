@@ -1016,7 +1016,27 @@ pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
                 },
             );
         }
-        _ => answer(ctx, &n, if list { Ok(0) } else { Err(libc::ENODATA) }),
+        Plan::Virtual(_) => answer(ctx, &n, if list { Ok(0) } else { Err(libc::ENODATA) }),
+        // As the kernel checks before it looks for attributes: the path (ENOENT, ENOTDIR,
+        // EACCES from the pod), and for a `user.` attribute read permission on the file
+        // (xattr_permission); then there is none.
+        Plan::Remote(path) | Plan::PodFile(files::PodFile { path, .. }) => {
+            let user_name = !list
+                && tracee::read_cstring(n.tid, n.args[1], XATTR_NAME_MAX)
+                    .is_ok_and(|name| name.starts_with(b"user."));
+            let ctx = ctx.clone();
+            super::spawn_answering(ctx.clone(), n.id, async move {
+                let result = match identity_of(&n) {
+                    Ok(who) if user_name => {
+                        let request = Request::AccessAt { path, mode: libc::R_OK as u32, follow };
+                        remote_as(&ctx, &who, request).await.map(|_| ())
+                    }
+                    Ok(who) => remote_stat(&ctx, &who, &path, follow).await.map(|_| ()),
+                    Err(errno) => Err(errno),
+                };
+                answer(&ctx, &n, result.and_then(|()| if list { Ok(0) } else { Err(libc::ENODATA) }));
+            });
+        }
     });
 }
 
