@@ -1034,7 +1034,7 @@ pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
                     Ok(who) => remote_stat(&ctx, &who, &path, follow).await.map(|_| ()),
                     Err(errno) => Err(errno),
                 };
-                answer(&ctx, &n, result.and_then(|()| if list { Ok(0) } else { Err(libc::ENODATA) }));
+                answer(&ctx, &n, result.and(if list { Ok(0) } else { Err(libc::ENODATA) }));
             });
         }
     });
