@@ -116,7 +116,8 @@ pub struct ConfigArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct PortForwardArgs {
-    /// Where the connections are made from: pid/<PID> (as for `run`).
+    /// Where the connections are made from: pid/<PID>, unit/<NAME> or user-unit/<NAME> (as
+    /// for `run`).
     #[arg(long, short = 't', value_name = "TARGET")]
     pub target: String,
 
@@ -144,7 +145,8 @@ pub struct SettingsArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
 
-    /// What to mirror: pid/<PID> (a process on this machine, e.g. a pod's container process).
+    /// What to mirror: pid/<PID> (a process on this machine, e.g. a pod's container process),
+    /// unit/<NAME> or user-unit/<NAME> (the main process of a systemd unit).
     #[arg(long, short = 't', value_name = "TARGET", env = "KMIRROR_TARGET")]
     pub target: Option<String>,
 

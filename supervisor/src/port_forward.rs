@@ -67,8 +67,7 @@ pub fn run(target: &str, forwards: Vec<Forward>) -> Result<()> {
     let exit = |message: String| crate::session::Exit { message, code: 2 };
     let target = crate::target::parse(target).map_err(|e| exit(e.to_string()))?;
     let euid = effective_uid();
-    crate::target::check_local(&target, euid).map_err(|e| exit(e.to_string()))?;
-    let crate::target::Target::Pid(pid) = target;
+    let pid = crate::target::resolve_local(&target, euid).map_err(|e| exit(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -45,7 +45,7 @@ pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
     let target = target::parse(&spec).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    target::check_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
+    let pid = target::resolve_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     let program = command::resolve(&command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
     let features = crate::kernel::features();
@@ -74,7 +74,7 @@ pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
     // through the driver's eventfd even from the runtime's own thread, one system call and one
     // extra event-loop turn per message it receives.
     runtime.block_on(async {
-        tokio::spawn(session(args, command, target, program, signal_pipe))
+        tokio::spawn(session(args, command, target, pid, program, signal_pipe))
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")))
     })
@@ -84,10 +84,10 @@ async fn session(
     args: Settings,
     command: Vec<OsString>,
     target: target::Target,
+    pid: u32,
     program: PathBuf,
     signal_pipe: i32,
 ) -> Result<ExitStatus> {
-    let target::Target::Pid(pid) = target;
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment
     // and resolv.conf are asked for together: every step here delays the app's start.
     let filter = tokio::task::spawn_blocking(|| {

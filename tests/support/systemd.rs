@@ -347,12 +347,18 @@ impl UserManager {
         fs::read_to_string(self.dir.join("manager.log")).unwrap_or_default()
     }
 
+    /// The environment through which `systemctl --user` (also one kmirror runs) reaches this
+    /// manager.
+    pub fn client_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("XDG_RUNTIME_DIR", self.runtime_dir().display().to_string()),
+            ("DBUS_SESSION_BUS_ADDRESS", format!("unix:path={}", self.runtime_dir().join("bus").display())),
+        ]
+    }
+
     fn client(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
-        cmd.arg("--user").env("XDG_RUNTIME_DIR", self.runtime_dir()).env(
-            "DBUS_SESSION_BUS_ADDRESS",
-            format!("unix:path={}", self.runtime_dir().join("bus").display()),
-        );
+        cmd.arg("--user").envs(self.client_env());
         cmd
     }
 

@@ -15,7 +15,8 @@ pub struct FileConfig {
     /// The schema this file follows (for editors; kmirror does not read it).
     #[serde(rename = "$schema", skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
-    /// What to mirror: `pid/<PID>` (a process on this machine), or mirrord's
+    /// What to mirror: `pid/<PID>` (a process on this machine), `unit/<NAME>` or
+    /// `user-unit/<NAME>` (a systemd unit's main process), or mirrord's
     /// `{ "path": ..., "namespace": ... }`. Kubernetes targets are not supported yet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetField>,

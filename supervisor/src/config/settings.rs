@@ -658,7 +658,7 @@ pub fn no_target_message(file: Option<&Loaded>) -> String {
     };
     format!(
         "no target: kmirror needs to know which process's pod to run in. Give one with\n  \
-         - --target pid/<PID> (or -t)\n  \
+         - --target pid/<PID>, unit/<NAME> or user-unit/<NAME> (or -t)\n  \
          - the KMIRROR_TARGET environment variable\n{file_line}{kube}"
     )
 }
