@@ -6,8 +6,8 @@
 //! would let an unprivileged app read or create any file (a confused deputy). So the call runs
 //! on a short-lived thread that first takes the calling thread's file-system uid and gid,
 //! supplementary groups and effective capabilities. Linux keeps credentials per thread, and the
-//! raw system calls below change only the calling thread (glibc's wrappers of `setgroups` would
-//! change every thread of kmirror); the thread ends after the call, so nothing leaks back.
+//! calls below change only the calling thread (`setgroups` is made raw, in [`crate::sys`]:
+//! glibc's wrapper would change every thread of kmirror); the thread ends after the call, so nothing leaks back.
 
 use std::io;
 
@@ -150,61 +150,28 @@ fn own_credentials() -> Result<&'static Credentials, i32> {
 
 /// Gives the calling thread `creds` for permission checks. Only this thread changes.
 fn take(creds: &Credentials, mine: &Credentials, umask: bool) -> Result<(), i32> {
-    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM);
     if umask {
         // The umask lives in the file-system context that kmirror's threads share: this thread
         // gets a copy of its own first.
-        // SAFETY: unshare(CLONE_FS) affects this thread only; umask takes a value.
-        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-            return Err(errno());
-        }
-        // SAFETY: as above.
-        unsafe { libc::umask(creds.umask) };
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(|e| e as i32)?;
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_retain(creds.umask));
     }
-    // SAFETY: raw setgroups reads `len` gids from a live slice and changes this thread only.
-    if unsafe { libc::syscall(libc::SYS_setgroups, creds.groups.len(), creds.groups.as_ptr()) } != 0 {
-        return Err(errno());
+    crate::sys::set_thread_groups(&creds.groups)?;
+    // setfsuid/setfsgid report the previous value, never an error: read the new one back (-1
+    // is never a valid id, so asking for it changes nothing and returns the current one).
+    let gid = nix::unistd::Gid::from_raw(creds.gids[FS]);
+    nix::unistd::setfsgid(gid);
+    if nix::unistd::setfsgid(nix::unistd::Gid::from_raw(u32::MAX)) != gid {
+        return Err(libc::EPERM);
     }
-    // setfsuid/setfsgid report the previous value, never an error: read the new one back.
-    for (nr, id) in [(libc::SYS_setfsgid, creds.gids[FS]), (libc::SYS_setfsuid, creds.uids[FS])] {
-        // SAFETY: takes an id by value; affects this thread only.
-        unsafe { libc::syscall(nr, id) };
-        // SAFETY: -1 is never a valid id, so this changes nothing and returns the current one.
-        if unsafe { libc::syscall(nr, u32::MAX) } as u32 != id {
-            return Err(libc::EPERM);
-        }
+    let uid = nix::unistd::Uid::from_raw(creds.uids[FS]);
+    nix::unistd::setfsuid(uid);
+    if nix::unistd::setfsuid(nix::unistd::Uid::from_raw(u32::MAX)) != uid {
+        return Err(libc::EPERM);
     }
     // Leaving root's fs uid dropped the file capabilities; now set exactly the app's effective
     // set (within what kmirror has: it can never gain more).
-    set_effective_caps(creds.cap_effective & mine.cap_permitted, mine.cap_permitted)
-}
-
-fn set_effective_caps(effective: u64, permitted: u64) -> Result<(), i32> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    let header = Header { version: VERSION_3, pid: 0 };
-    let half = |set: u64, high: bool| (if high { set >> 32 } else { set }) as u32;
-    let data = [false, true].map(|high| Data {
-        effective: half(effective, high),
-        permitted: half(permitted, high),
-        inheritable: 0,
-    });
-    // SAFETY: capset reads a v3 header and two data entries, both live; pid 0 is this thread.
-    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM));
-    }
-    Ok(())
+    crate::sys::set_thread_caps(creds.cap_effective & mine.cap_permitted, mine.cap_permitted)
 }
 
 #[cfg(test)]

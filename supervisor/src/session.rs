@@ -41,8 +41,7 @@ pub struct Exit {
 
 pub fn run(args: RunArgs) -> Result<ExitStatus> {
     let target = target::parse(&args.target).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     target::check_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     let program = command::resolve(&args.command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
@@ -82,7 +81,7 @@ async fn session(
     args: RunArgs,
     target: target::Target,
     program: PathBuf,
-    signal_pipe: i32,
+    signal_pipe: std::os::fd::OwnedFd,
 ) -> Result<ExitStatus> {
     let target::Target::Pid(pid) = target;
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment

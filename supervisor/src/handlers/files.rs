@@ -570,23 +570,19 @@ fn mirror_entries(dir: &std::path::Path, entries: &[DirEntry]) -> std::io::Resul
     // One system call per entry, relative to the directory: a pod directory can hold tens of
     // thousands of entries, and each path lookup and extra call shows.
     let dirfd: OwnedFd = std::fs::File::open(dir)?.into();
+    use nix::sys::stat::{Mode, SFlag, mkdirat, mknodat};
     for entry in entries {
         let name = std::ffi::CString::new(entry.name.as_slice()).expect("checked: no NUL");
-        let fd = dirfd.as_raw_fd();
-        // SAFETY: `fd` is an open directory and `name` a NUL-terminated single component.
-        let rc = unsafe {
-            match mirror_kind(entry.kind) {
-                libc::DT_DIR => libc::mkdirat(fd, name.as_ptr(), 0o755),
-                libc::DT_LNK => libc::symlinkat(c"kmirror-pod-symlink".as_ptr(), fd, name.as_ptr()),
-                _ => libc::mknodat(fd, name.as_ptr(), libc::S_IFREG | 0o644, 0),
-            }
+        let made = match mirror_kind(entry.kind) {
+            libc::DT_DIR => mkdirat(&dirfd, name.as_c_str(), Mode::from_bits_retain(0o755)),
+            libc::DT_LNK => nix::unistd::symlinkat(c"kmirror-pod-symlink", &dirfd, name.as_c_str()),
+            _ => mknodat(&dirfd, name.as_c_str(), SFlag::S_IFREG, Mode::from_bits_retain(0o644), 0),
         };
         // EEXIST: the entry was mirrored before (or by a concurrent listing of the directory).
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(e);
-            }
+        if let Err(e) = made
+            && e != nix::errno::Errno::EEXIST
+        {
+            return Err(e.into());
         }
     }
     Ok(())
