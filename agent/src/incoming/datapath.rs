@@ -62,24 +62,11 @@ pub struct Datapath {
 
 /// Interfaces of the current network namespace, except loopback: (index, name).
 fn interfaces() -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return out;
-        }
-        let mut at = list;
-        while (*at).if_index != 0 {
-            let name = std::ffi::CStr::from_ptr((*at).if_name).to_string_lossy().into_owned();
-            if name != "lo" {
-                out.push(((*at).if_index, name));
-            }
-            at = at.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    out
+    let Ok(list) = nix::net::if_::if_nameindex() else { return Vec::new() };
+    list.iter()
+        .map(|interface| (interface.index(), interface.name().to_string_lossy().into_owned()))
+        .filter(|(_, name)| name != "lo")
+        .collect()
 }
 
 impl Datapath {
