@@ -6,3 +6,4 @@
 pub mod app;
 pub mod pod;
 pub mod run;
+pub mod sys;
