@@ -2,6 +2,9 @@
 //! behind a small safe function. Raw calls live only here and in `incoming::datapath` (the
 //! tcx link, through libbpf's C API).
 
+// Unsafe: this module is the home of the raw calls nix has no wrapper for.
+#![allow(unsafe_code)]
+
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `pidfd_open(pid, 0)`.

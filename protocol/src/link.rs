@@ -9,6 +9,9 @@
 //! registering (on its own duplicate of the descriptor) only after a write would block, and
 //! dropping that registration when it has nothing left to send.
 
+// Unsafe: tokio's AsyncFd registrations; recv(2) into ReadBuf's uninitialised bytes (nix's needs init).
+#![allow(unsafe_code)]
+
 use crate::splice::{Pipe, SpliceSocket, splice};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};

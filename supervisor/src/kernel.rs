@@ -3,6 +3,9 @@
 //! (a flag it does not know is EINVAL before anything else happens), never the version
 //! string: distribution kernels backport features.
 
+// Unsafe: feature probes: raw calls with invalid arguments, a forked child with a filter.
+#![allow(unsafe_code)]
+
 use std::sync::OnceLock;
 
 /// One probed feature.

@@ -10,6 +10,9 @@
 //! and waits for an acknowledgement before it execs. Only raw system calls run between fork and
 //! exec.
 
+// Unsafe: seccomp(2) and the hand-off between fork and exec, where only raw calls may run.
+#![allow(unsafe_code)]
+
 use crate::keeper::{Keeper, TreeControl, TreeEvent, wire::LaunchRequest};
 use crate::seccomp::filter::Program;
 use std::collections::BTreeMap;
@@ -160,8 +163,8 @@ pub fn install_filter(
     if nix::unistd::getppid().as_raw() != parent_pid {
         return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
     }
-    // SAFETY (whole block): raw system calls on valid arguments and on memory allocated before
-    // fork; nothing here allocates or takes locks.
+    // SAFETY: the whole block makes raw system calls on valid arguments and on memory allocated
+    // before fork; nothing here allocates or takes locks.
     unsafe {
         let prog =
             libc::sock_fprog { len: instructions.len() as u16, filter: instructions.as_ptr() as *mut _ };

@@ -7,6 +7,9 @@
 //! `si_code == SI_KERNEL` and not forwarded. Once the main process has exited, kmirror is only
 //! waiting for the rest of the tree, and [`route`] decides what a signal does then.
 
+// Unsafe: the SA_SIGINFO handler, and dying of the app's signal (real-time ones too).
+#![allow(unsafe_code)]
+
 use std::os::fd::{AsFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 

@@ -1,5 +1,8 @@
 //! Socket operations on descriptors duplicated out of the app (see [`crate::tracee::ThreadHandles::take_fd`]).
 
+// Unsafe: calls on the app's raw sockaddr and control bytes, TCP_INFO, plain-int options.
+#![allow(unsafe_code)]
+
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 

@@ -3,6 +3,9 @@
 //! listener's ioctls, the signal handlers, the code that runs between fork and exec, and the
 //! socket calls on raw sockaddr bytes (`sockets`).
 
+// Unsafe: this module is the home of the raw system calls nix has no wrapper for.
+#![allow(unsafe_code)]
+
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 

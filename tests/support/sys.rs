@@ -2,6 +2,9 @@
 //! call it makes that nix has no wrapper for (`klogctl`). `pre_exec` hooks are unsafe by
 //! nature: each here makes only async-signal-safe calls on memory prepared before the fork.
 
+// Unsafe: pre_exec hooks, and klogctl, which nix does not wrap.
+#![allow(unsafe_code)]
+
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;

@@ -27,6 +27,9 @@
 //!   reaches every process of the foreground group): it ends with the tree, never before. The
 //!   handlers it installs are reset by exec, so the app starts with default dispositions.
 
+// Unsafe: pre_exec, signal handlers, raw rt_sigaction and wait statuses, inherited fds.
+#![allow(unsafe_code)]
+
 pub mod tree;
 pub mod wire;
 

@@ -4,6 +4,9 @@
 //! [`Listener`], which may be shared by the notify thread and the async handlers: the kernel
 //! serialises operations on the listener.
 
+// Unsafe: the seccomp user-notify ioctls (RECV, SEND, ID_VALID, ADDFD), which nix does not wrap.
+#![allow(unsafe_code)]
+
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 /// One trapped system call.
