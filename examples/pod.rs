@@ -16,15 +16,11 @@ fn main() {
     };
     // Blocked before any thread starts, so every thread inherits the mask and the signals
     // stay pending for sigwait below instead of killing the process with the pod still up.
-    // SAFETY: plain signal-mask calls on a zeroed set.
-    let stop_signals = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    use nix::sys::signal::{SigSet, Signal};
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals.thread_block().expect("cannot block SIGINT and SIGTERM");
     let pod = LocalPod::start(index);
     println!("target_pid={}", pod.target_pid);
     println!("netns={}", pod.netns);
@@ -34,11 +30,8 @@ fn main() {
     std::thread::spawn(|| {
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
-        // SAFETY: signalling our own process.
-        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        let _ = kmirror_suite::run::signal(std::process::id(), libc::SIGTERM);
     });
-    let mut signal = 0;
-    // SAFETY: waits for one of the signals blocked above.
-    unsafe { libc::sigwait(&stop_signals, &mut signal) };
+    let _ = stop_signals.wait();
     drop(pod);
 }

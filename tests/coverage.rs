@@ -388,8 +388,8 @@ fn an_app_ignoring_sigterm_is_killed_5_s_after_the_target_exits() {
     app.wait_stdout("ready", Duration::from_secs(30), |l| l.iter().any(|l| l.starts_with("ready pid=")));
     let pid: u32 =
         app.stdout_lines().iter().find_map(|l| l.strip_prefix("ready pid=")).unwrap().parse().unwrap();
-    // SAFETY: ending the pod's target process.
-    unsafe { libc::kill(pod.target_pid as i32, libc::SIGKILL) };
+    // Ending the pod's target process.
+    let _ = kmirror_suite::run::signal(pod.target_pid, libc::SIGKILL);
     app.wait_stdout("the app's SIGTERM", Duration::from_secs(20), |l| l.iter().any(|l| l == "term"));
     let termed = Instant::now();
     wait_until("the app is killed", Duration::from_secs(30), || !alive(pid));
@@ -436,8 +436,7 @@ fn quit_and_user_signals_are_forwarded() {
     app.wait_stdout("ready", Duration::from_secs(30), |l| l.iter().any(|l| l == "ready"));
     for (signal, name) in [(libc::SIGQUIT, "SIGQUIT"), (libc::SIGUSR1, "SIGUSR1"), (libc::SIGUSR2, "SIGUSR2")]
     {
-        // SAFETY: signalling our own kmirror child.
-        assert_eq!(unsafe { libc::kill(app.child.id() as i32, signal) }, 0);
+        kmirror_suite::run::signal(app.child.id(), signal).unwrap();
         let line = format!("signal={name}");
         app.wait_stdout(&line, Duration::from_secs(20), |l| l.contains(&line));
     }
@@ -452,8 +451,7 @@ struct Resume(u32);
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        // SAFETY: kill(2) with plain integers; resuming the agent this test stopped.
-        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        let _ = kmirror_suite::run::signal(self.0, libc::SIGCONT);
     }
 }
 
@@ -494,8 +492,8 @@ fn a_mirrored_stream_that_loses_data_is_dropped_and_reported() {
     client.write_all(&chunk).unwrap();
     app.wait_stdout("the first mirrored bytes", Duration::from_secs(30), |l| l.iter().any(|l| l == "first"));
     let agent = app.agent_pid();
-    // SAFETY: stopping the agent of our own kmirror child (resumed below, or by `Resume`).
-    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    // Stopping the agent of our own kmirror child (resumed below, or by `Resume`).
+    let _ = kmirror_suite::run::signal(agent, libc::SIGSTOP);
     let resume = Resume(agent);
     for _ in 1..BODY / chunk.len() {
         client.write_all(&chunk).unwrap();

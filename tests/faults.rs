@@ -105,8 +105,8 @@ fn losing_the_agent_resets_pod_connections_keeps_local_ones_and_fails_the_sessio
     let line = stdout.line_within(Duration::from_secs(30));
     assert_eq!(line, format!("first=pod-echo {}: one", pod.index));
     let agent = agent_of(child.id());
-    // SAFETY: killing the agent of our own kmirror child.
-    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    // Killing the agent of our own kmirror child.
+    let _ = kmirror_suite::run::signal(agent, libc::SIGKILL);
     wait_until("the agent is gone", Duration::from_secs(20), || !alive(agent));
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
@@ -130,8 +130,8 @@ fn target_exit_ends_the_session_with_a_clear_message() {
     let go = go_fixtures()[0].to_str().unwrap().to_string();
     let app = BackgroundApp::start(pod.target_pid, &[], &[&go, "wait-signal"]);
     app.wait_stdout("ready", Duration::from_secs(20), |l| l.iter().any(|l| l == "ready"));
-    // SAFETY: ending the pod's target process.
-    unsafe { libc::kill(pod.target_pid as i32, libc::SIGKILL) };
+    // Ending the pod's target process.
+    let _ = kmirror_suite::run::signal(pod.target_pid, libc::SIGKILL);
     wait_until("the app is stopped", Duration::from_secs(20), || {
         app.stdout_lines().iter().any(|l| l == "signal=TERM")
     });
@@ -199,15 +199,8 @@ fn the_agent_rejects_a_wrong_session_token() {
     cmd.args(["--tunnel-fd", &fd.to_string(), "--target-pid", &pod.target_pid.to_string()])
         .env("KMIRROR_SESSION_TOKEN", "the-right-token")
         .stderr(std::process::Stdio::piped());
-    // SAFETY: only fcntl between fork and exec, to let the agent inherit its end.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The agent inherits its end.
+    kmirror_suite::sys::inherit_fd(&mut cmd, fd);
     let child = cmd.spawn().unwrap();
     drop(theirs);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -265,15 +258,14 @@ fn a_hung_agent_times_out_instead_of_hanging_the_app() {
     };
     assert!(alive(app));
     let agent = agent_of(child.id());
-    // SAFETY: stopping (then resuming) the agent of our own kmirror child.
-    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    // Stopping (then resuming) the agent of our own kmirror child.
+    let _ = kmirror_suite::run::signal(agent, libc::SIGSTOP);
     let started = Instant::now();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let out = wait_output_within(child, "kmirror", Duration::from_secs(60));
     let elapsed = started.elapsed();
-    // SAFETY: as above.
-    unsafe { libc::kill(agent as i32, libc::SIGCONT) };
+    let _ = kmirror_suite::run::signal(agent, libc::SIGCONT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         field(&stdout, "rc"),

@@ -400,12 +400,11 @@ fn signals_interrupt_a_udp_connect_and_send_waiting_for_the_pod() {
         Background::spawn(kmirror_suite::run::kmirror_cmd(pod.target_pid, &[], &["python3", "-c", &script]));
     run.wait_for("ready");
     let agent = kmirror_suite::run::agent_of(run.child.id());
-    // SAFETY: stopping (then resuming) the agent of our own kmirror child.
-    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    // Stopping (then resuming) the agent of our own kmirror child.
+    let _ = kmirror_suite::run::signal(agent, libc::SIGSTOP);
     run.go();
     run.wait_for("stopped-part-done");
-    // SAFETY: as above.
-    unsafe { libc::kill(agent as i32, libc::SIGCONT) };
+    let _ = kmirror_suite::run::signal(agent, libc::SIGCONT);
     run.go();
     let (status, stdout, stderr) = run.finish();
     assert!(status.success(), "{stdout}\n{stderr}");

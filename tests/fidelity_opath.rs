@@ -56,9 +56,9 @@ fn set_times(path: &Path, sec: u64) {
 }
 
 fn mknod(path: &Path, mode: u32, dev: libc::dev_t) {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path.
-    assert_eq!(unsafe { libc::mknod(c.as_ptr(), mode, dev) }, 0, "mknod {}", path.display());
+    let kind = nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT);
+    let perm = nix::sys::stat::Mode::from_bits_truncate(mode & 0o7777);
+    nix::sys::stat::mknod(path, kind, perm, dev).unwrap_or_else(|e| panic!("mknod {}: {e}", path.display()));
     // Whatever the test's umask took away.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777)).unwrap();
 }

@@ -113,8 +113,8 @@ fn steal_answers_from_the_local_app_and_fails_open() {
 
     // SIGKILL of the agent: its tcx link goes with it, new connections reach the pod's app.
     let agent = app.agent_pid();
-    // SAFETY: killing the agent process of our own kmirror child.
-    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    // Killing the agent process of our own kmirror child.
+    let _ = kmirror_suite::run::signal(agent, libc::SIGKILL);
     eventually("the pod's app answers again after the agent was killed", || {
         HttpConn::connect(addr)
             .and_then(|mut c| c.request("GET", "/after-kill", &[], b""))
@@ -258,8 +258,8 @@ fn clsact_fallback_steals_cleans_up_and_fails_open() {
 
     let app = start_with_env(&pod, &["--incoming", "steal"], &go_serve(&pod, 0), &clsact);
     assert_eq!(get(addr, "/c3"), "local-app /c3\n");
-    // SAFETY: killing the agent of our own kmirror child.
-    unsafe { libc::kill(app.agent_pid() as i32, libc::SIGKILL) };
+    // Killing the agent of our own kmirror child.
+    let _ = kmirror_suite::run::signal(app.agent_pid(), libc::SIGKILL);
     drop(app);
     assert!(tc_ingress_filters(&pod).contains("incoming"), "a classic filter outlives a killed agent");
     eventually("the orphaned filter fails open", || get(addr, "/c4").starts_with("pod-echo"));
@@ -348,8 +348,7 @@ fn a_blocking_accept_shows_the_pod_client_and_lets_signals_through() {
         assert!(Instant::now() < deadline, "the app's two threads never blocked in accept");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // SAFETY: kill(2) with a plain pid and signal number.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    kmirror_suite::run::signal(pid, libc::SIGUSR1).unwrap();
     app.wait_stdout("the signal handler's line", Duration::from_secs(5), |l| l.iter().any(|l| l == "usr1"));
     // Two threads wait in accept on the same listener: each gets one connection.
     assert_eq!(get(pod_addr(&pod), "/blocking"), "ok\n");

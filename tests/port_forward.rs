@@ -57,8 +57,7 @@ fn forwards_reach_pod_only_addresses_and_names_until_a_signal() {
     assert!(pod.service_log().contains("/by-name"), "{}", pod.service_log());
 
     // SIGTERM (as Ctrl-C's SIGINT) ends it cleanly.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    kmirror_suite::run::signal(child.id(), libc::SIGTERM).unwrap();
     let status = wait_within(&mut child, "port-forward after SIGTERM", Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     assert!(TcpStream::connect(("127.0.0.1", ports[0])).is_err(), "the port is still open");

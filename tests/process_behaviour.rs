@@ -47,8 +47,7 @@ fn termination_signals_reach_the_app() {
             .unwrap();
         let stdout = LineReader::new(child.stdout.take().unwrap());
         assert_eq!(stdout.line_within(Duration::from_secs(30)), "ready");
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(child.id() as i32, signal) };
+        let _ = kmirror_suite::run::signal(child.id(), signal);
         assert_eq!(stdout.line_within(Duration::from_secs(30)), format!("signal={name}"));
         assert!(wait_within(&mut child, "kmirror", Duration::from_secs(30)).success());
     }

@@ -277,8 +277,8 @@ impl Drop for Leftovers {
             }
         }
         for pid in doomed {
-            // SAFETY: SIGKILL to a process this test started (checked above).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // SIGKILL to a process this test started (checked above).
+            let _ = kmirror_suite::run::signal(pid, libc::SIGKILL);
         }
     }
 }
@@ -403,8 +403,8 @@ fn redis_server_daemonized_reaches_the_pod() {
     }
     let redis_pid = pid_from(&pidfile);
     assert!(app.child.try_wait().unwrap().is_none(), "kmirror exited while redis ran");
-    // SAFETY: SIGTERM to the redis this test started.
-    unsafe { libc::kill(redis_pid as i32, libc::SIGTERM) };
+    // SIGTERM to the redis this test started.
+    let _ = kmirror_suite::run::signal(redis_pid, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = app.child.try_wait().unwrap() {
@@ -533,17 +533,9 @@ fn ctrl_c_reaches_the_foreground_group_and_the_rest_is_still_served() {
         &[program.to_str().unwrap(), out.to_str().unwrap(), &pod.service_ip.to_string()],
     );
     cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave);
-    // SAFETY: only raw system calls between fork and exec: a new session whose controlling
-    // terminal is the pty, so kmirror's process group is the terminal's foreground group.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A new session whose controlling terminal is the pty, so kmirror's process group is the
+    // terminal's foreground group.
+    kmirror_suite::sys::with_controlling_terminal(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     drop(cmd);
     let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -582,15 +574,8 @@ fn ctrl_c_reaches_the_foreground_group_and_the_rest_is_still_served() {
 }
 
 fn open_pty() -> (std::fs::File, std::fs::File) {
-    use std::os::fd::FromRawFd;
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors; the name, termios and window size are optional.
-    let rc = unsafe {
-        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptors from openpty, owned from here.
-    unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) }
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    (pty.master.into(), pty.slave.into())
 }
 
 /// After the main process exited, kmirror only waits for the rest of the tree: a SIGTERM sent
@@ -614,8 +599,8 @@ fn a_termination_signal_after_the_main_process_exited_ends_the_rest() {
     wait_until("the main process exited", Duration::from_secs(10), || !alive(main));
     wait_until("both sleeps sleep", Duration::from_secs(10), || sleeping(polite) && sleeping(stubborn));
     assert!(app.child.try_wait().unwrap().is_none(), "kmirror exited with the main process");
-    // SAFETY: SIGTERM to the kmirror this test started.
-    unsafe { libc::kill(app.child.id() as i32, libc::SIGTERM) };
+    // SIGTERM to the kmirror this test started.
+    let _ = kmirror_suite::run::signal(app.child.id(), libc::SIGTERM);
     let sent = Instant::now();
     wait_until("the sleep that takes SIGTERM ended", Duration::from_secs(3), || !alive(polite));
     assert!(alive(stubborn), "the sleep that ignores SIGTERM is left to the grace period");
@@ -663,8 +648,8 @@ fn a_killed_keeper_takes_the_tree_with_it_and_kmirror_says_so() {
     let _leftovers = Leftovers::pids(vec![(orphan, "sleep"), (main, "sleep")]);
     wait_until("both sleep", Duration::from_secs(10), || sleeping(orphan) && sleeping(main));
     let keeper = keeper_of(app.child.id()).expect("kmirror has a keeper");
-    // SAFETY: SIGKILL to the keeper of the kmirror this test started.
-    unsafe { libc::kill(keeper as i32, libc::SIGKILL) };
+    // SIGKILL to the keeper of the kmirror this test started.
+    let _ = kmirror_suite::run::signal(keeper, libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = app.child.try_wait().unwrap() {
@@ -698,15 +683,9 @@ fn the_app_starts_with_the_signal_dispositions_kmirror_had() {
     let bit = |sig: i32| 1u64 << (sig - 1);
     let mine = ignored(&std::fs::read_to_string("/proc/self/status").unwrap());
     let mut cmd = kmirror_cmd(pod.target_pid, &[], &["cat", "/proc/self/status"]);
-    // SAFETY: only a raw system call between fork and exec: kmirror starts with SIGALRM ignored,
-    // as under `nohup`-like wrappers that ignore a signal for their child.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGALRM, libc::SIG_IGN);
-            Ok(())
-        });
-    }
+    // kmirror starts with SIGALRM ignored, as under `nohup`-like wrappers that ignore a signal
+    // for their child.
+    kmirror_suite::sys::ignoring(&mut cmd, libc::SIGALRM);
     let out = kmirror_suite::run::output_within(cmd, Duration::from_secs(60));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let app = ignored(&String::from_utf8_lossy(&out.stdout));

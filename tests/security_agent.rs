@@ -14,13 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Bytes of the kernel log that no one has read through `/proc/kmsg` (or `syslog(2)`) yet.
-fn kernel_log_unread() -> i32 {
-    const SYSLOG_ACTION_SIZE_UNREAD: i32 = 9;
-    // SAFETY: SIZE_UNREAD takes no buffer.
-    unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_UNREAD, std::ptr::null_mut(), 0) }
-}
-
 fn local_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()
 }
@@ -33,9 +26,8 @@ fn point_hostname_at(pod: &LocalPod, target: &str) {
 }
 
 fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", path.display());
+    let mode = nix::sys::stat::Mode::from_bits_retain(0o644);
+    nix::unistd::mkfifo(path, mode).unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -50,7 +42,7 @@ fn hostname_and_pod_files_pointing_at_kernel_files_are_not_read() {
     let pod = LocalPod::start(150);
     // Make sure the kernel log has unread bytes that a read of /proc/kmsg would consume.
     std::fs::write("/dev/kmsg", "kmirror security_agent test: unread marker\n").unwrap();
-    let unread = kernel_log_unread();
+    let unread = kmirror_suite::sys::kernel_log_unread();
     assert!(unread > 0, "the kernel log has nothing unread ({unread})");
     point_hostname_at(&pod, "/proc/kmsg");
     symlink("/proc/kmsg", pod.rootfs.join("data/kmsg")).unwrap();
@@ -68,7 +60,7 @@ fn hostname_and_pod_files_pointing_at_kernel_files_are_not_read() {
         assert!(out.stdout.is_empty(), "cat {file} printed something");
         assert!(stderr_of(&out).contains("No such device or address"), "{file}: {}", stderr_of(&out));
     }
-    let after = kernel_log_unread();
+    let after = kmirror_suite::sys::kernel_log_unread();
     assert!(after >= unread, "the host's kernel log was read: {unread} unread bytes before, {after} after");
 }
 

@@ -242,8 +242,8 @@ fn killing_kmirror_in_a_unit_ends_the_tree_and_the_unit() {
     let unit = "kmirror-sigkill.service";
     let (child, kmirror, pids) =
         start_tree(&manager, unit, &["KillMode=process"], pod.target_pid, &dir.0, None);
-    // SAFETY: SIGKILL to the kmirror this test started (the unit's main process).
-    unsafe { libc::kill(kmirror as i32, libc::SIGKILL) };
+    // SIGKILL to the kmirror this test started (the unit's main process).
+    kmirror_suite::run::signal(kmirror, libc::SIGKILL).unwrap();
     let killed = Instant::now();
     while pids.iter().any(|&p| alive(p)) {
         let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();

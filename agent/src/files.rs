@@ -13,7 +13,7 @@ use kmirror_protocol::{DirEntry, Errno, FileStat};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileTypeExt};
 use std::sync::{Arc, Mutex};
@@ -26,51 +26,29 @@ pub const MAX_HANDLES: usize = 64;
 /// Encoded size of the entries one directory answer carries (half the frame limit).
 const DIR_PART_BYTES: usize = 512 * 1024;
 
-fn last_errno() -> Errno {
-    Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+fn nix_errno(e: nix::errno::Errno) -> Errno {
+    Errno(e as i32)
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_IN_ROOT: u64 = 0x10;
-
 /// Opens `path` beneath `root`; `flags` are open(2) flags (O_CLOEXEC is added).
 pub fn open_in_root(root: &OwnedFd, path: &[u8], flags: i32) -> Result<OwnedFd, Errno> {
     let c_path = CString::new(path).map_err(|_| Errno(libc::EINVAL))?;
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = || {
+        OpenHow::new()
+            .flags(OFlag::from_bits_retain(flags | libc::O_CLOEXEC))
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
     };
     loop {
-        // SAFETY: openat2 reads `how` (sized as passed) and the NUL-terminated path.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root.as_raw_fd(),
-                c_path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: the kernel returned a new descriptor that nothing else owns.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        }
-        let errno = last_errno();
-        // RESOLVE_IN_ROOT returns EAGAIN when a concurrent rename raced the lookup.
-        if errno.0 != libc::EAGAIN && errno.0 != libc::EINTR {
-            return Err(errno);
+        match nix::fcntl::openat2(root, c_path.as_c_str(), how()) {
+            Ok(fd) => return Ok(fd),
+            // RESOLVE_IN_ROOT returns EAGAIN when a concurrent rename raced the lookup.
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(nix_errno(e)),
         }
     }
 }
@@ -116,13 +94,7 @@ pub fn check_readable(mode: u32, fs_type: i64) -> Result<(), Errno> {
 }
 
 fn fs_type(fd: &OwnedFd) -> Result<i64, Errno> {
-    // SAFETY: an all-zero `statfs` is a valid value; fstatfs fills it in.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid, writable `struct statfs`.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(last_errno());
-    }
-    Ok(st.f_type as i64)
+    Ok(nix::sys::statfs::fstatfs(fd).map_err(nix_errno)?.filesystem_type().0 as i64)
 }
 
 /// Opens a pod file for reading. Its path is resolved once, to an `O_PATH` descriptor that
@@ -136,14 +108,10 @@ pub fn open_regular(root: &OwnedFd, path: &[u8], follow: bool) -> Result<(std::f
     let st = fstat(&located)?;
     check_readable(st.mode, fs_type(&located)?)?;
     let c_path = CString::new(format!("/proc/self/fd/{}", located.as_raw_fd())).expect("no NUL");
-    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
-    // SAFETY: `c_path` is a valid C string; the returned descriptor is owned below.
-    let fd = unsafe { libc::open(c_path.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(last_errno());
-    }
-    // SAFETY: `fd` was just returned by open and is not owned elsewhere.
-    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let file =
+        nix::fcntl::open(c_path.as_c_str(), flags, nix::sys::stat::Mode::empty()).map_err(nix_errno)?;
     let opened = fstat(&file)?;
     if (opened.dev, opened.ino) != (st.dev, st.ino) {
         return Err(Errno(libc::ENXIO));
@@ -158,13 +126,7 @@ pub fn stat(root: &OwnedFd, path: &[u8], follow: bool) -> Result<FileStat, Errno
 }
 
 fn fstat(fd: &OwnedFd) -> Result<FileStat, Errno> {
-    // SAFETY: an all-zero `stat` is a valid value; fstat fills it in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid, writable `struct stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(last_errno());
-    }
-    Ok(FileStat::from(&st))
+    Ok(FileStat::from(&nix::sys::stat::fstat(fd).map_err(nix_errno)?))
 }
 
 /// Reads up to `len` bytes at `offset` (protocol 2's `ReadFile`; each call opens the file
@@ -175,24 +137,11 @@ pub fn read_chunk(root: &OwnedFd, path: &[u8], offset: u64, len: u32) -> Result<
     let mut buf = vec![0u8; len];
     let mut filled = 0;
     while filled < len {
-        // SAFETY: the destination range lies within `buf`.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                buf[filled..].as_mut_ptr().cast(),
-                len - filled,
-                (offset + filled as u64) as libc::off_t,
-            )
-        };
-        match n {
-            0 => break,
-            n if n > 0 => filled += n as usize,
-            _ => {
-                let errno = last_errno();
-                if errno.0 != libc::EINTR {
-                    return Err(errno);
-                }
-            }
+        match nix::sys::uio::pread(&file, &mut buf[filled..], (offset + filled as u64) as libc::off_t) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(nix_errno(e)),
         }
     }
     buf.truncate(filled);
@@ -355,24 +304,18 @@ fn dir_entry(entry: std::fs::DirEntry) -> DirEntry {
 /// asked; see `identity`), so AT_EACCESS is always given here.
 pub fn access(root: &OwnedFd, path: &[u8], mode: u32, follow: bool) -> Result<(), Errno> {
     let fd = open_in_root(root, path, libc::O_PATH | if follow { 0 } else { libc::O_NOFOLLOW })?;
-    let flags = libc::AT_EMPTY_PATH | libc::AT_EACCESS;
-    // SAFETY: faccessat2 with an empty path and AT_EMPTY_PATH checks the descriptor itself.
-    let rc = unsafe { libc::syscall(libc::SYS_faccessat2, fd.as_raw_fd(), c"".as_ptr(), mode, flags) };
-    if rc == 0 { Ok(()) } else { Err(last_errno()) }
+    crate::sys::access_fd(fd.as_fd(), mode).map_err(io_errno)
 }
 
 pub fn read_link(root: &OwnedFd, path: &[u8]) -> Result<Vec<u8>, Errno> {
     let fd = open_in_root(root, path, libc::O_PATH | libc::O_NOFOLLOW)?;
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: readlinkat with an empty path reads the link the O_PATH descriptor refers to.
-    let n = unsafe { libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        let errno = last_errno();
+    // An empty path reads the link the O_PATH descriptor refers to.
+    match nix::fcntl::readlinkat(&fd, c"") {
+        Ok(target) => Ok(std::os::unix::ffi::OsStringExt::into_vec(target)),
         // Not a symlink: readlink(2) says EINVAL.
-        return Err(if errno.0 == libc::ENOENT { Errno(libc::EINVAL) } else { errno });
+        Err(nix::errno::Errno::ENOENT) => Err(Errno(libc::EINVAL)),
+        Err(e) => Err(nix_errno(e)),
     }
-    buf.truncate(n as usize);
-    Ok(buf)
 }
 
 /// Every entry of a directory in one answer (protocol 2's `ListDir`; a listing too large for
@@ -419,12 +362,8 @@ mod tests {
         // Escapes that must stay inside the root.
         std::os::unix::fs::symlink("/etc/hosts", dir.join("abs-link")).unwrap();
         std::os::unix::fs::symlink("../../../../../../etc/hosts", dir.join("rel-link")).unwrap();
-        let c = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid path; descriptor owned below.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: just opened.
-        (dir, unsafe { OwnedFd::from_raw_fd(fd) })
+        let root = open_dir_fd(dir.to_str().unwrap());
+        (dir, root)
     }
 
     #[test]
@@ -455,12 +394,9 @@ mod tests {
     }
 
     fn open_dir_fd(path: &str) -> OwnedFd {
-        let c = CString::new(path).unwrap();
-        // SAFETY: valid path; descriptor owned below.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        assert!(fd >= 0, "{path}");
-        // SAFETY: just opened.
-        unsafe { OwnedFd::from_raw_fd(fd) }
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty()).expect(path)
     }
 
     #[test]
@@ -492,9 +428,7 @@ mod tests {
         }
         assert_eq!(read_chunk(&host, b"/dev/zero", 0, 16).err(), Some(Errno(libc::ENXIO)));
         let (dir, root) = temp_root();
-        let fifo = CString::new(dir.join("fifo").as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid path.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::from_bits_retain(0o644)).unwrap();
         assert_eq!(read_chunk(&root, b"/fifo", 0, 16).err(), Some(Errno(libc::ENXIO)));
         std::os::unix::fs::symlink("/fifo", dir.join("to-fifo")).unwrap();
         let handles = SharedHandles::default();

@@ -97,7 +97,7 @@ mod tests {
     #[test]
     fn pod_file_operations_are_checked_as_the_app() {
         use crate::files;
-        use std::os::fd::{FromRawFd, OwnedFd};
+
         use std::os::unix::fs::{PermissionsExt, chown};
         let dir = std::env::temp_dir().join(format!("kmirror-agent-identity-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -112,12 +112,9 @@ mod tests {
         mode("locked", 0o700);
         mode("group", 0o640);
         chown(dir.join("group"), Some(0), Some(4242)).unwrap();
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid path; the descriptor is owned below.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: just opened.
-        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let root = nix::fcntl::open(dir.as_path(), flags, nix::sys::stat::Mode::empty()).unwrap();
         let handles = files::SharedHandles::default();
         let read = |who: &Identity, path: &[u8]| {
             run_as(who, || files::open_file(&handles, &root, path, true).map(|(_, _, bytes)| bytes)).unwrap()

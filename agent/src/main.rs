@@ -14,10 +14,10 @@ mod incoming;
 mod netns;
 mod outgoing;
 mod session;
+mod sys;
 mod target;
 
 use anyhow::{Context, Result, bail};
-use std::os::fd::{FromRawFd, OwnedFd};
 
 const USAGE: &str =
     "usage: kmirror-agent --tunnel-fd <fd> --target-pid <pid> [--token-fd <fd>] [--parent-pid <pid>]";
@@ -63,12 +63,10 @@ fn parse_args() -> Result<Args> {
 /// between fork and exec in the supervisor, so that its spawn can take the posix_spawn path;
 /// the parent check closes the window before the prctl.
 fn die_with_parent(parent: u32) -> Result<()> {
-    // SAFETY: prctl with integer arguments on the calling process.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot tie the agent to its supervisor");
-    }
-    // SAFETY: getppid has no arguments.
-    if unsafe { libc::getppid() } as u32 != parent {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(std::io::Error::from)
+        .context("cannot tie the agent to its supervisor")?;
+    if nix::unistd::getppid().as_raw() as u32 != parent {
         bail!("the supervisor (pid {parent}) exited before the agent started");
     }
     Ok(())
@@ -79,59 +77,26 @@ fn die_with_parent(parent: u32) -> Result<()> {
 fn session_token(fd: Option<i32>) -> Result<String> {
     if let Some(fd) = fd {
         use std::io::Read;
-        // SAFETY: the supervisor passed this descriptor to us and nothing else owns it.
-        let pipe = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let pipe = std::fs::File::from(sys::inherited_fd(fd));
         let mut token = String::new();
         pipe.take(4096).read_to_string(&mut token).context("cannot read the session token (--token-fd)")?;
         return Ok(token);
     }
-    take_env_secret(TOKEN_VAR).context(
+    sys::take_env_secret(TOKEN_VAR).context(
         "no session token (--token-fd or KMIRROR_SESSION_TOKEN); the agent is started by `kmirror run`",
     )
 }
 
 const TOKEN_VAR: &str = "KMIRROR_SESSION_TOKEN";
 
-unsafe extern "C" {
-    /// The C library's environment block: pointers to `NAME=value` strings, at first in the
-    /// memory the kernel set up at exec, which is what `/proc/<pid>/environ` shows.
-    static mut environ: *mut *mut libc::c_char;
-}
-
-/// Removes variable `name` from the environment and overwrites its value where it lies, so
-/// `/proc/<pid>/environ` no longer shows it (`remove_var` only unlinks the entry). Call
-/// before any thread exists.
-fn take_env_secret(name: &str) -> Option<String> {
-    let value = std::env::var(name).ok()?;
-    let prefix = format!("{name}=");
-    // SAFETY: single-threaded (the caller's contract); `environ` is a NULL-terminated array of
-    // pointers to NUL-terminated strings, each writable (the initial stack or the heap).
-    unsafe {
-        let mut entry = environ;
-        while !entry.is_null() && !(*entry).is_null() {
-            let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
-            if text.starts_with(prefix.as_bytes()) {
-                let start = (*entry).add(prefix.len());
-                for i in 0..text.len() - prefix.len() {
-                    std::ptr::write_volatile(start.add(i), 0);
-                }
-            }
-            entry = entry.add(1);
-        }
-        std::env::remove_var(name);
-    }
-    Some(value)
-}
-
 /// Each pod connection of the app holds a descriptor in the agent.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit on a valid struct; failure leaves the limit as it was.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // Failure leaves the limit as it was.
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
@@ -172,8 +137,7 @@ fn run() -> Result<()> {
     }
     let token = session_token(args.token_fd)?;
     let target = target::Target::open(args.target_pid)?;
-    // SAFETY: the supervisor passed this descriptor to us and nothing else owns it.
-    let tunnel_fd = unsafe { OwnedFd::from_raw_fd(args.tunnel_fd) };
+    let tunnel_fd = sys::inherited_fd(args.tunnel_fd);
     let netns = netns::NetnsWorker::start(&target)?;
     // One thread runs every task: a pod connection crosses several tasks (tunnel reader,
     // session, connect, writer), and on a thread of their own each hand-off is a cross-CPU
@@ -192,34 +156,4 @@ fn run() -> Result<()> {
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The secret's bytes are overwritten where the environment held them, not just unlinked.
-    #[test]
-    fn an_environment_secret_is_wiped_where_it_lay() {
-        let name = "KMIRROR_TEST_SECRET_WIPE";
-        // SAFETY: this test alone touches this variable.
-        unsafe { std::env::set_var(name, "s3cret-value") };
-        let prefix = format!("{name}=");
-        // SAFETY: reading the environment block; see take_env_secret.
-        let held = unsafe {
-            let mut entry = environ;
-            loop {
-                assert!(!(*entry).is_null(), "the variable is not in environ");
-                if std::ffi::CStr::from_ptr(*entry).to_bytes().starts_with(prefix.as_bytes()) {
-                    break *entry;
-                }
-                entry = entry.add(1);
-            }
-        };
-        assert_eq!(take_env_secret(name).as_deref(), Some("s3cret-value"));
-        assert!(std::env::var(name).is_err());
-        // SAFETY: the string is still allocated (unsetenv does not free it) and as long as before.
-        let value = unsafe { std::slice::from_raw_parts(held.add(prefix.len()).cast::<u8>(), 12) };
-        assert_eq!(value, &[0u8; 12], "the value is still in memory");
-    }
 }

@@ -12,8 +12,9 @@
 
 use crate::target::Target;
 use anyhow::{Context, Result};
+use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
@@ -109,47 +110,26 @@ fn refill(stock: &Stock, domain: i32, kind: i32) {
 
 /// Moves the calling thread into the network namespace `netns`.
 pub fn enter(netns: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: setns on the calling thread only; `netns` is an open namespace descriptor.
-    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Sets an int-valued socket option.
-pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads one int from `value`; `fd` is borrowed, so open.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    Ok(nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?)
 }
 
 /// Lets an IPv6 socket carry IPv4 too (v4-mapped addresses), whatever the namespace's default.
 pub fn set_dual_stack(fd: &OwnedFd) -> std::io::Result<()> {
-    set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)
+    Ok(setsockopt(fd, sockopt::Ipv6V6Only, &false)?)
 }
 
 fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: socket(2) with plain integer arguments; the result is checked before use.
-    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    // The kernel's answers for a family or type it does not know.
+    let family = AddressFamily::from_i32(domain)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd = nix::sys::socket::socket(family, SockType::try_from(kind)?, flags, None)?;
     if kind == libc::SOCK_STREAM {
         // Every TCP socket of the agent relays bytes that must not wait for Nagle. Set here, on
         // the stocking thread, it costs a pod connect nothing (a listener passes it on to the
         // connections it accepts).
-        set_int_option(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+        setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
     }
     Ok(fd)
 }
@@ -157,36 +137,15 @@ fn new_socket(domain: i32, kind: i32) -> std::io::Result<OwnedFd> {
 /// The addresses of every interface of the calling thread's network namespace (loopback's
 /// included): what a target in that namespace can be reached at.
 pub fn interface_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list that we free below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     let mut out = Vec::new();
-    let mut at = list;
-    while !at.is_null() {
-        // SAFETY: `at` is a node of the list getifaddrs returned, not freed yet.
-        let entry = unsafe { &*at };
-        if !entry.ifa_addr.is_null() {
-            // SAFETY: a non-null ifa_addr points to a sockaddr whose family says its real type.
-            match i32::from(unsafe { (*entry.ifa_addr).sa_family }) {
-                libc::AF_INET => {
-                    // SAFETY: AF_INET: a sockaddr_in.
-                    let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                }
-                libc::AF_INET6 => {
-                    // SAFETY: AF_INET6: a sockaddr_in6.
-                    let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
-                    out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-                _ => {}
-            }
+    for entry in nix::ifaddrs::getifaddrs()? {
+        let Some(addr) = entry.address else { continue };
+        if let Some(sin) = addr.as_sockaddr_in() {
+            out.push(sin.ip().into());
+        } else if let Some(sin6) = addr.as_sockaddr_in6() {
+            out.push(sin6.ip().into());
         }
-        at = entry.ifa_next;
     }
-    // SAFETY: the list came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(list) };
     Ok(out)
 }
 
@@ -213,25 +172,15 @@ pub fn is_host_namespace(netns: &OwnedFd) -> Option<bool> {
 mod tests {
     use super::*;
 
-    fn int_option(fd: &OwnedFd, level: i32, name: i32) -> i32 {
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes one int into `value`.
-        let rc = unsafe {
-            libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut len)
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        value
-    }
+    use nix::sys::socket::getsockopt;
 
     #[test]
     fn tcp_sockets_come_without_nagle_and_non_blocking() {
         let tcp = new_socket(libc::AF_INET6, libc::SOCK_STREAM).unwrap();
-        assert_eq!(int_option(&tcp, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
-        // SAFETY: F_GETFL has no pointer arguments.
-        let flags = unsafe { libc::fcntl(tcp.as_raw_fd(), libc::F_GETFL) };
+        assert!(getsockopt(&tcp, sockopt::TcpNoDelay).unwrap());
+        let flags = nix::fcntl::fcntl(&tcp, nix::fcntl::FcntlArg::F_GETFL).unwrap();
         assert_ne!(flags & libc::O_NONBLOCK, 0);
         let udp = new_socket(libc::AF_INET, libc::SOCK_DGRAM).unwrap();
-        assert_eq!(int_option(&udp, libc::SOL_SOCKET, libc::SO_TYPE), libc::SOCK_DGRAM);
+        assert_eq!(getsockopt(&udp, sockopt::SockType).unwrap(), nix::sys::socket::SockType::Datagram);
     }
 }

@@ -1,9 +1,10 @@
 //! Outgoing connections made on the app's behalf from the pod's network namespace.
 
-use crate::netns::{NetnsWorker, set_int_option};
+use crate::netns::NetnsWorker;
 use kmirror_protocol::tunnel::Inbound;
 use kmirror_protocol::tunnel::Stream;
 use kmirror_protocol::{Errno, OpenTarget, SocketOptions, decode_addressed, encode_addressed};
+use nix::sys::socket::{setsockopt, sockopt};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
@@ -32,18 +33,21 @@ fn opened_at(stream: &Stream, local: std::io::Result<std::net::SocketAddr>) {
 /// bounds the handshake too, as on the app's socket).
 fn apply_options(fd: BorrowedFd<'_>, options: &SocketOptions) -> std::io::Result<()> {
     if options.keepalive {
-        set_int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        setsockopt(&fd, sockopt::KeepAlive, &true)?;
     }
-    let tcp = [
-        (libc::TCP_KEEPIDLE, options.keep_idle),
-        (libc::TCP_KEEPINTVL, options.keep_interval),
-        (libc::TCP_KEEPCNT, options.keep_count),
-        (libc::TCP_USER_TIMEOUT, options.user_timeout),
-    ];
-    for (name, value) in tcp {
-        if let Some(value) = value {
-            set_int_option(fd, libc::IPPROTO_TCP, name, value.min(i32::MAX as u32) as i32)?;
-        }
+    // The kernel takes these as ints.
+    let int = |value: u32| value.min(i32::MAX as u32);
+    if let Some(value) = options.keep_idle {
+        setsockopt(&fd, sockopt::TcpKeepIdle, &int(value))?;
+    }
+    if let Some(value) = options.keep_interval {
+        setsockopt(&fd, sockopt::TcpKeepInterval, &int(value))?;
+    }
+    if let Some(value) = options.keep_count {
+        setsockopt(&fd, sockopt::TcpKeepCount, &int(value))?;
+    }
+    if let Some(value) = options.user_timeout {
+        setsockopt(&fd, sockopt::TcpUserTimeout, &int(value))?;
     }
     Ok(())
 }
@@ -83,7 +87,7 @@ async fn open_udp_unconnected(netns: NetnsWorker, mut stream: Stream, v6: bool, 
         let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         let fd = netns.socket(domain, libc::SOCK_DGRAM).await?;
         if v6 {
-            set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6_only as i32)?;
+            setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only)?;
         }
         let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
         let any: SocketAddr =
@@ -128,36 +132,7 @@ async fn open_udp_unconnected(netns: NetnsWorker, mut stream: Stream, v6: bool, 
 
 /// Binds an unbound tokio UDP socket (the worker hands out unbound ones).
 fn bind_to(socket: &tokio::net::UdpSocket, addr: SocketAddr) -> std::io::Result<()> {
-    let (storage, len) = sockaddr_of(addr);
-    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
-    let rc =
-        unsafe { libc::bind(socket.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: zeroed storage is a valid (empty) sockaddr.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(v4) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
-            let sin =
-                unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = v4.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
-            (storage, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(v6) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in6.
-            let sin6 =
-                unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = v6.port().to_be();
-            sin6.sin6_addr.s6_addr = v6.ip().octets();
-            (storage, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
+    Ok(nix::sys::socket::bind(socket.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(addr))?)
 }
 
 /// An IPv4 address as a dual-stack IPv6 socket needs it.

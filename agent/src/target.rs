@@ -7,9 +7,9 @@
 //! the held `/proc/<pid>` directory, which keeps naming that process (and fails once it is
 //! gone) whatever the number comes to mean.
 
+use crate::sys::pidfd_open;
 use anyhow::{Context, Result};
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 pub struct Target {
     pub pid: u32,
@@ -60,49 +60,21 @@ impl Target {
 
     /// Becomes readable when the target exits.
     pub fn exit_watch(&self) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-        let fd = self.pidfd.try_clone()?;
-        // SAFETY: `fd` is an owned pidfd that the AsyncFd keeps open and never replaces.
-        unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(Into::into)
+        crate::sys::async_fd(self.pidfd.try_clone()?)
     }
 }
 
 /// Signal 0 through the pidfd: succeeds while its process exists (a zombie included, whose
 /// pid is not free yet), ESRCH once it has been reaped.
 fn ensure_alive(pidfd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: pidfd_send_signal with signal 0 and no siginfo only checks the target.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    crate::sys::pidfd_send_signal(pidfd.as_fd(), 0)
 }
 
 fn open_at(dir: Option<&OwnedFd>, path: &str, flags: i32) -> std::io::Result<OwnedFd> {
-    let c = CString::new(path).expect("no NUL in proc paths");
-    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    // SAFETY: `c` is a valid C string and `dirfd` a descriptor we hold (or AT_FDCWD); the
-    // returned descriptor is owned by us.
-    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by the kernel and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    use nix::fcntl::OFlag;
+    let dirfd = dir.map_or(nix::fcntl::AT_FDCWD, |d| d.as_fd());
+    let flags = OFlag::from_bits_retain(flags | libc::O_CLOEXEC);
+    Ok(nix::fcntl::openat(dirfd, path, flags, nix::sys::stat::Mode::empty())?)
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //! (glibc's `setgroups` wrapper would change every thread of the process); the thread ends
 //! after the work, so nothing leaks back to the process's other threads, which keep root.
 
+// Per-thread setgroups, capget and capset have no wrapper in nix (its setgroups is glibc's,
+// which changes every thread).
+#![allow(unsafe_code)]
+
 use std::io;
 
 /// What one thread takes for its file permission checks.
@@ -58,12 +62,13 @@ pub fn take(creds: &ThreadCredentials) -> Result<(), i32> {
         return Err(last_errno());
     }
     // setfsuid/setfsgid report the previous value, never an error: read the new one back.
-    for (nr, id) in [(libc::SYS_setfsgid, creds.fsgid), (libc::SYS_setfsuid, creds.fsuid)] {
-        // SAFETY: takes an id by value; affects this thread only.
-        unsafe { libc::syscall(nr, id) };
-        if fs_id(nr) != id {
-            return Err(libc::EPERM);
-        }
+    nix::unistd::setfsgid(nix::unistd::Gid::from_raw(creds.fsgid));
+    if fs_gid() != creds.fsgid {
+        return Err(libc::EPERM);
+    }
+    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(creds.fsuid));
+    if fs_uid() != creds.fsuid {
+        return Err(libc::EPERM);
     }
     // Leaving root's fs uid dropped the file capabilities; now set exactly the wanted effective
     // set, within the permitted one (a thread can never gain more).
@@ -71,28 +76,22 @@ pub fn take(creds: &ThreadCredentials) -> Result<(), i32> {
     set_capabilities(creds.effective & permitted, permitted)
 }
 
-/// The calling thread's fs uid or gid (`nr`: SYS_setfsuid or SYS_setfsgid).
-fn fs_id(nr: libc::c_long) -> u32 {
-    // SAFETY: -1 is never a valid id, so this changes nothing and returns the current one.
-    unsafe { libc::syscall(nr, u32::MAX) as u32 }
+/// The calling thread's fs uid: -1 is never a valid id, so asking for it changes nothing and
+/// returns the current one.
+fn fs_uid() -> u32 {
+    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(u32::MAX)).as_raw()
+}
+
+fn fs_gid() -> u32 {
+    nix::unistd::setfsgid(nix::unistd::Gid::from_raw(u32::MAX)).as_raw()
 }
 
 /// The calling thread's fs uid, fs gid, supplementary groups and effective capabilities.
 pub fn current() -> Result<(u32, u32, Vec<u32>, u64), i32> {
-    // SAFETY: a zero-sized query returns the number of groups and writes nothing.
-    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
-    if n < 0 {
-        return Err(last_errno());
-    }
-    let mut groups = vec![0; n as usize];
-    // SAFETY: the buffer holds `n` gids.
-    let n = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
-    if n < 0 {
-        return Err(last_errno());
-    }
-    groups.truncate(n as usize);
+    let groups = nix::unistd::getgroups().map_err(|e| e as i32)?;
+    let groups = groups.into_iter().map(|g| g.as_raw()).collect();
     let (effective, _) = capabilities()?;
-    Ok((fs_id(libc::SYS_setfsuid), fs_id(libc::SYS_setfsgid), groups, effective))
+    Ok((fs_uid(), fs_gid(), groups, effective))
 }
 
 #[repr(C)]

@@ -9,9 +9,12 @@
 //! registering (on its own duplicate of the descriptor) only after a write would block, and
 //! dropping that registration when it has nothing left to send.
 
+// Unsafe: tokio's AsyncFd registrations; recv(2) into ReadBuf's uninitialised bytes (nix's needs init).
+#![allow(unsafe_code)]
+
 use crate::splice::{Pipe, SpliceSocket, splice};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::unix::AsyncFd;
@@ -123,23 +126,30 @@ impl AsRawFd for LinkReader {
     }
 }
 
+impl AsFd for LinkReader {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
 impl LinkWriter {
     /// Runs `op` on the socket until it does not would-block, registering for writability
     /// only once it has.
     fn poll_io<R>(
         &mut self,
         cx: &mut Context<'_>,
-        mut op: impl FnMut(RawFd) -> io::Result<R>,
+        mut op: impl FnMut(BorrowedFd<'_>) -> io::Result<R>,
     ) -> Poll<io::Result<R>> {
-        let fd = self.fd.as_raw_fd();
+        let fd = self.fd.as_fd();
         loop {
             let Some(waiting) = &self.waiting else {
                 match op(fd) {
                     Err(e) if is_would_block(&e) => {
                         // SAFETY: `self.fd` owns the descriptor and outlives the registration
                         // (see the field order).
-                        let registration =
-                            unsafe { AsyncFd::register_with_interest(Borrowed(fd), Interest::WRITABLE)? };
+                        let registration = unsafe {
+                            AsyncFd::register_with_interest(Borrowed(fd.as_raw_fd()), Interest::WRITABLE)?
+                        };
                         self.waiting = Some(registration);
                         continue;
                     }
@@ -177,21 +187,22 @@ impl LinkWriter {
 /// this end's reader still holds the socket open.
 impl Drop for LinkWriter {
     fn drop(&mut self) {
-        // SAFETY: shutdown on a descriptor we own; failure (already shut, not connected) is moot.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+        // Failure (already shut, not connected) is moot.
+        let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     }
 }
 
-fn send_slices(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-    let count = bufs.len().min(MAX_SLICES);
-    // SAFETY: a zeroed msghdr is a valid empty message.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is guaranteed to have iovec's layout on Unix.
-    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = count;
-    // SAFETY: sendmsg reads the slices we were lent; MSG_NOSIGNAL turns a closed peer into
-    // EPIPE instead of a signal.
-    retrying(|| unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) })
+fn send_slices(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, SockaddrStorage, sendmsg};
+    let bufs = &bufs[..bufs.len().min(MAX_SLICES)];
+    // MSG_NOSIGNAL turns a closed peer into EPIPE instead of a signal.
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    loop {
+        match sendmsg::<SockaddrStorage>(fd.as_raw_fd(), bufs, &[], flags, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            sent => return Ok(sent?),
+        }
+    }
 }
 
 impl AsyncWrite for LinkWriter {
@@ -216,9 +227,7 @@ impl AsyncWrite for LinkWriter {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // SAFETY: shutdown on a descriptor we own.
-        let rc = unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
-        Poll::Ready(if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) })
+        Poll::Ready(Ok(nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write)?))
     }
 }
 

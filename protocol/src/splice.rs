@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::Interest;
@@ -72,25 +72,21 @@ impl Pipe {
         if !budget.reserve(DEFAULT_PIPE_PAGES) {
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, "the relay pipe budget is spent"));
         }
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two descriptors into the array we own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            let e = io::Error::last_os_error();
-            budget.release(DEFAULT_PIPE_PAGES);
-            return Err(e);
-        }
-        // SAFETY: both descriptors were just created and nothing else owns them.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        use nix::fcntl::OFlag;
+        let (read, write) = match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+            Ok(ends) => ends,
+            Err(e) => {
+                budget.release(DEFAULT_PIPE_PAGES);
+                return Err(e.into());
+            }
+        };
         let mut pipe = Pipe { read, write, pages: DEFAULT_PIPE_PAGES, budget: budget.clone() };
         let full_pages = PIPE_CAPACITY / 4096;
         if budget.reserve(full_pages - DEFAULT_PIPE_PAGES) {
             // Best effort: over the user's quota the kernel refuses, and the default size still
             // works, only with shorter splices.
-            // SAFETY: fcntl on a descriptor we own.
-            if unsafe {
-                libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY as libc::c_int)
-            } >= 0
-            {
+            let resize = nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_CAPACITY as libc::c_int);
+            if nix::fcntl::fcntl(&pipe.write, resize).is_ok() {
                 pipe.pages = full_pages;
             } else {
                 budget.release(full_pages - DEFAULT_PIPE_PAGES);
@@ -100,22 +96,21 @@ impl Pipe {
     }
 
     /// The end splices take bytes out of.
-    pub(crate) fn read_fd(&self) -> RawFd {
-        self.read.as_raw_fd()
+    pub(crate) fn read_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
     }
 
     /// Whether the pipe has a free slot (a splice into it would move something).
     fn has_room(&self) -> bool {
-        let mut poll = libc::pollfd { fd: self.write.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-        // SAFETY: poll on one pollfd we own, without waiting.
-        unsafe { libc::poll(&mut poll, 1, 0) == 1 && poll.revents & libc::POLLOUT != 0 }
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let mut poll = [PollFd::new(self.write.as_fd(), PollFlags::POLLOUT)];
+        nix::poll::poll(&mut poll, PollTimeout::ZERO) == Ok(1)
+            && poll[0].revents().is_some_and(|r| r.contains(PollFlags::POLLOUT))
     }
 
     /// Reads up to `out.len()` bytes out of the pipe without waiting.
     pub fn read_some(&self, out: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: read into a buffer we own, at most its length.
-        let n = unsafe { libc::read(self.read.as_raw_fd(), out.as_mut_ptr().cast(), out.len()) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        Ok(nix::unistd::read(&self.read, out)?)
     }
 
     /// Copies `len` bytes that the pipe holds out of it (for consumers that cannot splice).
@@ -139,23 +134,14 @@ impl Drop for Pipe {
 }
 
 /// One `splice` call that never blocks the thread.
-pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice between two descriptors the caller keeps open, with no offsets.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    use nix::fcntl::SpliceFFlags;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
 }
 
 /// A tokio socket whose readiness drives splices.
-pub trait SpliceSocket: AsRawFd + Sync {
+pub trait SpliceSocket: AsFd + Sync {
     fn ready_for(&self, interest: Interest) -> impl Future<Output = io::Result<()>> + Send;
     fn try_io_for<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
 }
@@ -190,7 +176,7 @@ pub async fn splice_in(socket: &impl SpliceSocket, pipe: &Pipe, len: usize) -> i
     loop {
         socket.ready_for(Interest::READABLE).await?;
         let moved = socket.try_io_for(Interest::READABLE, || {
-            match splice(socket.as_raw_fd(), pipe.write.as_raw_fd(), len) {
+            match splice(socket.as_fd(), pipe.write.as_fd(), len) {
                 // Not the socket's would-block: keep its readiness.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe.has_room() => Ok(None),
                 other => other.map(Some),
@@ -210,8 +196,7 @@ pub async fn splice_in(socket: &impl SpliceSocket, pipe: &Pipe, len: usize) -> i
 pub async fn splice_out(pipe: &Pipe, socket: &impl SpliceSocket, mut len: usize) -> io::Result<()> {
     while len > 0 {
         socket.ready_for(Interest::WRITABLE).await?;
-        match socket.try_io_for(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), socket.as_raw_fd(), len))
-        {
+        match socket.try_io_for(Interest::WRITABLE, || splice(pipe.read.as_fd(), socket.as_fd(), len)) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "relay pipe ran dry")),
             Ok(n) => len -= n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

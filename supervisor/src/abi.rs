@@ -2,62 +2,65 @@
 
 use kmirror_protocol::FileStat;
 
+/// Writes `value` into `out` where `field` of the C struct `ty` lies. `value` must have the
+/// field's own type (checked at compile time), so it fills exactly the field's bytes; the
+/// bytes no field covers (padding, spare fields) stay zero.
+macro_rules! put {
+    ($out:expr, $ty:ty, $field:ident $(. $sub:ident)?, $value:expr) => {{
+        fn field_typed<F>(_: fn(&$ty) -> &F, value: F) -> F {
+            value
+        }
+        let bytes = field_typed(|s: &$ty| &s.$field $(.$sub)?, $value).to_ne_bytes();
+        let at = std::mem::offset_of!($ty, $field $(.$sub)?);
+        $out[at..at + bytes.len()].copy_from_slice(&bytes);
+    }};
+}
+
 /// `struct stat` as `stat`, `lstat` and `newfstatat` return it.
 pub fn encode_stat(st: &FileStat) -> Vec<u8> {
-    // SAFETY: `libc::stat` is plain old data; all-zero is a valid value.
-    let mut out: libc::stat = unsafe { std::mem::zeroed() };
-    out.st_dev = st.dev;
-    out.st_ino = st.ino;
-    out.st_nlink = st.nlink;
-    out.st_mode = st.mode;
-    out.st_uid = st.uid;
-    out.st_gid = st.gid;
-    out.st_rdev = st.rdev;
-    out.st_size = st.size;
-    out.st_blksize = st.blksize;
-    out.st_blocks = st.blocks;
-    out.st_atime = st.atime.sec;
-    out.st_atime_nsec = st.atime.nsec as i64;
-    out.st_mtime = st.mtime.sec;
-    out.st_mtime_nsec = st.mtime.nsec as i64;
-    out.st_ctime = st.ctime.sec;
-    out.st_ctime_nsec = st.ctime.nsec as i64;
-    as_bytes(&out)
+    let mut out = vec![0u8; std::mem::size_of::<libc::stat>()];
+    put!(out, libc::stat, st_dev, st.dev);
+    put!(out, libc::stat, st_ino, st.ino);
+    put!(out, libc::stat, st_nlink, st.nlink);
+    put!(out, libc::stat, st_mode, st.mode);
+    put!(out, libc::stat, st_uid, st.uid);
+    put!(out, libc::stat, st_gid, st.gid);
+    put!(out, libc::stat, st_rdev, st.rdev);
+    put!(out, libc::stat, st_size, st.size);
+    put!(out, libc::stat, st_blksize, st.blksize);
+    put!(out, libc::stat, st_blocks, st.blocks);
+    put!(out, libc::stat, st_atime, st.atime.sec);
+    put!(out, libc::stat, st_atime_nsec, st.atime.nsec as i64);
+    put!(out, libc::stat, st_mtime, st.mtime.sec);
+    put!(out, libc::stat, st_mtime_nsec, st.mtime.nsec as i64);
+    put!(out, libc::stat, st_ctime, st.ctime.sec);
+    put!(out, libc::stat, st_ctime_nsec, st.ctime.nsec as i64);
+    out
 }
 
 /// `struct statx` with the basic-stats mask (what the pod's `stat` can tell).
 pub fn encode_statx(st: &FileStat) -> Vec<u8> {
-    // SAFETY: `libc::statx` is plain old data; all-zero is a valid value.
-    let mut out: libc::statx = unsafe { std::mem::zeroed() };
-    out.stx_mask = libc::STATX_BASIC_STATS;
-    out.stx_blksize = st.blksize as u32;
-    out.stx_nlink = st.nlink as u32;
-    out.stx_uid = st.uid;
-    out.stx_gid = st.gid;
-    out.stx_mode = st.mode as u16;
-    out.stx_ino = st.ino;
-    out.stx_size = st.size as u64;
-    out.stx_blocks = st.blocks as u64;
-    let ts = |t: kmirror_protocol::Timestamp| {
-        // SAFETY: plain old data; all-zero is valid (the padding stays zero).
-        let mut out: libc::statx_timestamp = unsafe { std::mem::zeroed() };
-        out.tv_sec = t.sec;
-        out.tv_nsec = t.nsec;
-        out
-    };
-    out.stx_atime = ts(st.atime);
-    out.stx_mtime = ts(st.mtime);
-    out.stx_ctime = ts(st.ctime);
-    out.stx_rdev_major = libc::major(st.rdev);
-    out.stx_rdev_minor = libc::minor(st.rdev);
-    out.stx_dev_major = libc::major(st.dev);
-    out.stx_dev_minor = libc::minor(st.dev);
-    as_bytes(&out)
-}
-
-fn as_bytes<T: Copy>(value: &T) -> Vec<u8> {
-    // SAFETY: `T` is a plain C struct; reading its bytes (padding included, zeroed above) is fine.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
+    let mut out = vec![0u8; std::mem::size_of::<libc::statx>()];
+    put!(out, libc::statx, stx_mask, libc::STATX_BASIC_STATS);
+    put!(out, libc::statx, stx_blksize, st.blksize as u32);
+    put!(out, libc::statx, stx_nlink, st.nlink as u32);
+    put!(out, libc::statx, stx_uid, st.uid);
+    put!(out, libc::statx, stx_gid, st.gid);
+    put!(out, libc::statx, stx_mode, st.mode as u16);
+    put!(out, libc::statx, stx_ino, st.ino);
+    put!(out, libc::statx, stx_size, st.size as u64);
+    put!(out, libc::statx, stx_blocks, st.blocks as u64);
+    put!(out, libc::statx, stx_atime.tv_sec, st.atime.sec);
+    put!(out, libc::statx, stx_atime.tv_nsec, st.atime.nsec);
+    put!(out, libc::statx, stx_mtime.tv_sec, st.mtime.sec);
+    put!(out, libc::statx, stx_mtime.tv_nsec, st.mtime.nsec);
+    put!(out, libc::statx, stx_ctime.tv_sec, st.ctime.sec);
+    put!(out, libc::statx, stx_ctime.tv_nsec, st.ctime.nsec);
+    put!(out, libc::statx, stx_rdev_major, libc::major(st.rdev));
+    put!(out, libc::statx, stx_rdev_minor, libc::minor(st.rdev));
+    put!(out, libc::statx, stx_dev_major, libc::major(st.dev));
+    put!(out, libc::statx, stx_dev_minor, libc::minor(st.dev));
+    out
 }
 
 #[cfg(test)]

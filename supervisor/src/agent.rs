@@ -32,13 +32,9 @@ fn agent_binary() -> Result<PathBuf> {
 }
 
 /// Clears close-on-exec: children spawned from now on inherit `fd`.
-fn make_inheritable(fd: &impl AsRawFd) -> std::io::Result<()> {
-    // SAFETY: F_SETFD with an int argument on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+fn make_inheritable(fd: impl std::os::fd::AsFd) -> std::io::Result<()> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+    Ok(())
 }
 
 /// Spawns the agent for process `pid` and completes the handshake. `allow_host_network`: the

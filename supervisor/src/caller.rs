@@ -158,12 +158,8 @@ fn take(creds: &Credentials, umask: bool) -> Result<(), i32> {
     if umask {
         // The umask lives in the file-system context that kmirror's threads share: this thread
         // gets a copy of its own first.
-        // SAFETY: unshare(CLONE_FS) affects this thread only; umask takes a value.
-        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EPERM));
-        }
-        // SAFETY: as above.
-        unsafe { libc::umask(creds.umask) };
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(|e| e as i32)?;
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_retain(creds.umask));
     }
     creds::take(&creds::ThreadCredentials {
         fsuid: creds.uids[FS],

@@ -3,6 +3,9 @@
 //! (a flag it does not know is EINVAL before anything else happens), never the version
 //! string: distribution kernels backport features.
 
+// Unsafe: feature probes: raw calls with invalid arguments, a forked child with a filter.
+#![allow(unsafe_code)]
+
 use std::sync::OnceLock;
 
 /// One probed feature.
@@ -154,12 +157,13 @@ fn probe_sync_wake_up() -> bool {
         },
     ];
     let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
-    // SAFETY: the child makes raw system calls on memory prepared before the fork and leaves
-    // with _exit; the parent only waits for it.
-    unsafe {
-        let child = libc::fork();
-        if child == 0 {
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    // SAFETY: the child makes only raw system calls, on memory prepared before the fork, and
+    // leaves with _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let _ = nix::sys::prctl::set_no_new_privs();
+        // SAFETY: as above.
+        unsafe {
             let listener = libc::syscall(
                 libc::SYS_seccomp,
                 libc::SECCOMP_SET_MODE_FILTER,
@@ -170,14 +174,12 @@ fn probe_sync_wake_up() -> bool {
                 && libc::ioctl(listener as i32, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, 1 as libc::c_ulong) == 0;
             libc::_exit(if ok { 0 } else { 1 });
         }
-        if child < 0 {
-            return false;
-        }
-        let mut status = 0;
-        libc::waitpid(child, &mut status, 0) == child
-            && libc::WIFEXITED(status)
-            && libc::WEXITSTATUS(status) == 0
     }
+    if child < 0 {
+        return false;
+    }
+    use nix::sys::wait::{WaitStatus, waitpid};
+    matches!(waitpid(nix::unistd::Pid::from_raw(child), None), Ok(WaitStatus::Exited(_, 0)))
 }
 
 /// A table of every feature, one line each, for `kmirror features`.

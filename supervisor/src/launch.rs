@@ -10,10 +10,13 @@
 //! and waits for an acknowledgement before it execs. Only raw system calls run between fork and
 //! exec.
 
+// Unsafe: seccomp(2) and the hand-off between fork and exec, where only raw calls may run.
+#![allow(unsafe_code)]
+
 use crate::keeper::{Keeper, TreeControl, TreeEvent, wire::LaunchRequest};
 use crate::seccomp::filter::Program;
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -113,7 +116,7 @@ fn receive_fd(
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match recv_fd(sock.as_raw_fd()) {
+        match recv_fd(sock) {
             Ok((fd, pid, handle)) => return Ok(Handoff::Listener(fd, pid, handle)),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 match started.try_recv() {
@@ -141,17 +144,13 @@ fn receive_fd(
 /// Receives the child's pid and the number of its listener descriptor, then copies the
 /// listener out of the child with pidfd_getfd. (Not SCM_RIGHTS: `sendmsg` is itself trapped
 /// once the filter is in place, and nobody would answer the child yet.)
-fn recv_fd(sock: RawFd) -> std::io::Result<(OwnedFd, u32, crate::signals::Pidfd)> {
+fn recv_fd(mut sock: &UnixStream) -> std::io::Result<(OwnedFd, u32, crate::signals::Pidfd)> {
     let mut msg = [0u8; 8];
-    // SAFETY: reads into a local buffer.
-    let n = unsafe { libc::read(sock, msg.as_mut_ptr().cast(), msg.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let n = std::io::Read::read(&mut sock, &mut msg)?;
     if n == 0 {
         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
     }
-    if n != msg.len() as isize {
+    if n != msg.len() {
         return Err(std::io::Error::other("short hand-off message"));
     }
     let pid = u32::from_ne_bytes(msg[..4].try_into().expect("4 bytes"));
@@ -214,26 +213,22 @@ pub fn install_filter(
     parent_pid: libc::pid_t,
 ) -> std::io::Result<()> {
     let fail = || Err(std::io::Error::last_os_error());
-    // SAFETY (whole block): raw system calls on valid arguments and on memory allocated before
-    // fork; nothing here allocates or takes locks.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    // The keeper may have died between fork and prctl: then nobody would end the app with
+    // kmirror.
+    if nix::unistd::getppid().as_raw() != parent_pid {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: the whole block makes raw system calls on valid arguments and on memory allocated
+    // before fork; nothing here allocates or takes locks.
     unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            return fail();
-        }
-        // The keeper may have died between fork and prctl: then nobody would end the app with
-        // kmirror.
-        if libc::getppid() != parent_pid {
-            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-        }
         let prog =
             libc::sock_fprog { len: instructions.len() as u16, filter: instructions.as_ptr() as *mut _ };
         let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
         let mut listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
         if listener < 0 && *libc::__errno_location() == libc::EACCES {
             // Without CAP_SYS_ADMIN a filter needs no_new_privs.
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return fail();
-            }
+            nix::sys::prctl::set_no_new_privs()?;
             listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
         }
         if listener < 0 {
@@ -243,7 +238,7 @@ pub fn install_filter(
         // Our pid (the parent takes a pidfd while we wait, so even an app that exits at once is
         // never confused with a process that later reuses its pid) and the listener's number,
         // which the parent copies out with pidfd_getfd. write(2) is not trapped; sendmsg is.
-        let pid = libc::getpid().to_ne_bytes();
+        let pid = nix::unistd::getpid().as_raw().to_ne_bytes();
         let fd = listener.to_ne_bytes();
         let msg = [pid[0], pid[1], pid[2], pid[3], fd[0], fd[1], fd[2], fd[3]];
         if libc::write(sock, msg.as_ptr().cast(), msg.len()) != msg.len() as isize {

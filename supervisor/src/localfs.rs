@@ -7,21 +7,12 @@
 use crate::caller::{Caller, Creates, run_as};
 use crate::policy::walk::Node;
 use kmirror_protocol::FileStat;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use libc::RESOLVE_IN_ROOT;
-
-fn last() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-}
 
 /// Where the app's absolute paths start: its root directory, when it is not kmirror's.
 struct AppRoot(Option<OwnedFd>);
@@ -38,21 +29,16 @@ impl AppRoot {
         if same("root")? && same("ns/mnt")? {
             return Ok(AppRoot(None));
         }
-        let path = CString::new(format!("/proc/{}/root", caller.tid)).expect("no NUL");
-        // SAFETY: valid C string; the descriptor is owned below.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(last());
-        }
-        // SAFETY: a fresh descriptor.
-        Ok(AppRoot(Some(unsafe { OwnedFd::from_raw_fd(fd) })))
+        let path = format!("/proc/{}/root", caller.tid);
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        Ok(AppRoot(Some(nix::fcntl::open(path.as_str(), flags, Mode::empty()).map_err(|e| e as i32)?)))
     }
 
     /// The directory descriptor and resolve flags that make an absolute path start at the root.
-    fn base(&self) -> (RawFd, u64) {
+    fn base(&self) -> (BorrowedFd<'_>, u64) {
         match &self.0 {
-            None => (libc::AT_FDCWD, 0),
-            Some(root) => (root.as_raw_fd(), RESOLVE_IN_ROOT),
+            None => (nix::fcntl::AT_FDCWD, 0),
+            Some(root) => (root.as_fd(), RESOLVE_IN_ROOT),
         }
     }
 }
@@ -78,26 +64,26 @@ fn strip_dir<'a>(path: &'a [u8], dir: &[u8]) -> Option<&'a [u8]> {
     (rest.is_empty() || rest[0] == b'/').then_some(rest)
 }
 
-fn openat2(dirfd: RawFd, path: &CString, flags: i32, mode: u32, resolve: u64) -> Result<OwnedFd, i32> {
+fn openat2(
+    dirfd: BorrowedFd<'_>,
+    path: &CString,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> Result<OwnedFd, i32> {
     let creates = flags & libc::O_CREAT != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE;
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: if creates { (mode & 0o7777) as u64 } else { 0 },
-        resolve,
+    let how = || {
+        OpenHow::new()
+            .flags(OFlag::from_bits_retain(flags | libc::O_CLOEXEC))
+            .mode(Mode::from_bits_retain(if creates { mode & 0o7777 } else { 0 }))
+            .resolve(ResolveFlag::from_bits_retain(resolve))
     };
     loop {
-        // SAFETY: openat2 reads `how` (sized as passed) and the NUL-terminated path.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_openat2, dirfd, path.as_ptr(), &how, std::mem::size_of::<OpenHow>())
-        };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor from the kernel.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-        }
-        // RESOLVE_IN_ROOT asks to retry when a concurrent rename raced the lookup.
-        match last() {
-            libc::EAGAIN if resolve & RESOLVE_IN_ROOT != 0 => continue,
-            errno => return Err(errno),
+        match nix::fcntl::openat2(dirfd, path.as_c_str(), how()) {
+            Ok(fd) => return Ok(fd),
+            // RESOLVE_IN_ROOT asks to retry when a concurrent rename raced the lookup.
+            Err(nix::errno::Errno::EAGAIN) if resolve & RESOLVE_IN_ROOT != 0 => continue,
+            Err(errno) => return Err(errno as i32),
         }
     }
 }
@@ -108,18 +94,7 @@ fn openat2(dirfd: RawFd, path: &CString, flags: i32, mode: u32, resolve: u64) ->
 /// contradictory flags and for a mode without O_CREAT, E2BIG for non-zero bytes it does not
 /// know, EAGAIN for RESOLVE_CACHED with O_CREAT). No copy of the kernel's rules to go stale.
 pub fn check_open_how(how: &[u8]) -> Result<(), i32> {
-    // SAFETY: openat2 reads `how.len()` bytes of `how` and the empty, NUL-terminated path.
-    let fd =
-        unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, c"".as_ptr(), how.as_ptr(), how.len()) };
-    if fd >= 0 {
-        // SAFETY: a descriptor the kernel just returned (it never should for an empty path).
-        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-        return Ok(());
-    }
-    match last() {
-        libc::ENOENT => Ok(()),
-        errno => Err(errno),
-    }
+    crate::sys::openat2_empty_path(how).map(drop)
 }
 
 /// Opens `path` as the app would, with its open flags and its openat2 `resolve` flags.
@@ -171,13 +146,8 @@ fn locate(caller: &Caller, path: &[u8], follow: bool) -> Result<(OwnedFd, AppRoo
 }
 
 fn fstat_of(fd: &OwnedFd) -> Result<libc::stat, i32> {
-    // SAFETY: an all-zero stat is valid; fstatat fills it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: an empty path with AT_EMPTY_PATH describes the descriptor itself; `st` is writable.
-    if unsafe { libc::fstatat(fd.as_raw_fd(), c"".as_ptr(), &mut st, libc::AT_EMPTY_PATH) } != 0 {
-        return Err(last());
-    }
-    Ok(st)
+    // An empty path with AT_EMPTY_PATH describes the descriptor itself.
+    nix::sys::stat::fstatat(fd, c"", nix::fcntl::AtFlags::AT_EMPTY_PATH).map_err(|e| e as i32)
 }
 
 pub fn stat(caller: &Caller, path: &[u8], follow: bool) -> Result<FileStat, i32> {
@@ -194,36 +164,19 @@ pub fn access(caller: &Caller, path: &[u8], mode: u32, flags: i32) -> Result<(),
     } else {
         caller.credentials.for_real_id_check()
     };
-    run_as(&creds, Creates::Nothing, || {
-        // SAFETY: an empty path with AT_EMPTY_PATH checks the descriptor's file; this thread
-        // carries the credentials to check with, so AT_EACCESS uses exactly them.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_faccessat2,
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                mode,
-                libc::AT_EMPTY_PATH | libc::AT_EACCESS,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(last()) }
-    })?
+    // This thread carries the credentials to check with, so AT_EACCESS uses exactly them.
+    run_as(&creds, Creates::Nothing, || crate::sys::access_fd(fd.as_fd(), mode, libc::AT_EACCESS))?
 }
 
 fn read_link_of(fd: &OwnedFd) -> Result<Vec<u8>, i32> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: an empty path reads the link an O_PATH|O_NOFOLLOW descriptor refers to; the
-    // buffer is writable for its length.
-    let n = unsafe { libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
+    use std::os::unix::ffi::OsStringExt;
+    // An empty path reads the link an O_PATH|O_NOFOLLOW descriptor refers to.
+    match nix::fcntl::readlinkat(fd, c"") {
+        Ok(target) => Ok(target.into_vec()),
         // Not a symlink: readlinkat on an empty path says ENOENT where readlink(2) says EINVAL.
-        return Err(match last() {
-            libc::ENOENT => libc::EINVAL,
-            errno => errno,
-        });
+        Err(nix::errno::Errno::ENOENT) => Err(libc::EINVAL),
+        Err(errno) => Err(errno as i32),
     }
-    buf.truncate(n as usize);
-    Ok(buf)
 }
 
 pub fn read_link(caller: &Caller, path: &[u8]) -> Result<Vec<u8>, i32> {
@@ -252,19 +205,9 @@ pub fn xattr(
     let name = name.map(|n| CString::new(n).map_err(|_| libc::EINVAL)).transpose()?;
     let mut buf = vec![0u8; size.min(XATTR_SIZE_MAX)];
     run_as(&caller.credentials, Creates::Nothing, || {
-        let (ptr, len) = if size == 0 { (std::ptr::null_mut(), 0) } else { (buf.as_mut_ptr(), buf.len()) };
-        // SAFETY: the path and name are NUL-terminated; `ptr` is null with length 0 or a
-        // writable buffer of `len` bytes. The `l` variants do not follow the magic link's own
-        // target a second time: the O_PATH descriptor already is the file.
-        let n = unsafe {
-            match &name {
-                Some(name) => libc::getxattr(by_fd.as_ptr(), name.as_ptr(), ptr.cast(), len),
-                None => libc::listxattr(by_fd.as_ptr(), ptr.cast(), len),
-            }
-        };
-        if n < 0 {
-            return Err(last());
-        }
+        // An empty buffer (size 0) asks for the size. The `l` variants do not follow the magic
+        // link's own target a second time: the O_PATH descriptor already is the file.
+        let n = crate::sys::xattr(&by_fd, name.as_deref(), &mut buf)?;
         Ok(if size == 0 {
             Xattr::Size(n as usize)
         } else {
@@ -291,9 +234,7 @@ mod tests {
     use super::*;
 
     fn me() -> Caller {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() } as u32;
-        Caller::of_thread(tid).unwrap()
+        Caller::of_thread(nix::unistd::gettid().as_raw() as u32).unwrap()
     }
 
     fn nobody() -> Caller {

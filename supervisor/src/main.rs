@@ -26,6 +26,7 @@ mod signals;
 mod sockets;
 mod standin;
 mod stats;
+mod sys;
 mod target;
 mod tracee;
 mod uts;
@@ -33,13 +34,12 @@ mod uts;
 /// Every tunnelled connection holds a descriptor here; the default soft limit (often 1024)
 /// would cap an app at about that many pod connections.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit on a valid struct; failure leaves the limit as it was.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // Failure leaves the limit as it was.
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

@@ -152,8 +152,7 @@ fn new_tcp(ip: IpAddr) -> std::io::Result<TcpSocket> {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => {
             let socket = TcpSocket::new_v6()?;
-            sockets::set_int_option(socket.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)
-                .map_err(std::io::Error::from_raw_os_error)?;
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
             Ok(socket)
         }
     }
@@ -697,11 +696,11 @@ async fn udp_relay_for(app: SocketAddr) -> std::io::Result<UdpSocket> {
     let mut scratch = [0u8; 1];
     // The queue is finite (nothing new gets in once connected); the bound is a backstop.
     for _ in 0..65536 {
-        // SAFETY: recv writes at most one byte into `scratch`; MSG_DONTWAIT never blocks.
-        let n = unsafe { libc::recv(relay.as_raw_fd(), scratch.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) };
-        // n < 0 with EAGAIN: the queue is empty. Another error is a queued ICMP error from
-        // the same window, consumed by this call like the datagrams before it.
-        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+        let received =
+            nix::sys::socket::recv(relay.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+        // EAGAIN: the queue is empty. Another error is a queued ICMP error from the same
+        // window, consumed by this call like the datagrams before it.
+        if received == Err(nix::errno::Errno::EAGAIN) {
             break;
         }
     }

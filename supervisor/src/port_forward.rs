@@ -66,7 +66,7 @@ pub fn parse_forward(spec: &str) -> Result<Forward, String> {
 pub fn run(target: &str, forwards: Vec<Forward>) -> Result<()> {
     let exit = |message: String| crate::session::Exit { message, code: 2 };
     let target = crate::target::parse(target).map_err(|e| exit(e.to_string()))?;
-    let euid = effective_uid();
+    let euid = nix::unistd::geteuid().as_raw();
     let pid = crate::target::resolve_local(&target, euid).map_err(|e| exit(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -99,11 +99,6 @@ pub fn run(target: &str, forwards: Vec<Forward>) -> Result<()> {
             _ = terminate.recv() => Ok(()),
         }
     })
-}
-
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
 }
 
 /// How long one lookup, or one connect in the pod, may take.

@@ -5,10 +5,8 @@ pub fn bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     let mut filled = 0;
     while filled < N {
-        // SAFETY: the destination range lies within `out`.
-        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
+        if let Ok(n) = crate::sys::getrandom(&mut out[filled..]) {
+            filled += n;
         }
     }
     out

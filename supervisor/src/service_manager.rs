@@ -2,7 +2,8 @@
 //! passed to kmirror, and the relay that makes the app's notifications come from kmirror.
 
 use crate::policy::service_manager::{LISTEN_FDS_START, NotifyAddress};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -20,17 +21,12 @@ pub fn take_activated(count: u32) -> std::io::Result<Vec<Activated>> {
     (0..count as RawFd)
         .map(|i| {
             let raw = LISTEN_FDS_START + i;
-            // SAFETY: F_SETFD with an int argument; fails with EBADF on a closed descriptor.
-            if unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-                let e = std::io::Error::last_os_error();
-                return Err(std::io::Error::new(
+            let fd = crate::sys::take_inherited(raw).map_err(|e| {
+                std::io::Error::new(
                     e.kind(),
                     format!("LISTEN_FDS says descriptor {raw} was passed, but it is not open ({e})"),
-                ));
-            }
-            // SAFETY: the service manager passed this descriptor to this process, which owns it
-            // from here on; nothing else in kmirror refers to descriptors it did not open.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                )
+            })?;
             let tcp_listener_port = (crate::sockets::is_listening(fd.as_fd())
                 && crate::sockets::socket_type(fd.as_fd()) == Ok(libc::SOCK_STREAM)
                 && matches!(crate::sockets::socket_domain(fd.as_fd()), Ok(libc::AF_INET | libc::AF_INET6)))
@@ -54,10 +50,9 @@ pub fn start_notify_relay(dir: &Path, target: NotifyAddress, keeper_pid: u32) ->
     let socket = UnixDatagram::bind(&path)?;
     // The app may drop privileges after it starts, as services do; the directory is kmirror's.
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    crate::sockets::set_int_option(socket.as_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)
-        .map_err(std::io::Error::from_raw_os_error)?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)?;
     let out = UnixDatagram::unbound()?;
-    let target_addr = sockaddr_un(&target)?;
+    let target_addr = unix_addr(&target)?;
     std::thread::Builder::new().name("kmirror-notify".into()).spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -104,111 +99,48 @@ struct Received {
     sender: Option<u32>,
 }
 
-/// Control-message space for MAX_FDS descriptors and one ucred.
-const CMSG_SPACE: usize = 4096;
-
 fn receive(socket: &UnixDatagram, buf: &mut [u8]) -> std::io::Result<Received> {
-    let mut control = [0u8; CMSG_SPACE];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
-    // SAFETY: recvmsg on our socket into buffers described by `msg`.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut control = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let (len, flags) = (msg.bytes, msg.flags);
     let mut fds = Vec::new();
     let mut sender = None;
-    // SAFETY: walking the control messages the kernel wrote into `control`, within
-    // msg_controllen, with the CMSG_* helpers.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            let data = libc::CMSG_DATA(cmsg);
-            let data_len = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
-            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                    for i in 0..data_len / 4 {
-                        let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                        // The kernel installed it in this process for us.
-                        fds.push(OwnedFd::from_raw_fd(fd));
-                    }
-                }
-                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) if data_len >= size_of::<libc::ucred>() => {
-                    let cred = std::ptr::read_unaligned(data.cast::<libc::ucred>());
-                    sender = Some(cred.pid as u32);
-                }
-                _ => {}
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    for cmsg in msg.cmsgs()? {
+        match cmsg {
+            ControlMessageOwned::ScmRights(received) => fds.extend(crate::sys::adopt_received(&received)),
+            ControlMessageOwned::ScmCredentials(cred) => sender = Some(cred.pid() as u32),
+            _ => {}
         }
     }
-    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
         tracing::warn!("dropped a notification larger than any the service manager takes");
         return Ok(Received { len: 0, fds: Vec::new(), sender: None });
     }
-    Ok(Received { len: n as usize, fds, sender })
+    Ok(Received { len, fds, sender })
 }
 
-fn sockaddr_un(target: &NotifyAddress) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: an all-zero sockaddr_un is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let (bytes, skip) = match target {
-        NotifyAddress::Path(path) => (path.as_slice(), 0),
-        NotifyAddress::Abstract(name) => (name.as_slice(), 1),
+fn unix_addr(target: &NotifyAddress) -> std::io::Result<nix::sys::socket::UnixAddr> {
+    use nix::sys::socket::UnixAddr;
+    Ok(match target {
+        NotifyAddress::Path(path) => UnixAddr::new(std::ffi::OsStr::from_bytes(path))?,
+        NotifyAddress::Abstract(name) => UnixAddr::new_abstract(name)?,
         NotifyAddress::Other => return Err(std::io::Error::other("not a socket path")),
-    };
-    if skip + bytes.len() >= addr.sun_path.len() {
-        return Err(std::io::Error::other("NOTIFY_SOCKET is longer than a socket address"));
-    }
-    for (i, b) in bytes.iter().enumerate() {
-        addr.sun_path[skip + i] = *b as libc::c_char;
-    }
-    let base = std::mem::offset_of!(libc::sockaddr_un, sun_path);
-    // A path is NUL-terminated; an abstract name is exactly its bytes after the leading NUL.
-    let len = base + skip + bytes.len() + usize::from(skip == 0);
-    Ok((addr, len as libc::socklen_t))
+    })
 }
 
 fn send(
     out: &UnixDatagram,
-    target: &(libc::sockaddr_un, libc::socklen_t),
+    target: &nix::sys::socket::UnixAddr,
     payload: &[u8],
     fds: &[OwnedFd],
 ) -> std::io::Result<()> {
-    let fds = &fds[..fds.len().min(MAX_FDS)];
-    let mut control = [0u8; CMSG_SPACE];
-    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: payload.len() };
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&target.0 as *const libc::sockaddr_un).cast_mut().cast();
-    msg.msg_namelen = target.1;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let data_len = (fds.len() * size_of::<RawFd>()) as u32;
-        // SAFETY: CMSG_SPACE is a pure computation.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        msg.msg_control = control.as_mut_ptr().cast();
-        // SAFETY: `control` has room for one header and MAX_FDS descriptors; the header is
-        // filled in and the descriptors copied within msg_controllen.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
-            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
-            }
-        }
-    }
-    // SAFETY: sendmsg on our socket with the buffers described by `msg`.
-    let n = unsafe { libc::sendmsg(out.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let raw: Vec<RawFd> = fds.iter().take(MAX_FDS).map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let control: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    let iov = [std::io::IoSlice::new(payload)];
+    sendmsg(out.as_raw_fd(), &iov, control, MsgFlags::MSG_NOSIGNAL, Some(target))?;
+    Ok(())
 }

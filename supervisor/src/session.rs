@@ -14,7 +14,7 @@ use kmirror_protocol::{Request, Response};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -43,8 +43,7 @@ pub struct Exit {
 pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
     let spec = args.target.clone().unwrap_or_default();
     let target = target::parse(&spec).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let pid = target::resolve_local(&target, euid).map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     let program = command::resolve(&command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
@@ -86,7 +85,7 @@ async fn session(
     target: target::Target,
     pid: u32,
     program: PathBuf,
-    signal_pipe: i32,
+    signal_pipe: std::os::fd::OwnedFd,
 ) -> Result<ExitStatus> {
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment
     // and resolv.conf are asked for together: every step here delays the app's start.
@@ -109,7 +108,9 @@ async fn session(
         .map_err(|e| Exit { message: e.to_string(), code: 2 })?;
     let pass_fds: Vec<i32> = activated.iter().map(|a| a.fd.as_raw_fd()).collect();
     // The keeper first: its start-up (an exec of this binary) then overlaps the agent's.
-    let keeper = keeper::spawn(&pass_fds).context("cannot start the process keeper")?;
+    let pass: Vec<_> = activated.iter().map(|a| a.fd.as_fd()).collect();
+    let keeper = keeper::spawn(&pass).context("cannot start the process keeper")?;
+    drop(pass);
     let keeper_pid = keeper.pid;
     // The app owns the activated sockets from here (through the keeper): only their ports stay.
     let activated_ports: Vec<u16> = activated.into_iter().filter_map(|a| a.tcp_listener_port).collect();

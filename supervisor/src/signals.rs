@@ -7,7 +7,10 @@
 //! `si_code == SI_KERNEL` and not forwarded. Once the main process has exited, kmirror is only
 //! waiting for the rest of the tree, and [`route`] decides what a signal does then.
 
-use std::os::fd::RawFd;
+// Unsafe: the SA_SIGINFO handler, and dying of the app's signal (real-time ones too).
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 pub const FORWARDED: &[i32] =
@@ -30,26 +33,21 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut li
 
 /// Installs the handlers; from now on [`FORWARDED`] signals no longer kill kmirror itself.
 /// Returns the read end of the pipe the handler reports to.
-pub fn install() -> std::io::Result<RawFd> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    PIPE_WRITE.store(fds[1], Ordering::Relaxed);
+pub fn install() -> std::io::Result<OwnedFd> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // The handler writes to it for the rest of kmirror's life.
+    PIPE_WRITE.store(write.into_raw_fd(), Ordering::Relaxed);
+    let action = SigAction::new(
+        SigHandler::SigAction(on_signal),
+        SaFlags::SA_SIGINFO | SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for &sig in FORWARDED {
-        // SAFETY: a zeroed sigaction with our handler and flags is valid.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as *const () as usize;
-            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        // SAFETY: the handler only makes async-signal-safe calls (see `on_signal`).
+        unsafe { nix::sys::signal::sigaction(Signal::try_from(sig)?, &action) }?;
     }
-    Ok(fds[0])
+    Ok(read)
 }
 
 /// A signal kmirror received, and whether the terminal generated it.
@@ -61,22 +59,21 @@ pub struct Received {
 
 /// Reports received signals on `to` until the pipe closes (runs on its own thread); the
 /// session decides with [`route`] where they go.
-pub fn report_to(read_fd: RawFd, to: tokio::sync::mpsc::UnboundedSender<Received>) {
+pub fn report_to(read: OwnedFd, to: tokio::sync::mpsc::UnboundedSender<Received>) {
     std::thread::Builder::new()
         .name("kmirror-signals".into())
         .spawn(move || {
             let mut msg = [0u8; 2];
             loop {
-                // SAFETY: reads into a local buffer.
-                let n = unsafe { libc::read(read_fd, msg.as_mut_ptr().cast(), 2) };
-                if n == 2 {
-                    let received = Received { sig: msg[0] as i32, from_terminal: msg[1] != 0 };
-                    if to.send(received).is_err() {
-                        return;
+                match nix::unistd::read(&read, &mut msg) {
+                    Ok(2) => {
+                        let received = Received { sig: msg[0] as i32, from_terminal: msg[1] != 0 };
+                        if to.send(received).is_err() {
+                            return;
+                        }
                     }
-                } else if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-                {
-                    return;
+                    Err(nix::errno::Errno::EINTR) => {}
+                    _ => return,
                 }
             }
         })
@@ -122,48 +119,29 @@ pub fn ends_the_rest(sig: i32) -> bool {
 }
 
 /// A process handle that stays valid (and never names another process) after it exits.
-pub struct Pidfd(std::os::fd::OwnedFd);
+pub struct Pidfd(OwnedFd);
 
 impl Pidfd {
     pub fn open(pid: u32) -> std::io::Result<Pidfd> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: pidfd_open with a pid and no flags; the result is checked.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor from the kernel.
-        Ok(Pidfd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) }))
+        crate::sys::pidfd_open(pid, 0).map(Pidfd)
     }
 
     /// Copies descriptor `fd` of the process into ours (pidfd_getfd).
-    pub fn take_fd(&self, fd: RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: pidfd_getfd(pidfd, targetfd, flags=0); the result is checked.
-        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), fd, 0) };
-        if dup < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor from the kernel.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as RawFd) })
+    pub fn take_fd(&self, fd: RawFd) -> std::io::Result<OwnedFd> {
+        crate::sys::pidfd_getfd(self.0.as_fd(), fd)
     }
 
     /// True once the process has exited (also while it is a zombie).
     pub fn has_exited(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, no waiting.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-        rc > 0 && pfd.revents & libc::POLLIN != 0
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let mut pfd = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        let rc = nix::poll::poll(&mut pfd, PollTimeout::ZERO).unwrap_or(-1);
+        rc > 0 && pfd[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
     }
 
     /// Sends `sig`; a process that already exited is not an error.
     pub fn signal(&self, sig: i32) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_send_signal with our pidfd, no siginfo, no flags.
-        unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.0.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
-        };
+        let _ = crate::sys::pidfd_send_signal(self.0.as_fd(), sig);
     }
 }
 

@@ -1,5 +1,9 @@
 //! Socket operations on descriptors duplicated out of the app (see [`crate::tracee::ThreadHandles::take_fd`]).
 
+// Unsafe: calls on the app's raw sockaddr and control bytes, TCP_INFO, plain-int options.
+#![allow(unsafe_code)]
+
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 fn last() -> i32 {
@@ -9,15 +13,12 @@ fn last() -> i32 {
 /// Inode number of a socket, the key of per-socket state (fd numbers get reused, inodes don't
 /// while the socket lives). `None` when `fd` is not a socket.
 pub fn socket_inode(fd: BorrowedFd<'_>) -> Option<u64> {
-    // SAFETY: zeroed `stat` is valid; fstat fills it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is writable and `fd` is open.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return None;
-    }
+    let st = nix::sys::stat::fstat(fd).ok()?;
     (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
 }
 
+/// An int-valued option that nix has no typed wrapper for (SO_TYPE as a plain number,
+/// SO_DOMAIN, SO_PROTOCOL).
 fn int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> Result<i32, i32> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -31,18 +32,7 @@ fn int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> Result<i32, i32> {
 /// IP_BIND_ADDRESS_NO_PORT: a bind to port 0 takes only the address; the port is chosen at
 /// connect, where it only has to be unique per 4-tuple instead of scanning for a free port.
 pub fn bind_address_only(fd: BorrowedFd<'_>) -> Result<(), i32> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads one int from `on`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(last()) }
+    setsockopt(&fd, sockopt::IpBindAddressNoPort, &true).map_err(|e| e as i32)
 }
 
 /// `SO_TYPE` (SOCK_STREAM, SOCK_DGRAM, ...).
@@ -67,9 +57,7 @@ pub fn socket_protocol(fd: BorrowedFd<'_>) -> Result<i32, i32> {
 
 /// Whether the open file description is non-blocking (shared with the app's descriptor).
 pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: F_GETFL has no pointer arguments.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_NONBLOCK != 0
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).is_ok_and(|flags| flags & libc::O_NONBLOCK != 0)
 }
 
 /// True when a TCP socket has never been connected (state CLOSE), i.e. a first connect.
@@ -80,29 +68,17 @@ pub fn tcp_is_fresh(fd: BorrowedFd<'_>) -> bool {
 
 /// The send timeout the app set (SO_SNDTIMEO), which also bounds a blocking connect.
 pub fn send_timeout(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
-    timeout_option(fd, libc::SO_SNDTIMEO)
+    timeout_of(getsockopt(&fd, sockopt::SendTimeout).ok()?)
 }
 
 /// SO_RCVTIMEO, if set.
 pub fn recv_timeout(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
-    timeout_option(fd, libc::SO_RCVTIMEO)
+    timeout_of(getsockopt(&fd, sockopt::ReceiveTimeout).ok()?)
 }
 
-fn timeout_option(fd: BorrowedFd<'_>, name: libc::c_int) -> Option<std::time::Duration> {
-    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
-    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-    // SAFETY: SO_SNDTIMEO and SO_RCVTIMEO write one timeval.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            (&mut tv as *mut libc::timeval).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && (tv.tv_sec > 0 || tv.tv_usec > 0))
-        .then(|| std::time::Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000))
+fn timeout_of(tv: nix::sys::time::TimeVal) -> Option<std::time::Duration> {
+    let (sec, usec) = (tv.tv_sec(), tv.tv_usec());
+    (sec > 0 || usec > 0).then(|| std::time::Duration::new(sec as u64, usec as u32 * 1000))
 }
 
 /// connect(2) with raw sockaddr bytes; returns the errno on failure (EINPROGRESS included).
@@ -180,30 +156,27 @@ pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<(usiz
 
 /// Waits up to `timeout` for `fd` to be readable (a listener: to have a connection queued).
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool, i32> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
-    match n {
-        n if n < 0 && last() == libc::EINTR => Ok(false),
-        n if n < 0 => Err(last()),
-        0 => Ok(false),
-        _ if pfd.revents & libc::POLLNVAL != 0 => Err(libc::EBADF),
-        _ => Ok(pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0),
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    let timeout =
+        PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    let polled = nix::poll::poll(&mut pfd, timeout);
+    // The kernel reports only the events asked for and POLLERR, POLLHUP and POLLNVAL.
+    let revents = pfd[0].revents().unwrap_or(PollFlags::empty());
+    match polled {
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e as i32),
+        Ok(0) => Ok(false),
+        _ if revents.contains(PollFlags::POLLNVAL) => Err(libc::EBADF),
+        _ => Ok(revents.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP)),
     }
 }
 
 /// `send` that never blocks the caller (our thread): a full buffer gives a short count or EAGAIN.
 pub fn send(fd: BorrowedFd<'_>, payload: &[u8]) -> Result<usize, i32> {
-    // SAFETY: `payload` is valid for its length; the kernel only reads it.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            payload.as_ptr().cast(),
-            payload.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 { Err(last()) } else { Ok(n as usize) }
+    use nix::sys::socket::MsgFlags;
+    nix::sys::socket::send(fd.as_raw_fd(), payload, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL)
+        .map_err(|e| e as i32)
 }
 
 /// `sendmsg` of one buffer with the given control bytes and, if any, destination address.
@@ -244,21 +217,15 @@ pub fn ensure_bound(fd: BorrowedFd<'_>) -> Result<u16, i32> {
         0 => {}
         port => return Ok(port),
     }
-    // SAFETY: zeroed storage; its family field is set below to the socket's own family.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let domain = int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    addr.ss_family = domain as libc::sa_family_t;
-    let len = if domain == libc::AF_INET6 {
-        std::mem::size_of::<libc::sockaddr_in6>()
+    // A wildcard address of the socket's family, port 0.
+    let bound = if int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_INET6 {
+        let any = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0);
+        nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrIn6::from(any))
     } else {
-        std::mem::size_of::<libc::sockaddr_in>()
+        let any = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
+        nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrIn::from(any))
     };
-    // SAFETY: a wildcard sockaddr of the socket's family, port 0.
-    let rc =
-        unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_storage).cast(), len as u32) };
-    if rc != 0 {
-        return Err(last());
-    }
+    bound.map_err(|e| e as i32)?;
     local_port(fd)
 }
 
@@ -275,21 +242,6 @@ pub fn accept(fd: BorrowedFd<'_>, flags: i32) -> Result<(OwnedFd, Vec<u8>), i32>
 pub fn peer_addr(fd: BorrowedFd<'_>) -> Result<Vec<u8>, i32> {
     // SAFETY: getpeername writes at most `len` bytes into the storage `sockaddr_out` provides.
     Ok(sockaddr_out(|addr, len| unsafe { libc::getpeername(fd.as_raw_fd(), addr, len) })?.1)
-}
-
-/// Sets an int-valued socket option.
-pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> Result<(), i32> {
-    // SAFETY: setsockopt reads one int from `value`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(last()) }
 }
 
 /// TCP states (`tcpi_state`), as the kernel numbers them.
@@ -316,12 +268,12 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
 /// Whether an AF_INET6 socket is IPv6-only (IPV6_V6ONLY): it cannot reach IPv4 addresses,
 /// v4-mapped ones included.
 pub fn v6_only(fd: BorrowedFd<'_>) -> bool {
-    int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_ok_and(|v| v != 0)
+    getsockopt(&fd, sockopt::Ipv6V6Only).unwrap_or(false)
 }
 
 /// Reads and clears the socket's pending error (SO_ERROR); 0 if none.
 pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
-    int_option(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(0)
+    getsockopt(&fd, sockopt::SocketError).unwrap_or(0)
 }
 
 /// Starts a connect without waiting for it, whether or not the app's socket is in blocking
@@ -330,21 +282,15 @@ pub fn take_error(fd: BorrowedFd<'_>) -> i32 {
 /// call only; the app's thread that asked for the connect is stopped in its trapped call
 /// meanwhile, and no other thread has a reason to use a socket that is not yet connected.
 pub fn connect_nonblocking(fd: BorrowedFd<'_>, sockaddr: &[u8]) -> Result<(), i32> {
-    // SAFETY: F_GETFL has no pointer arguments.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(last());
-    }
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| e as i32)?;
     if flags & libc::O_NONBLOCK != 0 {
         return connect(fd, sockaddr);
     }
-    // SAFETY: F_SETFL with an int argument.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } != 0 {
-        return Err(last());
-    }
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_retain(flags | libc::O_NONBLOCK))).map_err(|e| e as i32)?;
     let result = connect(fd, sockaddr);
-    // SAFETY: as above; restores the flags the app had.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) };
+    // Restores the flags the app had.
+    let _ = fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_retain(flags)));
     result
 }
 
@@ -369,17 +315,22 @@ pub fn tcp_options(fd: BorrowedFd<'_>) -> kmirror_protocol::SocketOptions {
         };
         [read("tcp_keepalive_time"), read("tcp_keepalive_intvl"), read("tcp_keepalive_probes")]
     });
-    let set = |name: i32, default: Option<i32>| {
-        int_option(fd, libc::IPPROTO_TCP, name)
+    fn set<O: nix::sys::socket::GetSockOpt<Val = u32>>(
+        fd: BorrowedFd<'_>,
+        option: O,
+        default: Option<i32>,
+    ) -> Option<u32> {
+        getsockopt(&fd, option)
             .ok()
+            .map(|v| v as i32)
             .filter(|&v| Some(v) != default && v > 0)
             .map(|v| v as u32)
-    };
+    }
     kmirror_protocol::SocketOptions {
-        keepalive: int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).is_ok_and(|v| v != 0),
-        keep_idle: set(libc::TCP_KEEPIDLE, defaults[0]),
-        keep_interval: set(libc::TCP_KEEPINTVL, defaults[1]),
-        keep_count: set(libc::TCP_KEEPCNT, defaults[2]),
-        user_timeout: set(libc::TCP_USER_TIMEOUT, Some(0)),
+        keepalive: getsockopt(&fd, sockopt::KeepAlive).unwrap_or(false),
+        keep_idle: set(fd, sockopt::TcpKeepIdle, defaults[0]),
+        keep_interval: set(fd, sockopt::TcpKeepInterval, defaults[1]),
+        keep_count: set(fd, sockopt::TcpKeepCount, defaults[2]),
+        user_timeout: set(fd, sockopt::TcpUserTimeout, Some(0)),
     }
 }

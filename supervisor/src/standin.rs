@@ -29,9 +29,8 @@
 //! the owner stays kmirror's. Regular nodes never carry the set-user-ID or set-group-ID bit.
 
 use kmirror_protocol::{FileStat, Timestamp};
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -53,10 +52,6 @@ pub struct StandIns {
 
 fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
-}
-
-fn c_path(path: &Path) -> Result<CString, i32> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)
 }
 
 impl StandIns {
@@ -158,11 +153,7 @@ const NO_ACCESS: i32 = libc::O_ACCMODE;
 /// Makes the node standing for a pod file of `kind` and returns the flags to open it with.
 fn make_node(path: &Path, st: &FileStat, kind: u32) -> Result<i32, i32> {
     if kind == libc::S_IFIFO {
-        let c = c_path(path)?;
-        // SAFETY: a NUL-terminated path.
-        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-            return Err(errno_of(&io::Error::last_os_error()));
-        }
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_retain(0o600)).map_err(|e| e as i32)?;
         return Ok(libc::O_RDONLY | libc::O_NONBLOCK);
     }
     let file = std::fs::OpenOptions::new()
@@ -178,35 +169,44 @@ fn make_node(path: &Path, st: &FileStat, kind: u32) -> Result<i32, i32> {
 
 /// Gives a node the pod file's owner, mode and times, as far as this side may.
 fn dress(path: &Path, st: &FileStat, kind: u32) {
-    let Ok(c) = c_path(path) else { return };
-    // Owner first: chown clears the set-ID bits the mode may then set.
-    // SAFETY: a NUL-terminated path; lchown does not follow a symlink.
-    let _ = unsafe { libc::lchown(c.as_ptr(), st.uid, st.gid) };
+    use nix::sys::stat::{FchmodatFlags, Mode, UtimensatFlags};
+    use nix::unistd::{Gid, Uid};
+    // Owner first: chown clears the set-ID bits the mode may then set. lchown does not follow
+    // a symlink.
+    let _ = nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(Uid::from_raw(st.uid)),
+        Some(Gid::from_raw(st.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    );
     let mut mode = st.mode & 0o7777;
     if kind != libc::S_IFDIR && kind != libc::S_IFIFO {
         mode &= !(libc::S_ISUID | libc::S_ISGID);
     }
-    // SAFETY: geteuid has no preconditions.
-    if kind == libc::S_IFDIR && unsafe { libc::geteuid() } != 0 {
+    if kind == libc::S_IFDIR && !nix::unistd::geteuid().is_root() {
         mode |= 0o700;
     }
-    // SAFETY: a NUL-terminated path.
-    let _ = unsafe { libc::chmod(c.as_ptr(), mode) };
-    let ts = |t: &Timestamp| libc::timespec { tv_sec: t.sec, tv_nsec: t.nsec.into() };
-    let times = [ts(&st.atime), ts(&st.mtime)];
-    // SAFETY: a NUL-terminated path and two timespecs.
-    let _ = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let _ = nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Mode::from_bits_retain(mode),
+        FchmodatFlags::FollowSymlink,
+    );
+    let ts = |t: &Timestamp| nix::sys::time::TimeSpec::new(t.sec, t.nsec.into());
+    let _ = nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &ts(&st.atime),
+        &ts(&st.mtime),
+        UtimensatFlags::NoFollowSymlink,
+    );
 }
 
 fn open(path: &Path, flags: i32) -> Result<OwnedFd, i32> {
-    let c = c_path(path)?;
-    // SAFETY: a NUL-terminated path; the descriptor is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno_of(&io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::fcntl::OFlag;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NOFOLLOW | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty()).map_err(|e| e as i32)
 }
 
 #[cfg(test)]
@@ -235,11 +235,7 @@ mod tests {
     }
 
     fn fstat(fd: &OwnedFd) -> libc::stat {
-        // SAFETY: an all-zero stat is valid; fstat fills it.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is writable.
-        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
-        st
+        nix::sys::stat::fstat(fd).unwrap()
     }
 
     /// Each kind of pod file gets a node with the pod's metadata, at the pod path, opened so
@@ -259,12 +255,8 @@ mod tests {
         assert_eq!((st.st_atime, st.st_mtime, st.st_mtime_nsec), (1_500_000_000, 1_600_000_000, 250));
         assert!(st.st_blocks < 8, "sparse: {} blocks", st.st_blocks);
         let mut buf = [0u8; 1];
-        // SAFETY: a one-byte buffer.
-        let read = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 1) };
-        assert_eq!((read, io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EBADF)));
-        // SAFETY: a one-byte buffer.
-        let written = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), 1) };
-        assert_eq!((written, io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EBADF)));
+        assert_eq!(nix::unistd::read(&fd, &mut buf), Err(nix::errno::Errno::EBADF));
+        assert_eq!(nix::unistd::write(&fd, &buf), Err(nix::errno::Errno::EBADF));
         let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
         assert_eq!(link, standins.root().join("data/big"));
 

@@ -4,15 +4,11 @@
 //! call (a cached `/proc/<pid>/mem` would go stale across exec). Writes ([`Memory`]) are used
 //! only for *output* buffers of emulated calls, never to rewrite a call's inputs.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 const PAGE: u64 = 4096;
 /// `PIDFD_THREAD` (= O_EXCL): a pidfd for a thread that is not its group's leader (6.9+).
 const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
-
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
 
 /// Reads exactly `len` bytes at `addr` in thread `tid`.
 pub fn read_bytes(tid: u32, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -28,11 +24,9 @@ fn read_into(tid: u32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
     if buf.is_empty() {
         return Ok(0);
     }
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
-    // SAFETY: `local` describes memory we own; the kernel validates the remote range.
-    let n = unsafe { libc::process_vm_readv(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    if n < 0 { Err(errno()) } else { Ok(n as usize) }
+    let remote = nix::sys::uio::RemoteIoVec { base: addr as usize, len: buf.len() };
+    let pid = nix::unistd::Pid::from_raw(tid as libc::pid_t);
+    Ok(nix::sys::uio::process_vm_readv(pid, &mut [std::io::IoSliceMut::new(buf)], &[remote])?)
 }
 
 /// Reads a NUL-terminated string of at most `max` bytes, page by page so that a string ending
@@ -84,16 +78,6 @@ impl Memory {
     }
 }
 
-fn pidfd_open(pid: u32, flags: libc::c_uint) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open with a pid and flags; the result is checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) };
-    if pidfd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a fresh descriptor from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
-}
-
 /// Whether this kernel opens pidfds of single threads (PIDFD_THREAD, Linux 6.9). Older kernels
 /// reject the flag: our own main thread is a thread, so asking for it tells.
 /// `KMIRROR_FORCE_FALLBACK=thread-pidfd` makes kmirror behave as on such a kernel (to test and
@@ -103,46 +87,25 @@ pub fn thread_pidfds_supported() -> bool {
     *SUPPORTED.get_or_init(|| {
         let forced_off =
             std::env::var("KMIRROR_FORCE_FALLBACK").is_ok_and(|v| v.split(',').any(|f| f == "thread-pidfd"));
-        !forced_off && pidfd_open(std::process::id(), PIDFD_THREAD).is_ok()
+        !forced_off && crate::sys::pidfd_open(std::process::id(), PIDFD_THREAD).is_ok()
     })
-}
-
-fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_getfd(pidfd, targetfd, flags=0); the result is checked.
-    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(pidfd), fd, 0) };
-    if dup < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a fresh descriptor from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(dup as RawFd) })
 }
 
 /// Whether `ours` (in this process) is the open file that thread `tid` has as `fd`.
 fn same_open_file(tid: u32, fd: RawFd, ours: &OwnedFd) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
-    const KCMP_FILE: libc::c_int = 0;
-    // SAFETY: kcmp compares two descriptors' open files by their owners' ids; no memory.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            std::process::id() as libc::pid_t,
-            tid as libc::pid_t,
-            KCMP_FILE,
-            ours.as_raw_fd(),
-            fd,
-        )
-    };
-    match rc {
-        0 => Ok(true),
-        1..=3 => Ok(false),
-        _ if errno().raw_os_error() == Some(libc::ENOSYS) => {
+    match crate::sys::kcmp_files(std::process::id(), tid, ours.as_raw_fd(), fd) {
+        Ok(0) => Ok(true),
+        Ok(1..=3) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
             // Kernels built without kcmp: the same inode and device is the same socket or file.
             use std::os::unix::fs::MetadataExt;
             let theirs = std::fs::metadata(format!("/proc/{tid}/fd/{fd}"))?;
             let ours = std::fs::File::from(ours.try_clone()?).metadata()?;
             Ok((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
         }
-        _ => Err(errno()),
+        Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        Err(e) => Err(e),
     }
 }
 
@@ -158,13 +121,13 @@ struct Handle {
 
 fn open_handle(tid: u32, thread_pidfds: bool) -> std::io::Result<Handle> {
     if thread_pidfds {
-        return Ok(Handle { pidfd: pidfd_open(tid, PIDFD_THREAD)?, of_process: false });
+        return Ok(Handle { pidfd: crate::sys::pidfd_open(tid, PIDFD_THREAD)?, of_process: false });
     }
     let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
     let tgid = status_field(&status, "Tgid:")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
-    Ok(Handle { pidfd: pidfd_open(tgid, 0)?, of_process: true })
+    Ok(Handle { pidfd: crate::sys::pidfd_open(tgid, 0)?, of_process: true })
 }
 
 /// A descriptor taken from the process leader's table is not the trapped thread's.
@@ -211,7 +174,7 @@ impl ThreadHandles {
     }
 
     fn take_with(handle: &Handle, tid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
-        let taken = pidfd_getfd(&handle.pidfd, fd)?;
+        let taken = crate::sys::pidfd_getfd(handle.pidfd.as_fd(), fd)?;
         if handle.of_process && !same_open_file(tid, fd, &taken)? {
             return Err(std::io::Error::from_raw_os_error(NOT_THE_THREADS));
         }
@@ -225,21 +188,16 @@ impl ThreadHandles {
         if cache.is_empty() {
             return;
         }
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
         let tids: Vec<u32> = cache.keys().copied().collect();
-        let mut fds: Vec<libc::pollfd> = tids
-            .iter()
-            .map(|tid| libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&cache[tid].pidfd),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: `fds` holds valid pollfds of descriptors the cache keeps open; no waiting.
-        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) } <= 0 {
+        let mut fds: Vec<PollFd<'_>> =
+            tids.iter().map(|tid| PollFd::new(cache[tid].pidfd.as_fd(), PollFlags::POLLIN)).collect();
+        if nix::poll::poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) <= 0 {
             return;
         }
-        for (tid, fd) in tids.iter().zip(&fds) {
-            if fd.revents != 0 {
+        let exited: Vec<bool> = fds.iter().map(|fd| fd.revents().is_none_or(|r| !r.is_empty())).collect();
+        for (tid, exited) in tids.iter().zip(exited) {
+            if exited {
                 cache.remove(tid);
             }
         }
@@ -347,28 +305,23 @@ mod tests {
 
     #[test]
     fn a_signal_sent_to_a_thread_is_seen_pending() {
-        // SAFETY: gettid has no preconditions.
-        let me = unsafe { libc::gettid() } as u32;
-        // SAFETY: SIGUSR2 is blocked for this test thread only and then sent to it, so it stays
-        // pending (never delivered) until sigwait consumes it; the mask is restored after.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGUSR2);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            // One watch, read again after the signal: a kept-open status file shows news.
-            let mut watch = SignalWatch::open(me).unwrap();
-            assert!(!watch.pending().unwrap());
-            libc::syscall(libc::SYS_tgkill, libc::getpid(), me, libc::SIGUSR2);
-            // Blocked: pending, but not deliverable.
-            assert!(!watch.pending().unwrap());
-            let status = String::from_utf8_lossy(&watch.buf);
-            assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end().ends_with("800")));
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            assert_eq!(sig, libc::SIGUSR2);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        }
+        use nix::sys::signal::{SigSet, Signal};
+        let me = gettid();
+        // SIGUSR2 is blocked for this test thread only and then sent to it, so it stays pending
+        // (never delivered) until sigwait consumes it; the mask is restored after.
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGUSR2);
+        set.thread_block().unwrap();
+        // One watch, read again after the signal: a kept-open status file shows news.
+        let mut watch = SignalWatch::open(me).unwrap();
+        assert!(!watch.pending().unwrap());
+        nix::sys::pthread::pthread_kill(nix::sys::pthread::pthread_self(), Signal::SIGUSR2).unwrap();
+        // Blocked: pending, but not deliverable.
+        assert!(!watch.pending().unwrap());
+        let status = String::from_utf8_lossy(&watch.buf);
+        assert!(status.lines().any(|l| l.starts_with("SigPnd:") && l.trim_end().ends_with("800")));
+        assert_eq!(set.wait().unwrap(), Signal::SIGUSR2);
+        set.thread_unblock().unwrap();
     }
 
     #[test]
@@ -405,8 +358,7 @@ mod tests {
     }
 
     fn gettid() -> u32 {
-        // SAFETY: gettid has no preconditions.
-        unsafe { libc::gettid() as u32 }
+        nix::unistd::gettid().as_raw() as u32
     }
 
     #[test]
@@ -436,15 +388,14 @@ mod tests {
         let shared = std::fs::File::open("/etc/hostname").unwrap();
         let number = std::os::fd::AsRawFd::as_raw_fd(&shared);
         let thread = std::thread::spawn(move || {
-            // SAFETY: unshare(CLONE_FILES) gives this thread a private copy of the table; dup2
-            // then puts another file at the same number in that copy only.
-            unsafe {
-                assert_eq!(libc::unshare(libc::CLONE_FILES), 0);
-                let other = libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                assert!(other >= 0);
-                assert_eq!(libc::dup2(other, number), number);
-                libc::close(other);
-            }
+            // unshare(CLONE_FILES) gives this thread a private copy of the table; another file
+            // then takes the same number in that copy only (closed with the copy when the thread
+            // ends).
+            use nix::fcntl::{FcntlArg, fcntl};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES).unwrap();
+            let other = std::fs::File::open("/etc/passwd").unwrap();
+            nix::unistd::close(number).unwrap();
+            assert_eq!(fcntl(&other, FcntlArg::F_DUPFD_CLOEXEC(number)), Ok(number));
             tid_tx.send(gettid()).unwrap();
             done_rx.recv().unwrap();
         });

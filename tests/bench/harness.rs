@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -284,22 +284,17 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let watchdog = thread::spawn(move || {
         if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(limit) {
-            // SAFETY: kill(2) has no memory effects; `pid` is our child and not yet reaped
-            // (the main thread reaps it only after this thread was joined).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            // `pid` is our child and not yet reaped (the main thread reaps it only after this
+            // thread was joined), so it cannot name another process.
+            let _ = kmirror_suite::run::signal(pid, libc::SIGKILL);
             return true;
         }
         false
     });
-    loop {
-        // SAFETY: waitid only writes into the zeroed siginfo we own.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; WNOWAIT leaves the child reapable by `child.wait()` below.
-        let rc = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        if rc == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
-        }
-    }
+    // WNOWAIT leaves the child reapable by `child.wait()` below.
+    let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+    let id = || nix::sys::wait::Id::Pid(nix::unistd::Pid::from_raw(pid as libc::pid_t));
+    while nix::sys::wait::waitid(id(), flags) == Err(nix::errno::Errno::EINTR) {}
     let _ = done_tx.send(());
     let killed = watchdog.join().unwrap_or(false);
     let status = child.wait().map_err(|e| format!("wait: {e}"))?;
@@ -446,8 +441,8 @@ impl Bg {
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
-        // SAFETY: kill(2) takes plain integers; the pid is our own unreaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        // Our own unreaped child: its pid cannot have been reused.
+        let _ = kmirror_suite::run::signal(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
@@ -591,20 +586,18 @@ fn relay(a: &TcpStream, b: &TcpStream) {
     let mut open = [true, true];
     let ends = [a, b];
     while open[0] || open[1] {
-        let mut fds = [0, 1].map(|i| libc::pollfd {
-            fd: ends[i].as_raw_fd(),
-            events: if open[i] { libc::POLLIN } else { 0 },
-            revents: 0,
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let mut fds = [0, 1].map(|i| {
+            PollFd::new(ends[i].as_fd(), if open[i] { PollFlags::POLLIN } else { PollFlags::empty() })
         });
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+            Ok(_) => {}
         }
+        let ready = fds.map(|fd| fd.revents().is_none_or(|r| !r.is_empty()));
         for i in 0..2 {
-            if fds[i].revents == 0 || !open[i] {
+            if !ready[i] || !open[i] {
                 continue;
             }
             let (mut from, mut to) = (ends[i], ends[1 - i]);

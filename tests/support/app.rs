@@ -90,8 +90,7 @@ impl BackgroundApp {
 
     /// Sends SIGTERM and waits for the exit (at most 30 s).
     pub fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = crate::run::signal(self.child.id(), libc::SIGTERM);
         crate::run::wait_within(&mut self.child, "kmirror after SIGTERM", Duration::from_secs(30))
     }
 

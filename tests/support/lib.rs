@@ -6,4 +6,5 @@
 pub mod app;
 pub mod pod;
 pub mod run;
+pub mod sys;
 pub mod systemd;

@@ -30,11 +30,11 @@
 //! the owner dies) and waits while another test process holds it, so it never
 //! tears down a live pod of another run.
 
+use nix::fcntl::{Flock, FlockArg};
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -130,7 +130,7 @@ pub struct LocalPod {
     guard_route: String,
     guard_route6: String,
     /// Holds `/run/kmirror-pod-<index>.lock` while the pod lives (see the module docs).
-    _index_lock: Option<File>,
+    _index_lock: Option<Flock<File>>,
     tmp_dir: PathBuf,
     env: Vec<(String, String)>,
     target: Option<Child>,
@@ -139,8 +139,7 @@ pub struct LocalPod {
 
 /// Panics unless the test runs as root (namespaces, veths and routes need it).
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions, cannot fail and touches no memory.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert!(euid == 0, "these tests build network/mount namespaces and must run as root (euid is {euid})");
 }
 
@@ -553,7 +552,7 @@ impl Drop for LocalPod {
 /// Takes the exclusive lock of pod index `index` across processes, waiting while another live
 /// test process holds it. The kernel drops the lock when its owner dies, however it dies, so a
 /// lock that can be taken means every trace of the index left on this machine is stale.
-fn lock_index(index: u8) -> Result<File, String> {
+fn lock_index(index: u8) -> Result<Flock<File>, String> {
     let path = format!("/run/kmirror-pod-{index}.lock");
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -564,15 +563,12 @@ fn lock_index(index: u8) -> Result<File, String> {
         .map_err(|e| format!("cannot open {path}: {e}"))?;
     let deadline = Instant::now() + INDEX_LOCK_TIMEOUT;
     let mut told = false;
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            break;
-        }
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(format!("cannot lock {path}: {error}"));
-        }
+    let mut file = loop {
+        file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => break locked,
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
+            Err((_, error)) => return Err(format!("cannot lock {path}: {}", std::io::Error::from(error))),
+        };
         let owner = fs::read_to_string(&path).unwrap_or_default();
         if Instant::now() > deadline {
             return Err(format!(
@@ -586,7 +582,7 @@ fn lock_index(index: u8) -> Result<File, String> {
             told = true;
         }
         thread::sleep(Duration::from_millis(100));
-    }
+    };
     file.set_len(0).map_err(|e| format!("cannot truncate {path}: {e}"))?;
     writeln!(file, "{}", std::process::id()).map_err(|e| format!("cannot write {path}: {e}"))?;
     Ok(file)
@@ -663,11 +659,8 @@ fn stop_child(mut child: Child, signal: libc::c_int, grace: Duration) {
     if !matches!(child.try_wait(), Ok(None)) {
         return;
     }
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) takes plain integers; `pid` is our own unreaped
-        // child (try_wait just saw it running), so it cannot have been reused.
-        unsafe { libc::kill(pid, signal) };
-    }
+    // Our own unreaped child (try_wait just saw it running): its pid cannot have been reused.
+    let _ = crate::run::signal(child.id(), signal);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if !matches!(child.try_wait(), Ok(None)) {
@@ -692,11 +685,8 @@ fn kill_netns_processes(netns: &str) {
         .filter_map(|p| p.parse::<u32>().ok())
         .filter(|p| *p != own && *p > 1)
     {
-        if let Ok(pid) = libc::pid_t::try_from(pid) {
-            // SAFETY: kill(2) takes plain integers and has no memory effects;
-            // the pid was just listed as living in our own pod netns.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        // Just listed as living in our own pod netns.
+        let _ = crate::run::signal(pid, libc::SIGKILL);
     }
 }
 

@@ -1,7 +1,6 @@
 //! Running kmirror and the fixtures from tests: binary locations and bounded waits.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
@@ -49,29 +48,13 @@ pub fn kmirror_cmd(target_pid: u32, flags: &[&str], command: &[&str]) -> Command
     cmd
 }
 
-/// Makes the process `cmd` starts get SIGKILL when its parent dies (`PR_SET_PDEATHSIG`), so
-/// a test binary that crashes or is killed leaves none of its helpers running.
-///
-/// The kernel ties the signal to the *thread* that forks: spawn such a command on a thread
-/// that outlives the child (a test's own thread does), or with [`spawn_tied`], whose spawning
-/// thread lives as long as the test process.
-pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    let parent = std::process::id();
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-    // functions (prctl, getppid, _exit) with plain integer arguments.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died before the prctl: nobody would ever signal us.
-            if libc::getppid() as u32 != parent {
-                libc::_exit(137);
-            }
-            Ok(())
-        })
-    };
-    cmd
+pub use crate::sys::die_with_parent;
+
+/// Sends signal `sig` to process `pid`.
+pub fn signal(pid: impl Into<i64>, sig: i32) -> std::io::Result<()> {
+    let pid = i32::try_from(pid.into()).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    let sig = nix::sys::signal::Signal::try_from(sig)?;
+    Ok(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?)
 }
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);

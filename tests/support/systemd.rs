@@ -37,7 +37,6 @@
 use crate::run::{output_within, spawn_tied};
 use std::fs;
 use std::io::Read;
-use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -182,14 +181,8 @@ fn remove_leftovers(hierarchies: &[PathBuf]) {
 }
 
 fn open_pty() -> (fs::File, fs::File) {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors; the name, termios and window size are optional.
-    let rc = unsafe {
-        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptors from openpty, owned from here.
-    unsafe { (fs::File::from_raw_fd(master), fs::File::from_raw_fd(slave)) }
+    let pty = nix::pty::openpty(None, None).unwrap_or_else(|e| panic!("openpty: {e}"));
+    (fs::File::from(pty.master), fs::File::from(pty.slave))
 }
 
 impl UserManager {

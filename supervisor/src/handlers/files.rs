@@ -492,8 +492,13 @@ fn read_open_how(n: &Notification) -> Option<Result<OpenHow, i32>> {
 
 fn page_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    *SIZE.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096))
+    *SIZE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|size| usize::try_from(size).ok())
+            .unwrap_or(4096)
+    })
 }
 
 /// openat2's `struct open_how` as its first version: flags, mode, resolve.
@@ -531,14 +536,9 @@ fn errno_of(e: std::io::Error) -> i32 {
 /// A new open file description of an existing file, with access mode `access` (each app open
 /// gets its own file offset).
 fn reopen(fd: i32, access: i32) -> std::io::Result<OwnedFd> {
-    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
-    // SAFETY: a NUL-terminated path; the descriptor is owned below.
-    let fd = unsafe { libc::open(path.as_ptr(), access | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    // Access mode 3 (O_PATH stand-ins) is not among OFlag's named flags: kept as given.
+    let flags = nix::fcntl::OFlag::from_bits_retain(access) | nix::fcntl::OFlag::O_CLOEXEC;
+    Ok(nix::fcntl::open(format!("/proc/self/fd/{fd}").as_str(), flags, nix::sys::stat::Mode::empty())?)
 }
 
 async fn open_remote(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
@@ -764,23 +764,19 @@ fn mirror_entries(dir: &std::path::Path, entries: &[DirEntry]) -> std::io::Resul
     // One system call per entry, relative to the directory: a pod directory can hold tens of
     // thousands of entries, and each path lookup and extra call shows.
     let dirfd: OwnedFd = std::fs::File::open(dir)?.into();
+    use nix::sys::stat::{Mode, SFlag, mkdirat, mknodat};
     for entry in entries {
         let name = std::ffi::CString::new(entry.name.as_slice()).expect("checked: no NUL");
-        let fd = dirfd.as_raw_fd();
-        // SAFETY: `fd` is an open directory and `name` a NUL-terminated single component.
-        let rc = unsafe {
-            match mirror_kind(entry.kind) {
-                libc::DT_DIR => libc::mkdirat(fd, name.as_ptr(), 0o755),
-                libc::DT_LNK => libc::symlinkat(c"kmirror-pod-symlink".as_ptr(), fd, name.as_ptr()),
-                _ => libc::mknodat(fd, name.as_ptr(), libc::S_IFREG | 0o644, 0),
-            }
+        let made = match mirror_kind(entry.kind) {
+            libc::DT_DIR => mkdirat(&dirfd, name.as_c_str(), Mode::from_bits_retain(0o755)),
+            libc::DT_LNK => nix::unistd::symlinkat(c"kmirror-pod-symlink", &dirfd, name.as_c_str()),
+            _ => mknodat(&dirfd, name.as_c_str(), SFlag::S_IFREG, Mode::from_bits_retain(0o644), 0),
         };
         // EEXIST: the entry was mirrored before (or by a concurrent listing of the directory).
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(e);
-            }
+        if let Err(e) = made
+            && e != nix::errno::Errno::EEXIST
+        {
+            return Err(e.into());
         }
     }
     Ok(())

@@ -239,8 +239,7 @@ fn hand_back(ctx: &Context, n: &Notification) -> Waited {
 /// Registers a descriptor the app waits on with the runtime, for [`wait_for_data`]; `None` if
 /// it cannot be waited on (the caller hands the call back to the kernel).
 pub fn waitable(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd is an open descriptor that stays open, and the same, until dropped.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+    crate::sys::register_readable(fd).ok()
 }
 
 /// Routes one notification to its handler.

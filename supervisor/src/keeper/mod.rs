@@ -27,12 +27,15 @@
 //!   reaches every process of the foreground group): it ends with the tree, never before. The
 //!   handlers it installs are reset by exec, so the app starts with default dispositions.
 
+// Unsafe: pre_exec, signal handlers, raw rt_sigaction and wait statuses, inherited fds.
+#![allow(unsafe_code)]
+
 pub mod tree;
 pub mod wire;
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -99,32 +102,12 @@ pub struct Keeper {
     pub events: tokio::sync::mpsc::UnboundedReceiver<TreeEvent>,
 }
 
-/// Clears close-on-exec: children spawned from now on inherit `fd`.
-fn make_inheritable(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: F_SETFD with an int argument on a descriptor we own.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn set_cloexec(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: F_SETFD with an int argument on a descriptor we own.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn prctl(option: i32, arg: libc::c_ulong) -> std::io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(option, arg, 0, 0, 0) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+/// Sets or clears close-on-exec: cleared, children spawned from now on inherit `fd`.
+fn set_cloexec(fd: impl AsFd, cloexec: bool) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag};
+    let flags = if cloexec { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
+    nix::fcntl::fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
 }
 
 /// Starts the keeper. kmirror becomes a child subreaper itself: should the keeper be killed
@@ -134,14 +117,14 @@ fn prctl(option: i32, arg: libc::c_ulong) -> std::io::Result<()> {
 /// activation), are inheritable only for this spawn, and nothing else is spawned meanwhile
 /// (the agent starts after it). With nothing to run between fork and exec the spawn takes the
 /// posix_spawn path (a vfork, no copy of kmirror's page tables).
-pub fn spawn(pass: &[RawFd]) -> std::io::Result<Keeper> {
-    prctl(libc::PR_SET_CHILD_SUBREAPER, 1)?;
+pub fn spawn(pass: &[BorrowedFd<'_>]) -> std::io::Result<Keeper> {
+    nix::sys::prctl::set_child_subreaper(true)?;
     let (control, control_theirs) = UnixStream::pair()?;
     let (handoff, handoff_theirs) = UnixStream::pair()?;
-    make_inheritable(control_theirs.as_raw_fd())?;
-    make_inheritable(handoff_theirs.as_raw_fd())?;
-    for &fd in pass {
-        make_inheritable(fd)?;
+    set_cloexec(&control_theirs, false)?;
+    set_cloexec(&handoff_theirs, false)?;
+    for fd in pass {
+        set_cloexec(fd, false)?;
     }
     let mut command = std::process::Command::new("/proc/self/exe");
     command
@@ -151,8 +134,8 @@ pub fn spawn(pass: &[RawFd]) -> std::io::Result<Keeper> {
         .env_clear();
     let spawned = command.spawn();
     drop((control_theirs, handoff_theirs));
-    for &fd in pass {
-        set_cloexec(fd)?;
+    for fd in pass {
+        set_cloexec(fd, true)?;
     }
     let mut child = spawned?;
     let pid = child.id();
@@ -235,8 +218,9 @@ pub fn end_leftovers(agent: Option<u32>, limit: Duration) -> usize {
         let found = tree::signal_all(me, &skip, libc::SIGKILL, None);
         ended = ended.max(found);
         for pid in tree::children_of(me).into_iter().filter(|p| !skip.contains(p)) {
-            // SAFETY: waitpid on a child of ours that is not the agent (tokio waits for that one).
-            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) };
+            // Not the agent: tokio waits for that one.
+            let flags = nix::sys::wait::WaitPidFlag::WNOHANG | nix::sys::wait::WaitPidFlag::__WALL;
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as libc::pid_t), Some(flags));
         }
         if found == 0 || std::time::Instant::now() > deadline {
             return ended;
@@ -275,15 +259,10 @@ fn install_signal_handlers() -> std::io::Result<()> {
             }
         }
     }
-    // SAFETY: blocking SIGCHLD for this (only) thread; std's spawn clears the mask in the child.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    // Blocked for this (only) thread; std's spawn clears the mask in the child.
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGCHLD);
+    set.thread_block()?;
     Ok(())
 }
 
@@ -351,15 +330,15 @@ fn fd_arg(arg: Option<String>) -> std::io::Result<RawFd> {
 fn keep() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let (control_fd, handoff_fd) = (fd_arg(args.next())?, fd_arg(args.next())?);
-    // Descriptors kmirror passed on for us: owned from here, and not passed on to the app
-    // (the hand-off socket is used before exec only).
-    set_cloexec(control_fd)?;
-    set_cloexec(handoff_fd)?;
     // SAFETY: kmirror made these two descriptors for us; nothing else owns them.
     let (mut control, handoff) =
         unsafe { (UnixStream::from_raw_fd(control_fd), UnixStream::from_raw_fd(handoff_fd)) };
-    prctl(libc::PR_SET_NAME, c"kmirror-keeper".as_ptr() as libc::c_ulong)?;
-    prctl(libc::PR_SET_CHILD_SUBREAPER, 1)?;
+    // Descriptors kmirror passed on for us: owned from here, and not passed on to the app
+    // (the hand-off socket is used before exec only).
+    set_cloexec(&control, true)?;
+    set_cloexec(&handoff, true)?;
+    nix::sys::prctl::set_name(c"kmirror-keeper")?;
+    nix::sys::prctl::set_child_subreaper(true)?;
     install_signal_handlers()?;
 
     let mut buf = Vec::new();
@@ -397,8 +376,7 @@ fn keep() -> std::io::Result<()> {
     let filter = request.filter;
     let own_pid_vars = request.own_pid_vars;
     let sock = handoff.as_raw_fd();
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
+    let me = nix::unistd::getpid().as_raw();
     // SAFETY: the hook only makes raw, async-signal-safe system calls and writes into memory
     // that was allocated before fork.
     unsafe {
@@ -427,8 +405,7 @@ fn keep() -> std::io::Result<()> {
 /// Reaps, reports and signals until the tree has ended (see the module docs).
 fn watch(mut control: UnixStream, mut buf: Vec<u8>, main: u32) -> std::io::Result<()> {
     let me = std::process::id();
-    // SAFETY: getpgrp has no preconditions.
-    let group = unsafe { libc::getpgrp() };
+    let group = nix::unistd::getpgrp().as_raw();
     let mut main = Some(main);
     let mut kmirror_gone = false;
     let mut ending = false;
@@ -462,21 +439,13 @@ fn watch(mut control: UnixStream, mut buf: Vec<u8>, main: u32) -> std::io::Resul
             tree::signal_all(me, &[], libc::SIGKILL, None);
         }
 
-        let mut pfd = libc::pollfd { fd: control.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let round = libc::timespec { tv_sec: 0, tv_nsec: END_ROUND.as_nanos() as libc::c_long };
-        // SAFETY: one valid pollfd (or none), a valid timeout or null, and an empty signal
-        // mask (SIGCHLD is deliverable only inside this call).
-        let rc = unsafe {
-            let mut unblocked: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut unblocked);
-            libc::ppoll(
-                &mut pfd,
-                if kmirror_gone { 0 } else { 1 },
-                if ending { &round } else { std::ptr::null() },
-                &unblocked,
-            )
-        };
-        if rc <= 0 || kmirror_gone || pfd.revents == 0 {
+        // One descriptor (or none), a timeout while ending, and an empty signal mask (SIGCHLD
+        // is deliverable only inside this call).
+        let mut pfd = [nix::poll::PollFd::new(control.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let fds = if kmirror_gone { &mut pfd[..0] } else { &mut pfd[..] };
+        let round = ending.then(|| nix::sys::time::TimeSpec::from_duration(END_ROUND));
+        let rc = nix::poll::ppoll(fds, round, Some(nix::sys::signal::SigSet::empty())).unwrap_or(-1);
+        if rc <= 0 || kmirror_gone || pfd[0].revents().is_some_and(|r| r.is_empty()) {
             continue;
         }
         let mut chunk = [0u8; 4096];

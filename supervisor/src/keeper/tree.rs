@@ -13,7 +13,7 @@
 //! gone and the signal goes nowhere.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 
 /// One process found under the root, and the process it was found under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,30 +69,16 @@ pub fn descendants(root: u32, skip: &[u32]) -> Vec<Member> {
     found
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open with a pid and no flags; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Sends `sig` to `member` if it is still the process that was found (see the module docs).
 /// With `unless_group`, a process in that process group is left alone. True if sent.
 pub fn signal_member(member: Member, sig: i32, unless_group: Option<i32>) -> bool {
-    let Ok(pidfd) = pidfd_open(member.pid) else { return false };
+    let Ok(pidfd) = crate::sys::pidfd_open(member.pid, 0) else { return false };
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", member.pid)) else { return false };
     let Some((ppid, pgrp)) = parse_stat(&stat) else { return false };
     if ppid != member.parent || unless_group == Some(pgrp) {
         return false;
     }
-    // SAFETY: pidfd_send_signal with our pidfd, no siginfo, no flags.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
-    };
-    rc == 0
+    crate::sys::pidfd_send_signal(pidfd.as_fd(), sig).is_ok()
 }
 
 /// Sends `sig` to every process under `root` (see [`descendants`] for `skip`). Returns how
@@ -146,8 +132,7 @@ mod tests {
         assert!(!signal_member(Member { pid: pids[0], parent: 1 }, 0, None));
         assert!(signal_member(Member { pid: shell.id(), parent: me }, 0, None));
         // Nor one in the excluded process group (the shell shares ours).
-        // SAFETY: getpgrp has no preconditions.
-        let group = unsafe { libc::getpgrp() };
+        let group = nix::unistd::getpgrp().as_raw();
         assert!(!signal_member(Member { pid: shell.id(), parent: me }, 0, Some(group)));
 
         // Ended from the shell down (other tests of this process have children of their own,

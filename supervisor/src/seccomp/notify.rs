@@ -4,7 +4,10 @@
 //! [`Listener`], which may be shared by the notify thread and the async handlers: the kernel
 //! serialises operations on the listener.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+// Unsafe: the seccomp user-notify ioctls (RECV, SEND, ID_VALID, ADDFD), which nix does not wrap.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 /// One trapped system call.
 #[derive(Debug, Clone, Copy)]
@@ -52,21 +55,20 @@ impl Listener {
     /// Waits until a notification is pending or no task uses the filter any more.
     /// Returns false once the listener is hung up (every filtered task has exited).
     pub fn wait(&self) -> std::io::Result<bool> {
-        let mut pfd = libc::pollfd { fd: self.raw_fd(), events: libc::POLLIN, revents: 0 };
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         loop {
-            // SAFETY: one valid pollfd.
-            let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            match nix::poll::poll(&mut pfd, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
             }
-            if pfd.revents & libc::POLLIN != 0 {
+            // The kernel reports only the events asked for and POLLERR, POLLHUP and POLLNVAL.
+            let revents = pfd[0].revents().unwrap_or(PollFlags::empty());
+            if revents.contains(PollFlags::POLLIN) {
                 return Ok(true);
             }
-            if pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
                 return Ok(false);
             }
         }
