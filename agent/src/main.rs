@@ -15,6 +15,7 @@ mod netns;
 mod outgoing;
 mod session;
 mod target;
+mod writes;
 
 use anyhow::{Context, Result, bail};
 use std::os::fd::{FromRawFd, OwnedFd};
