@@ -9,6 +9,7 @@ mod config;
 mod dns_server;
 mod handlers;
 mod incoming;
+mod inotify;
 mod keeper;
 mod kernel;
 mod launch;
@@ -29,6 +30,7 @@ mod stats;
 mod target;
 mod tracee;
 mod uts;
+mod writeback;
 
 /// Every tunnelled connection holds a descriptor here; the default soft limit (often 1024)
 /// would cap an app at about that many pod connections.

@@ -193,8 +193,6 @@ telemetry: true
     let e = errors(Format::Yaml, text);
     let messages: Vec<String> = e.iter().map(|d| format!("{}: {}", d.pos.unwrap(), d.message)).collect();
     let expect = [
-        "2:14: `feature.fs.mode: write`: writing pod files is not supported yet",
-        "2:33: `feature.fs.read_write`: writing pod files is not supported yet",
         "2:57: `feature.fs.not_found`: invalid regex `(`",
         "4:22: `feature.network.incoming.mode`: unknown mode `steel`",
         "4:52: `feature.network.incoming.port_mapping`: port 1 or 3 is mapped twice",

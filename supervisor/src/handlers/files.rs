@@ -19,19 +19,19 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 /// Remote files larger than this are refused (EFBIG) rather than copied into memory.
-const MAX_REMOTE_FILE: u64 = 256 << 20;
+pub(super) const MAX_REMOTE_FILE: u64 = 256 << 20;
 /// Pod directories with more entries than this are refused (EFBIG) rather than mirrored.
 const MAX_DIR_ENTRIES: usize = 1 << 20;
 /// Fetches and listings that may hold an agent handle at once: the agent refuses more than
 /// 64 handles per session (EMFILE), so more concurrent opens of the app wait here instead.
 /// (One session per process: a static is that session's.)
 static HANDLE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
-const READ_CHUNK: u32 = 512 * 1024;
-const PATH_MAX: usize = libc::PATH_MAX as usize;
+pub(super) const READ_CHUNK: u32 = 512 * 1024;
+pub(super) const PATH_MAX: usize = libc::PATH_MAX as usize;
 const XATTR_NAME_MAX: usize = 255;
 
 /// How a call's path argument is served.
-enum Plan {
+pub(super) enum Plan {
     /// The kernel handles the call as made.
     Local,
     /// kmirror performs the call locally on this resolved path, as the app.
@@ -48,17 +48,17 @@ enum Plan {
 
 /// A trapped call's path argument.
 #[derive(Clone, Copy)]
-struct PathArg {
-    dirfd: i32,
-    ptr: u64,
-    /// The call may modify (then the path is local: writes never reach the pod).
-    write: bool,
+pub(super) struct PathArg {
+    pub dirfd: i32,
+    pub ptr: u64,
+    /// The call may modify (then the path is the pod's only where writes go to the pod).
+    pub write: bool,
     /// openat2's `resolve` flags (0 for other calls).
-    resolve: u64,
+    pub resolve: u64,
     /// The call follows a symlink in the last component.
-    follow_last: bool,
+    pub follow_last: bool,
     /// An empty path names the descriptor `dirfd` itself (AT_EMPTY_PATH, readlinkat).
-    empty_is_fd: bool,
+    pub empty_is_fd: bool,
 }
 
 /// Where a path argument leads, as far as its text tells.
@@ -253,18 +253,18 @@ impl walk::Lookup for WalkLookup<'_> {
     }
 }
 
-fn caller_of(n: &Notification) -> Result<Caller, i32> {
+pub(super) fn caller_of(n: &Notification) -> Result<Caller, i32> {
     Caller::of_thread(n.tid).map_err(|e| e.raw_os_error().unwrap_or(libc::ESRCH))
 }
 
 /// Who a pod-file request of the calling thread acts for: its file-system credentials.
-fn identity_of(n: &Notification) -> Result<Identity, i32> {
+pub(super) fn identity_of(n: &Notification) -> Result<Identity, i32> {
     Ok(caller_of(n)?.credentials.identity())
 }
 
 /// Decides how to serve a call's path argument and runs `serve` with that plan: at once on the
 /// notify thread when the text decides it, otherwise after a walk on the runtime.
-fn with_plan(
+pub(super) fn with_plan(
     ctx: &Arc<Context>,
     n: Notification,
     arg: PathArg,
@@ -309,7 +309,7 @@ fn as_app<R: Send + 'static>(
     });
 }
 
-async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
+pub(super) async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
     match ctx.tunnel.request(request, ctx.remote_timeout).await {
         Ok(Response::Error(errno)) => Err(errno.0),
         Ok(response) => Ok(response),
@@ -319,8 +319,10 @@ async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
 
 /// A request about a pod path, served by the agent with `who`'s credentials, so the pod's
 /// permissions apply to the app as in the pod. An agent older than protocol 5 serves it as
-/// root (the app then reads what its user could not in the pod).
-async fn remote_as(ctx: &Context, who: &Identity, request: Request) -> Result<Response, i32> {
+/// root (the app then reads what its user could not in the pod). What the app's closed
+/// descriptors wrote is in the pod first (see `writeback`).
+pub(super) async fn remote_as(ctx: &Context, who: &Identity, request: Request) -> Result<Response, i32> {
+    ctx.writebacks.settle().await;
     if ctx.tunnel.version() < kmirror_protocol::CREDENTIALS_VERSION {
         let request = match request {
             Request::AccessAt { path, mode, .. } => Request::Access { path, mode },
@@ -408,6 +410,9 @@ fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
 pub fn on_open(ctx: &Arc<Context>, n: Notification) {
     let (dirfd, path_ptr, flags, mode, resolve) = match n.nr {
         libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32, n.args[2] as u32, 0),
+        libc::SYS_creat => {
+            (libc::AT_FDCWD, n.args[0], libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, n.args[1] as u32, 0)
+        }
         libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32, n.args[3] as u32, 0),
         _ => match read_open_how(&n) {
             Some(Ok(how)) => (n.args[0] as i32, n.args[1], how.flags as i32, how.mode as u32, how.resolve),
@@ -417,8 +422,10 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
             None => return ctx.listener.continue_call(n.id),
         },
     };
-    let write = flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
-        || flags & libc::O_TMPFILE == libc::O_TMPFILE;
+    // O_PATH ignores every flag that would write.
+    let write = flags & libc::O_PATH == 0
+        && (flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
+            || flags & libc::O_TMPFILE == libc::O_TMPFILE);
     let follow_last = flags & libc::O_NOFOLLOW == 0;
     let arg = PathArg { dirfd, ptr: path_ptr, write, resolve, follow_last, empty_is_fd: false };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
@@ -446,10 +453,15 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
             };
             deliver_fd(ctx, &n, result, flags);
         }
+        Plan::Remote(path) if write => super::writes::open_for_write(ctx, n, path, flags, mode),
         Plan::Remote(path) => open_pod_file(ctx, n, path, flags),
         Plan::PodFile(file) => {
             let nofollow = if file.follow { 0 } else { libc::O_NOFOLLOW };
-            open_pod_file(ctx, n, file.path, (flags & !libc::O_NOFOLLOW) | nofollow);
+            let flags = (flags & !libc::O_NOFOLLOW) | nofollow;
+            match write && ctx.files.route(&file.path, true) == FileRoute::Remote {
+                true => super::writes::open_for_write(ctx, n, file.path, flags, mode),
+                false => open_pod_file(ctx, n, file.path, flags),
+            }
         }
     });
 }
@@ -513,7 +525,7 @@ async fn open_path_only(ctx: &Context, who: &Identity, path: &[u8], flags: i32) 
     tokio::task::spawn_blocking(move || standins.make(&path, &st)).await.unwrap_or(Err(libc::EIO))
 }
 
-fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
+pub(super) fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
         Ok(fd) => {
             if ctx.listener.is_valid(n.id) {
@@ -541,7 +553,12 @@ fn reopen(fd: i32, access: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
-async fn open_remote(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
+pub(super) async fn open_remote(
+    ctx: &Context,
+    who: &Identity,
+    path: &[u8],
+    flags: i32,
+) -> Result<OwnedFd, i32> {
     let st = remote_stat(ctx, who, path, flags & libc::O_NOFOLLOW == 0).await?;
     match st.mode & libc::S_IFMT {
         libc::S_IFDIR => {
@@ -601,9 +618,9 @@ fn dress_as(file: &std::fs::File, st: &FileStat) {
 
 /// A handle the agent holds for this side; closed in the agent if the fetch stops before the
 /// agent closed it itself (an error, a file grown too large, the app's call abandoned).
-struct RemoteHandle<'a> {
-    ctx: &'a Context,
-    handle: Option<u64>,
+pub(super) struct RemoteHandle<'a> {
+    pub ctx: &'a Context,
+    pub handle: Option<u64>,
 }
 
 impl Drop for RemoteHandle<'_> {
@@ -864,7 +881,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
 }
 
 /// Writes an output buffer of an emulated call, after checking the caller is still waiting.
-fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result<(), i32> {
+pub(super) fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result<(), i32> {
     let memory = super::output_memory(ctx, n).ok_or(libc::EINTR)?;
     memory.write(addr, bytes).map_err(|_| libc::EFAULT)
 }
@@ -941,8 +958,14 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
     if dirfd == libc::AT_FDCWD && ctx.standins.any_handed_out() {
         let raw = tracee::read_cstring(n.tid, path_ptr, PATH_MAX).unwrap_or_default();
         let link = files::fd_link(&raw).filter(|link| link.rest.is_empty());
-        if let Some(file) = link.and_then(|link| own_pod_file(ctx, n.tid, &link)) {
+        if let Some(file) = link.as_ref().and_then(|link| own_pod_file(ctx, n.tid, link)) {
             return copy_out(ctx, &n, Ok(file.path));
+        }
+        // The app's copy of a pod file it writes: the pod path too.
+        let copy = link.filter(|link| matches!(link.owner, files::FdOwner::Process | files::FdOwner::Thread));
+        let pod_path = copy.and_then(|link| tracee::proc_link(n.tid, &format!("fd/{}", link.fd)).ok());
+        if let Some(path) = pod_path.and_then(|target| ctx.writebacks.pod_path_of_link(&target)) {
+            return copy_out(ctx, &n, Ok(path));
         }
     }
     // An empty path reads the link a descriptor stands for (Linux 2.6.39).
