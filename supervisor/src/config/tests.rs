@@ -408,3 +408,23 @@ fn resolution_errors_point_at_the_file_or_name_the_source() {
     let failure = resolve(&Inputs { args: &args, origin: &flag, file: None }).unwrap_err();
     assert!(failure.other[0].message.ends_with("(target from env KMIRROR_TARGET)"), "{:?}", failure.other);
 }
+
+#[test]
+fn write_mode_and_read_write_lists_are_taken_from_the_file() {
+    let file = loaded(
+        Format::Yaml,
+        "feature:\n  fs:\n    mode: write\n    read_write: [\"^/data/out/\"]\n",
+        "/cfg/k.yaml",
+    );
+    let none = |_: &str| None;
+    let args = SettingsArgs::default();
+    let s = resolve(&Inputs { args: &args, origin: &none, file: Some(&file) }).unwrap();
+    assert_eq!(s.fs_mode, FsMode::Write);
+    assert_eq!(s.fs_read_write, ["^/data/out/"]);
+    let shown = |key: &str| s.shown.iter().find(|x| x.key == key).unwrap().clone();
+    assert_eq!(shown("feature.fs.mode").value, "write");
+    assert_eq!(shown("feature.fs.read_write").source.to_string(), "file /cfg/k.yaml:4:17");
+    let toml = loaded(Format::Toml, "[feature]\nfs = \"write\"\n", "/cfg/k.toml");
+    let s = resolve(&Inputs { args: &args, origin: &none, file: Some(&toml) }).unwrap();
+    assert_eq!(s.fs_mode, FsMode::Write);
+}
