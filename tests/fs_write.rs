@@ -249,3 +249,23 @@ fn read_mode_writes_locally_and_read_write_paths_go_to_the_pod() {
     assert!(!pod.rootfs.join("run/kmirror-fswrite-243/out.txt").exists());
     assert!(!Path::new("/data/rw/x.txt").exists());
 }
+
+/// `cd` into a pod directory works in `read` and `write` modes: relative paths resolve there,
+/// for the shell and the programs it starts, and `pwd` (the shell's and `getcwd`'s) names it.
+#[test]
+fn cd_into_a_pod_directory_works_as_in_the_pod() {
+    let pod = LocalPod::start(244);
+    let script = "cd /data && cat ./pod-only.txt && pwd && /bin/pwd && ls dir && cat dir/../dir/a.txt && \
+                  /bin/sh -c 'cat pod-only.txt; /bin/pwd' && \
+                  /usr/bin/python3 -c 'import os; print(os.getcwd(), os.path.isfile(\"pod-only.txt\"))' && \
+                  cd dir && /bin/pwd && cat a.txt && cd /tmp && pwd && /bin/pwd";
+    let inside = pod.exec_in_pod("/bin/sh", &["-c", script]);
+    for mode in ["read", "write"] {
+        let under = kmirror(pod.target_pid, &["--fs-mode", mode], &["/bin/sh", "-c", script]);
+        let stdout = expect_status(&under, 0);
+        assert_eq!(text(&under), text(&inside), "--fs-mode {mode} (left) and in the pod (right)");
+        let expected = "pod-only file 244\n/data\n/data\na.txt\nb.txt\nsub\na\npod-only file 244\n/data\n\
+                        /data True\n/data/dir\na\n/tmp\n/tmp\n";
+        assert_eq!(stdout, expected);
+    }
+}

@@ -6,6 +6,7 @@ mod caller;
 mod cli;
 mod command;
 mod config;
+mod cwd;
 mod dns_server;
 mod handlers;
 mod incoming;

@@ -96,6 +96,11 @@ async fn session(
     let trapped: Vec<&'static str> = handlers::TRAPPED
         .iter()
         .chain(if writes_remote { handlers::TRAPPED_FOR_WRITES } else { &[] })
+        // Working in a pod directory: only where pod directories exist for the app at large.
+        .chain(match args.fs_mode {
+            policy::files::FsMode::Read | policy::files::FsMode::Write => handlers::TRAPPED_FOR_CWD,
+            _ => &[],
+        })
         .copied()
         .collect();
     let filter_trapped = trapped.clone();
@@ -328,6 +333,7 @@ async fn session(
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
         pod_fds: Default::default(),
         writebacks,
+        cwds: Default::default(),
     });
     start_notify_thread(ctx.clone());
     // Listeners passed by socket activation take part in incoming traffic as if the app had

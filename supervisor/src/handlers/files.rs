@@ -108,19 +108,29 @@ fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
         }
         return Routing::Walk { start: b"/".to_vec(), start_in_pod: false, path: raw, rules };
     }
-    if arg.dirfd == libc::AT_FDCWD {
-        return Routing::Decided(Plan::Local);
-    }
-    let Some(pod_dir) = tracee::proc_link(tid, &format!("fd/{}", arg.dirfd))
-        .ok()
-        .and_then(|dir| ctx.files.pod_path_of_fd_link(&dir))
-    else {
+    let pod_dir = if arg.dirfd == libc::AT_FDCWD {
+        // Relative to the working directory: the pod's, after a chdir into a pod directory.
+        cwd_in_pod(ctx, tid)
+    } else {
+        tracee::proc_link(tid, &format!("fd/{}", arg.dirfd))
+            .ok()
+            .and_then(|dir| ctx.files.pod_path_of_fd_link(&dir))
+    };
+    let Some(pod_dir) = pod_dir else {
         return Routing::Decided(Plan::Local);
     };
     if !walk::steps_back(&raw) && !rules.strict && raw.first() != Some(&b'/') {
         return Routing::Decided(plan_for(ctx, files::join(&pod_dir, &raw), arg.write, true));
     }
     Routing::Walk { start: pod_dir, start_in_pod: true, path: raw, rules }
+}
+
+/// The pod directory thread `tid`'s process works in, if it entered one (see `cwd`).
+pub(super) fn cwd_in_pod(ctx: &Context, tid: u32) -> Option<Vec<u8>> {
+    if !ctx.cwds.any() {
+        return None;
+    }
+    ctx.cwds.pod_dir(Caller::of_thread(tid).ok()?.tgid)
 }
 
 /// Routes an absolute pod path the app reached through one of kmirror's local trees.
@@ -337,7 +347,12 @@ pub(super) async fn remote_as(ctx: &Context, who: &Identity, request: Request) -
     }
 }
 
-async fn remote_stat(ctx: &Context, who: &Identity, path: &[u8], follow: bool) -> Result<FileStat, i32> {
+pub(super) async fn remote_stat(
+    ctx: &Context,
+    who: &Identity,
+    path: &[u8],
+    follow: bool,
+) -> Result<FileStat, i32> {
     match remote_as(ctx, who, Request::Stat { path: path.to_vec(), follow }).await? {
         Response::Stat(st) => Ok(st),
         _ => Err(libc::EIO),
