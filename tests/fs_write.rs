@@ -258,14 +258,16 @@ fn cd_into_a_pod_directory_works_as_in_the_pod() {
     let script = "cd /data && cat ./pod-only.txt && pwd && /bin/pwd && ls dir && cat dir/../dir/a.txt && \
                   /bin/sh -c 'cat pod-only.txt; /bin/pwd' && \
                   /usr/bin/python3 -c 'import os; print(os.getcwd(), os.path.isfile(\"pod-only.txt\"))' && \
-                  cd dir && /bin/pwd && cat a.txt && cd /tmp && pwd && /bin/pwd";
+                  cd dir && /bin/pwd && cat a.txt && cd /tmp && pwd && /bin/pwd && \
+                  /usr/bin/python3 -c 'import os; fd = os.open(\"/data/dir\", os.O_RDONLY); os.fchdir(fd); \
+                  print(os.getcwd(), open(\"b.txt\").read().strip())'";
     let inside = pod.exec_in_pod("/bin/sh", &["-c", script]);
     for mode in ["read", "write"] {
         let under = kmirror(pod.target_pid, &["--fs-mode", mode], &["/bin/sh", "-c", script]);
         let stdout = expect_status(&under, 0);
         assert_eq!(text(&under), text(&inside), "--fs-mode {mode} (left) and in the pod (right)");
         let expected = "pod-only file 244\n/data\n/data\na.txt\nb.txt\nsub\na\npod-only file 244\n/data\n\
-                        /data True\n/data/dir\na\n/tmp\n/tmp\n";
+                        /data True\n/data/dir\na\n/tmp\n/tmp\n/data/dir bb\n";
         assert_eq!(stdout, expected);
     }
 }
