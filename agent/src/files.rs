@@ -26,7 +26,7 @@ pub const MAX_HANDLES: usize = 64;
 /// Encoded size of the entries one directory answer carries (half the frame limit).
 const DIR_PART_BYTES: usize = 512 * 1024;
 
-fn nix_errno(e: nix::errno::Errno) -> Errno {
+pub fn nix_errno(e: nix::errno::Errno) -> Errno {
     Errno(e as i32)
 }
 
@@ -36,11 +36,19 @@ fn io_errno(e: std::io::Error) -> Errno {
 
 /// Opens `path` beneath `root`; `flags` are open(2) flags (O_CLOEXEC is added).
 pub fn open_in_root(root: &OwnedFd, path: &[u8], flags: i32) -> Result<OwnedFd, Errno> {
+    open_in_root_mode(root, path, flags, 0)
+}
+
+/// [`open_in_root`] with the `mode` of a file `O_CREAT` creates (the calling thread's umask
+/// applies, as for any creation).
+pub fn open_in_root_mode(root: &OwnedFd, path: &[u8], flags: i32, mode: u32) -> Result<OwnedFd, Errno> {
     let c_path = CString::new(path).map_err(|_| Errno(libc::EINVAL))?;
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let mode = if flags & libc::O_CREAT != 0 { mode & 0o7777 } else { 0 };
     let how = || {
         OpenHow::new()
             .flags(OFlag::from_bits_retain(flags | libc::O_CLOEXEC))
+            .mode(nix::sys::stat::Mode::from_bits_retain(mode))
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
     };
     loop {
@@ -83,9 +91,7 @@ const KERNEL_FILE_SYSTEMS: &[(i64, &str)] = &[
 /// FIFOs, sockets, kernel files).
 pub fn check_readable(mode: u32, fs_type: i64) -> Result<(), Errno> {
     match mode & libc::S_IFMT {
-        libc::S_IFREG if KERNEL_FILE_SYSTEMS.iter().any(|&(magic, _)| magic == fs_type) => {
-            Err(Errno(libc::ENXIO))
-        }
+        libc::S_IFREG if is_kernel_fs(fs_type) => Err(Errno(libc::ENXIO)),
         libc::S_IFREG => Ok(()),
         libc::S_IFDIR => Err(Errno(libc::EISDIR)),
         libc::S_IFLNK => Err(Errno(libc::ELOOP)),
@@ -93,7 +99,13 @@ pub fn check_readable(mode: u32, fs_type: i64) -> Result<(), Errno> {
     }
 }
 
-fn fs_type(fd: &OwnedFd) -> Result<i64, Errno> {
+/// Whether a file system of type `fs_type` is one of the kernel's interfaces
+/// ([`KERNEL_FILE_SYSTEMS`]).
+pub fn is_kernel_fs(fs_type: i64) -> bool {
+    KERNEL_FILE_SYSTEMS.iter().any(|&(magic, _)| magic == fs_type)
+}
+
+pub fn fs_type(fd: &OwnedFd) -> Result<i64, Errno> {
     Ok(nix::sys::statfs::fstatfs(fd).map_err(nix_errno)?.filesystem_type().0 as i64)
 }
 
@@ -125,7 +137,7 @@ pub fn stat(root: &OwnedFd, path: &[u8], follow: bool) -> Result<FileStat, Errno
     fstat(&fd)
 }
 
-fn fstat(fd: &OwnedFd) -> Result<FileStat, Errno> {
+pub fn fstat(fd: &impl std::os::fd::AsFd) -> Result<FileStat, Errno> {
     Ok(FileStat::from(&nix::sys::stat::fstat(fd).map_err(nix_errno)?))
 }
 
@@ -149,7 +161,7 @@ pub fn read_chunk(root: &OwnedFd, path: &[u8], offset: u64, len: u32) -> Result<
 }
 
 /// Reads the next `len` bytes (at most [`MAX_READ_CHUNK`]); `eof` once the file ended.
-fn read_next(file: &mut std::fs::File, len: u32) -> Result<(Vec<u8>, bool), Errno> {
+pub fn read_next(file: &mut std::fs::File, len: u32) -> Result<(Vec<u8>, bool), Errno> {
     let len = len.min(MAX_READ_CHUNK) as usize;
     let mut buf = Vec::with_capacity(len);
     let read = file.by_ref().take(len as u64).read_to_end(&mut buf).map_err(io_errno)?;
@@ -165,7 +177,13 @@ struct DirListing {
 enum Open {
     File(std::fs::File),
     Dir(DirListing),
+    /// A file opened for writing (`writes`); also read from when its content is fetched.
+    Write(crate::writes::WriteFile),
 }
+
+/// Write handles one session may hold: one per pod file the app has open for writing, kept
+/// until its last descriptor there closes.
+pub const MAX_WRITE_HANDLES: usize = 256;
 
 /// The files and directories one session is reading, by handle. A handle is closed when its
 /// end was read, when the supervisor closes it, or with the session.
@@ -173,6 +191,9 @@ enum Open {
 pub struct Handles {
     next: u64,
     open: HashMap<u64, Arc<Mutex<Open>>>,
+    /// Which of `open` are write handles (bounded apart: they live as long as the app's
+    /// descriptors, the others only while a fetch or listing runs).
+    writes: std::collections::HashSet<u64>,
 }
 
 pub type SharedHandles = Arc<Mutex<Handles>>;
@@ -184,14 +205,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Handles {
     fn insert(handles: &SharedHandles, open: Open) -> Result<u64, Errno> {
         let mut handles = lock(handles);
-        if handles.open.len() >= MAX_HANDLES {
-            tracing::warn!("the supervisor holds {MAX_HANDLES} open pod files already; refusing another");
+        let write = matches!(open, Open::Write(_));
+        let (used, limit) = match write {
+            true => (handles.writes.len(), MAX_WRITE_HANDLES),
+            false => (handles.open.len() - handles.writes.len(), MAX_HANDLES),
+        };
+        if used >= limit {
+            tracing::warn!("the supervisor holds {limit} open pod files already; refusing another");
             return Err(Errno(libc::EMFILE));
         }
         handles.next += 1;
         let handle = handles.next;
         handles.open.insert(handle, Arc::new(Mutex::new(open)));
+        if write {
+            handles.writes.insert(handle);
+        }
         Ok(handle)
+    }
+
+    pub(crate) fn insert_write(
+        handles: &SharedHandles,
+        file: crate::writes::WriteFile,
+    ) -> Result<u64, Errno> {
+        Handles::insert(handles, Open::Write(file))
+    }
+
+    /// Runs `op` on a write handle's file.
+    pub(crate) fn with_write<R>(
+        handles: &SharedHandles,
+        handle: u64,
+        op: impl FnOnce(&mut crate::writes::WriteFile) -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
+        let open = Handles::get(handles, handle)?;
+        let mut open = lock(&open);
+        match &mut *open {
+            Open::Write(file) => op(file),
+            _ => Err(Errno(libc::EBADF)),
+        }
     }
 
     fn get(handles: &SharedHandles, handle: u64) -> Result<Arc<Mutex<Open>>, Errno> {
@@ -199,7 +249,9 @@ impl Handles {
     }
 
     pub fn close(handles: &SharedHandles, handle: u64) -> Result<(), Errno> {
-        lock(handles).open.remove(&handle).map(drop).ok_or(Errno(libc::EBADF))
+        let mut handles = lock(handles);
+        handles.writes.remove(&handle);
+        handles.open.remove(&handle).map(drop).ok_or(Errno(libc::EBADF))
     }
 
     #[cfg(test)]
@@ -228,6 +280,8 @@ pub fn read_handle(handles: &SharedHandles, handle: u64, len: u32) -> Result<(Ve
     let result = match &mut *lock(&open) {
         Open::File(file) => read_next(file, len),
         Open::Dir(_) => Err(Errno(libc::EISDIR)),
+        // A write handle's content is read once, to start the app's copy; it stays open.
+        Open::Write(w) => return read_next(&mut w.file, len),
     };
     if !matches!(result, Ok((_, false))) {
         let _ = Handles::close(handles, handle);
@@ -255,7 +309,7 @@ pub fn read_dir(handles: &SharedHandles, handle: u64) -> Result<(Vec<DirEntry>, 
     let open = Handles::get(handles, handle)?;
     let result = match &mut *lock(&open) {
         Open::Dir(listing) => next_entries(listing),
-        Open::File(_) => Err(Errno(libc::ENOTDIR)),
+        Open::File(_) | Open::Write(_) => Err(Errno(libc::ENOTDIR)),
     };
     match result {
         Ok((part, false)) => Ok((part, Some(handle))),

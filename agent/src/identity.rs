@@ -64,6 +64,24 @@ pub fn run_as<R: Send>(who: &Identity, op: impl FnOnce() -> R + Send) -> Result<
     creds::on_own_thread(|| creds::take(&thread_credentials(who)), op).map_err(Errno)
 }
 
+/// Runs `op`, which creates files, with `who`'s credentials and `umask` in force: always on a
+/// thread of its own, whose umask is the app's (the agent's own umask never applies to what
+/// the app creates in the pod, and a default ACL of the parent directory takes precedence over
+/// the umask there as it would for the app).
+pub fn run_creating<R: Send>(who: &Identity, umask: u32, op: impl FnOnce() -> R + Send) -> Result<R, Errno> {
+    if who.groups.len() > creds::MAX_GROUPS {
+        return Err(Errno(libc::EINVAL));
+    }
+    let same = checks_like(who, own()?);
+    let prepare = || {
+        if !same {
+            creds::take(&thread_credentials(who))?;
+        }
+        creds::take_umask(umask)
+    };
+    creds::on_own_thread(prepare, op).map_err(Errno)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +156,50 @@ mod tests {
         assert_eq!(read(&who(1000, &[], 1 << 1), b"/locked/inner"), Ok(b"i".to_vec()), "CAP_DAC_OVERRIDE");
         assert_eq!(read(&who(1000, &[], 1 << 21), b"/locked/inner"), eacces, "CAP_SYS_ADMIN is not granted");
         assert_eq!(creds::current().unwrap().0, 0, "the agent's own thread stays root");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Writes made as an app: a file it may not write is EACCES; what it creates is its own,
+    /// with its umask (not the agent's).
+    #[test]
+    fn pod_writes_are_made_as_the_app() {
+        use crate::{files, writes};
+
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("kmirror-agent-identity-w-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("open")).unwrap();
+        std::fs::set_permissions(dir.join("open"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::write(dir.join("open/roots"), "r").unwrap();
+        std::fs::set_permissions(dir.join("open/roots"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let root = nix::fcntl::open(
+            dir.as_path(),
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let handles = files::SharedHandles::default();
+        let nobody = who(65534, &[], 0);
+        let write = (libc::O_WRONLY | libc::O_TRUNC) as u32;
+        let denied = run_as(&nobody, || writes::open_write(&handles, &root, b"/open/roots", write, 0).err());
+        assert_eq!(denied.unwrap(), Some(Errno(libc::EACCES)));
+        assert_eq!(std::fs::read(dir.join("open/roots")).unwrap(), b"r", "not truncated");
+        let create = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL) as u32;
+        let opened = run_creating(&nobody, 0o077, || {
+            writes::open_write(&handles, &root, b"/open/mine", create, 0o666)
+        });
+        let handle = opened.unwrap().unwrap().handle;
+        files::Handles::close(&handles, handle).unwrap();
+        let meta = std::fs::metadata(dir.join("open/mine")).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+        let made = run_creating(&nobody, 0o027, || writes::make_dir(&root, b"/open/d", 0o777)).unwrap();
+        assert_eq!(made, Ok(()));
+        assert_eq!(std::fs::metadata(dir.join("open/d")).unwrap().mode() & 0o777, 0o750);
+        assert_eq!(
+            run_as(&nobody, || writes::unlink(&root, b"/open/roots", false)).unwrap(),
+            Ok(()),
+            "sticky-less dir"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

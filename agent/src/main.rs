@@ -16,6 +16,7 @@ mod outgoing;
 mod session;
 mod sys;
 mod target;
+mod writes;
 
 use anyhow::{Context, Result, bail};
 

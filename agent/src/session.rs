@@ -2,7 +2,7 @@
 //! the target exits.
 
 use crate::incoming::IncomingService;
-use crate::{dns, env, files, identity, netns::NetnsWorker, outgoing, target::Target};
+use crate::{dns, env, files, identity, netns::NetnsWorker, outgoing, target::Target, writes};
 use anyhow::{Context, Result, bail};
 use kmirror_protocol::tunnel::{self, Incoming, Side, Tunnel};
 use kmirror_protocol::{
@@ -206,9 +206,26 @@ async fn answer(
         };
     }
     let (target, handles) = (target.clone(), handles.clone());
-    tokio::task::spawn_blocking(move || file_or_env(request, &target, &handles))
-        .await
-        .unwrap_or(Response::Error(Errno(libc::EIO)))
+    tokio::task::spawn_blocking(move || match creating_umask(&request) {
+        // Never with the agent's own umask: with the one the request carries.
+        Some(umask) => kmirror_protocol::creds::on_own_thread(
+            || kmirror_protocol::creds::take_umask(umask),
+            || file_or_env(request, &target, &handles),
+        )
+        .unwrap_or_else(|errno| Response::Error(Errno(errno))),
+        None => file_or_env(request, &target, &handles),
+    })
+    .await
+    .unwrap_or(Response::Error(Errno(libc::EIO)))
+}
+
+/// The umask under which a request creates files, if it creates any.
+fn creating_umask(request: &Request) -> Option<u32> {
+    match request {
+        Request::OpenWrite { flags, umask, .. } if *flags & libc::O_CREAT as u32 != 0 => Some(*umask),
+        Request::MakeDir { umask, .. } => Some(*umask),
+        _ => None,
+    }
 }
 
 /// A pod-file request served with the app's credentials (see `identity`); a request that
@@ -224,7 +241,11 @@ async fn answer_as(
     }
     let (target, handles) = (target.clone(), handles.clone());
     tokio::task::spawn_blocking(move || {
-        identity::run_as(&caller, || file_or_env(request, &target, &handles)).unwrap_or_else(Response::Error)
+        let served = match creating_umask(&request) {
+            Some(umask) => identity::run_creating(&caller, umask, || file_or_env(request, &target, &handles)),
+            None => identity::run_as(&caller, || file_or_env(request, &target, &handles)),
+        };
+        served.unwrap_or_else(Response::Error)
     })
     .await
     .unwrap_or(Response::Error(Errno(libc::EIO)))
@@ -255,6 +276,36 @@ fn file_or_env(request: Request, target: &Target, handles: &files::SharedHandles
             files::read_dir(handles, handle).map(|(entries, more)| Response::DirEntries { entries, more })
         }
         Request::CloseHandle { handle } => files::Handles::close(handles, handle).map(|()| Response::Closed),
+        Request::OpenWrite { path, flags, mode, umask: _ } => {
+            writes::open_write(handles, &target.root, &path, flags, mode).map(|o| Response::WriteOpened {
+                handle: o.handle,
+                stat: o.stat,
+                bytes: o.bytes,
+                more: o.more,
+            })
+        }
+        Request::WriteHandle { handle, offset, bytes } => {
+            writes::write_handle(handles, handle, offset, &bytes).map(Response::Written)
+        }
+        Request::TruncateHandle { handle, len } => {
+            writes::truncate_handle(handles, handle, len).map(|()| Response::Done)
+        }
+        Request::SyncHandle { handle, data_only } => {
+            writes::sync_handle(handles, handle, data_only).map(|()| Response::Done)
+        }
+        Request::Rename { from, to, flags } => {
+            writes::rename(&target.root, &from, &to, flags).map(|()| Response::Done)
+        }
+        Request::Unlink { path, dir } => writes::unlink(&target.root, &path, dir).map(|()| Response::Done),
+        Request::MakeDir { path, mode, umask: _ } => {
+            writes::make_dir(&target.root, &path, mode).map(|()| Response::Done)
+        }
+        Request::Symlink { target: link, path } => {
+            writes::symlink(&target.root, &link, &path).map(|()| Response::Done)
+        }
+        Request::Truncate { path, len } => {
+            writes::truncate(&target.root, &path, len).map(|()| Response::Done)
+        }
         Request::Dns { .. } | Request::Subscribe { .. } => Err(Errno(libc::EINVAL)),
     };
     result.unwrap_or_else(Response::Error)

@@ -38,6 +38,15 @@ fn main() {
         Request::ReadDir { handle: 4 },
         Request::CloseHandle { handle: 3 },
         Request::AccessAt { path: b"/data/l".to_vec(), mode: 4, follow: false },
+        Request::OpenWrite { path: b"/data/new".to_vec(), flags: 0o1101, mode: 0o644, umask: 0o022 },
+        Request::WriteHandle { handle: 5, offset: 4096, bytes: b"written".to_vec() },
+        Request::TruncateHandle { handle: 5, len: 7 },
+        Request::SyncHandle { handle: 5, data_only: true },
+        Request::Rename { from: b"/data/a".to_vec(), to: b"/data/b".to_vec(), flags: 1 },
+        Request::Unlink { path: b"/data/d".to_vec(), dir: true },
+        Request::MakeDir { path: b"/data/d".to_vec(), mode: 0o755, umask: 0o077 },
+        Request::Symlink { target: b"../etc/hosts".to_vec(), path: b"/data/l".to_vec() },
+        Request::Truncate { path: b"/data/a".to_vec(), len: 0 },
     ];
     let responses = [
         Response::Environ(vec![(b"A".to_vec(), b"1".to_vec())]),
@@ -59,6 +68,14 @@ fn main() {
             more: Some(4),
         },
         Response::Closed,
+        Response::WriteOpened {
+            handle: 5,
+            stat: FileStat { size: 3, mode: 0o100600, ..Default::default() },
+            bytes: b"old".to_vec(),
+            more: false,
+        },
+        Response::Written(7),
+        Response::Done,
     ];
     let controls = [
         Control::Open { stream: 1, target: OpenTarget::Tcp("10.0.0.1:80".parse().unwrap()) },
@@ -86,6 +103,11 @@ fn main() {
             id: 11,
             caller: Identity { uid: 65534, gid: 65534, groups: vec![4242, 4243], caps: 1 << 2 },
             body: Request::OpenFile { path: b"/etc/shadow".to_vec(), follow: true },
+        },
+        Control::RequestAs {
+            id: 12,
+            caller: Identity { uid: 1000, gid: 1000, groups: vec![], caps: 0 },
+            body: Request::Rename { from: b"/data/a.tmp".to_vec(), to: b"/data/a".to_vec(), flags: 0 },
         },
     ];
     write("handshake", "hello", &encode_message(&hello).unwrap());

@@ -76,6 +76,16 @@ pub fn take(creds: &ThreadCredentials) -> Result<(), i32> {
     set_capabilities(creds.effective & permitted, permitted)
 }
 
+/// Gives the calling thread a file-system context of its own (`unshare(CLONE_FS)`: working
+/// directory, root, umask) and sets its umask, so files it creates get `mode & !umask` as the
+/// app's own creation would, without touching the umask of the process's other threads. Only
+/// for a thread that ends after its work ([`on_own_thread`]).
+pub fn take_umask(umask: u32) -> Result<(), i32> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(|e| e as i32)?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask & 0o777));
+    Ok(())
+}
+
 /// The calling thread's fs uid: -1 is never a valid id, so asking for it changes nothing and
 /// returns the current one.
 fn fs_uid() -> u32 {
@@ -163,6 +173,32 @@ mod tests {
         let denied = on_own_thread(|| take(&without), || std::fs::File::open("/etc/shadow").is_ok()).unwrap();
         assert!(!denied, "nobody without capabilities read /etc/shadow");
         assert_eq!(current().unwrap(), mine, "the calling thread keeps its credentials");
+    }
+
+    #[test]
+    fn a_thread_takes_a_umask_of_its_own() {
+        let dir = std::env::temp_dir().join(format!("kmirror-creds-umask-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f");
+        let (seen, mode) = on_own_thread(
+            || take_umask(0o027),
+            || {
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o666).open(&file).unwrap();
+                // SAFETY: reads and restores this thread's own umask.
+                let seen = unsafe { libc::umask(0o027) };
+                (seen, std::fs::metadata(&file).unwrap().permissions().mode() & 0o777)
+            },
+        )
+        .unwrap();
+        assert_eq!((seen, mode), (0o027, 0o640));
+        // SAFETY: reads and restores the process's umask.
+        let ours = unsafe { libc::umask(0o022) };
+        // SAFETY: as above.
+        unsafe { libc::umask(ours) };
+        assert_ne!(ours, 0o027, "the other threads keep the process's umask");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -30,8 +30,10 @@ pub use message::*;
 ///   `OpenTarget::UdpUnconnected` (one unconnected pod-side socket per app socket, its
 ///   datagrams addressed), so replies from any address reach the app as in the pod;
 /// * 5: `Control::RequestAs`: a pod-file request carries the app's [`Identity`], and the agent
-///   serves it with the app's credentials, so the pod's permissions apply as in the pod.
-pub const PROTOCOL_VERSION: u16 = 5;
+///   serves it with the app's credentials, so the pod's permissions apply as in the pod;
+/// * 6: writes to pod files: `OpenWrite` and its write handles (`WriteHandle`,
+///   `TruncateHandle`, `SyncHandle`), `Rename`, `Unlink`, `MakeDir`, `Symlink`, `Truncate`.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The first version with file and directory handles.
@@ -40,6 +42,8 @@ pub const HANDLES_VERSION: u16 = 3;
 pub const SOCKETS_VERSION: u16 = 4;
 /// The first version with `Control::RequestAs`.
 pub const CREDENTIALS_VERSION: u16 = 5;
+/// The first version with writes to pod files.
+pub const WRITES_VERSION: u16 = 6;
 
 /// Negotiates the version both sides use: the highest one both support.
 pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {

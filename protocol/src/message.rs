@@ -86,7 +86,44 @@ pub enum Request {
     /// request is served with: sent as [`Control::RequestAs`] with the real ids for `access(2)`,
     /// the effective ones for AT_EACCESS.
     AccessAt { path: Vec<u8>, mode: u32, follow: bool },
+    // ---- protocol 6: writes to pod files (docs/files.md, *Writes*) ----
+    /// Opens a regular file inside the target's root for writing, as open(2) with `flags`
+    /// (only [`WRITE_OPEN_FLAGS`] count; the others are ignored): created with `mode` under
+    /// the app's `umask` for `O_CREAT` (`O_EXCL` honoured), truncated for `O_TRUNC`. Anything
+    /// but a regular file on a disk file system is refused as for reads (ENXIO; EISDIR for a
+    /// directory). Answered by [`Response::WriteOpened`]; the handle stays open until
+    /// [`Request::CloseHandle`].
+    OpenWrite { path: Vec<u8>, flags: u32, mode: u32, umask: u32 },
+    /// Writes `bytes` at `offset` of a handle from [`Request::OpenWrite`] (at its end for an
+    /// `O_APPEND` handle); answered by [`Response::Written`] with the bytes written.
+    WriteHandle { handle: u64, offset: u64, bytes: Vec<u8> },
+    /// Sets the length of a write handle's file; answered by [`Response::Done`].
+    TruncateHandle { handle: u64, len: u64 },
+    /// `fsync` (`fdatasync` with `data_only`) of a write handle's file; [`Response::Done`].
+    SyncHandle { handle: u64, data_only: bool },
+    /// `renameat2(from, to, flags)` inside the target's root (`RENAME_NOREPLACE`,
+    /// `RENAME_EXCHANGE`); [`Response::Done`].
+    Rename { from: Vec<u8>, to: Vec<u8>, flags: u32 },
+    /// `unlink(path)`, or `rmdir(path)` with `dir`; [`Response::Done`].
+    Unlink { path: Vec<u8>, dir: bool },
+    /// `mkdir(path, mode)` under the app's `umask`; [`Response::Done`].
+    MakeDir { path: Vec<u8>, mode: u32, umask: u32 },
+    /// `symlink(target, path)`: `target` is the link's text, never resolved here;
+    /// [`Response::Done`].
+    Symlink { target: Vec<u8>, path: Vec<u8> },
+    /// `truncate(path, len)` of a regular file; [`Response::Done`].
+    Truncate { path: Vec<u8>, len: u64 },
 }
+
+/// The open(2) flags [`Request::OpenWrite`] takes into account (`O_WRONLY`/`O_RDWR`,
+/// `O_CREAT`, `O_EXCL`, `O_TRUNC`, `O_APPEND`, `O_NOFOLLOW`, `O_DIRECTORY`).
+pub const WRITE_OPEN_FLAGS: u32 = (libc::O_ACCMODE
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_TRUNC
+    | libc::O_APPEND
+    | libc::O_NOFOLLOW
+    | libc::O_DIRECTORY) as u32;
 
 impl Request {
     /// Whether the request names a path in the target's root: only such a request can be
@@ -101,13 +138,22 @@ impl Request {
             | Request::ListDir { .. }
             | Request::OpenFile { .. }
             | Request::OpenDir { .. }
-            | Request::AccessAt { .. } => true,
+            | Request::AccessAt { .. }
+            | Request::OpenWrite { .. }
+            | Request::Rename { .. }
+            | Request::Unlink { .. }
+            | Request::MakeDir { .. }
+            | Request::Symlink { .. }
+            | Request::Truncate { .. } => true,
             Request::Environ
             | Request::Dns { .. }
             | Request::Subscribe { .. }
             | Request::ReadHandle { .. }
             | Request::ReadDir { .. }
-            | Request::CloseHandle { .. } => false,
+            | Request::CloseHandle { .. }
+            | Request::WriteHandle { .. }
+            | Request::TruncateHandle { .. }
+            | Request::SyncHandle { .. } => false,
         }
     }
 }
@@ -179,6 +225,21 @@ pub enum Response {
         more: Option<u64>,
     },
     Closed,
+    // ---- protocol 6 ----
+    /// A file was opened for writing ([`Request::OpenWrite`]): its metadata once opened (and
+    /// truncated or created), and, when the handle may read and the content still counts (no
+    /// `O_TRUNC`, not a write-only append), its first bytes; with `more`, read on with
+    /// [`Request::ReadHandle`] on the same handle.
+    WriteOpened {
+        handle: u64,
+        stat: FileStat,
+        bytes: Vec<u8>,
+        more: bool,
+    },
+    /// Bytes written by [`Request::WriteHandle`].
+    Written(u64),
+    /// A write-family request succeeded.
+    Done,
 }
 
 /// What `stat(2)` reports, in the kernel's own units.
@@ -319,6 +380,38 @@ mod tests {
         assert_eq!(decode_addressed(&[]), None);
         assert_eq!(decode_addressed(&[4, 10, 0, 0, 1, 0]), None);
         assert_eq!(decode_addressed(&[5, 10, 0, 0, 1, 0, 53]), None);
+    }
+
+    /// Write requests name pod paths (made as the app) except those on a handle, whose
+    /// permissions were checked when it was opened; each round-trips through the codec, and a
+    /// write chunk of the size the supervisor sends fits one frame.
+    #[test]
+    fn write_requests_round_trip_and_fit_a_frame() {
+        use crate::codec::{MAX_FRAME, decode_message, encode_message};
+        let chunk = vec![7u8; 512 * 1024];
+        let requests = [
+            (Request::OpenWrite { path: b"/a".to_vec(), flags: 0o101, mode: 0o644, umask: 0o22 }, true),
+            (Request::Rename { from: b"/a".to_vec(), to: b"/b".to_vec(), flags: 0 }, true),
+            (Request::Unlink { path: b"/a".to_vec(), dir: false }, true),
+            (Request::MakeDir { path: b"/d".to_vec(), mode: 0o755, umask: 0 }, true),
+            (Request::Symlink { target: b"/x".to_vec(), path: b"/l".to_vec() }, true),
+            (Request::Truncate { path: b"/a".to_vec(), len: 1 }, true),
+            (Request::WriteHandle { handle: 1, offset: 0, bytes: chunk }, false),
+            (Request::TruncateHandle { handle: 1, len: 0 }, false),
+            (Request::SyncHandle { handle: 1, data_only: false }, false),
+        ];
+        for (request, as_app) in requests {
+            assert_eq!(request.names_pod_path(), as_app, "{request:?}");
+            let bytes = encode_message(&request).unwrap();
+            assert!(bytes.len() < MAX_FRAME);
+            assert_eq!(decode_message::<Request>(&bytes).unwrap(), request);
+        }
+        // A length prefix claiming more bytes than the frame holds is refused, not allocated.
+        let mut huge =
+            encode_message(&Request::WriteHandle { handle: 1, offset: 0, bytes: vec![1] }).unwrap();
+        huge.truncate(huge.len() - 2);
+        huge.extend_from_slice(&[0xfc, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(decode_message::<Request>(&huge).is_err());
     }
 }
 

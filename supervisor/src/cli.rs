@@ -150,7 +150,8 @@ pub struct SettingsArgs {
     #[arg(long, short = 't', value_name = "TARGET", env = "KMIRROR_TARGET")]
     pub target: Option<String>,
 
-    /// Which files come from the pod [default: localwithoverrides].
+    /// Which files come from the pod (`write`: as `read`, and writes to them go to the pod)
+    /// [default: localwithoverrides].
     #[arg(long, value_enum, env = "KMIRROR_FS_MODE")]
     pub fs_mode: Option<FsMode>,
 

@@ -6,9 +6,11 @@ mod caller;
 mod cli;
 mod command;
 mod config;
+mod cwd;
 mod dns_server;
 mod handlers;
 mod incoming;
+mod inotify;
 mod keeper;
 mod kernel;
 mod launch;
@@ -30,6 +32,7 @@ mod sys;
 mod target;
 mod tracee;
 mod uts;
+mod writeback;
 
 /// Every tunnelled connection holds a descriptor here; the default soft limit (often 1024)
 /// would cap an app at about that many pod connections.

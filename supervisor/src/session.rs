@@ -89,9 +89,23 @@ async fn session(
 ) -> Result<ExitStatus> {
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment
     // and resolv.conf are asked for together: every step here delays the app's start.
-    let filter = tokio::task::spawn_blocking(|| {
+    // The write family is trapped only where writes may reach the pod: other sessions pay
+    // nothing for it.
+    let writes_remote = args.fs_mode == policy::files::FsMode::Write || !args.fs_read_write.is_empty();
+    let trapped: Vec<&'static str> = handlers::TRAPPED
+        .iter()
+        .chain(if writes_remote { handlers::TRAPPED_FOR_WRITES } else { &[] })
+        // Working in a pod directory: only where pod directories exist for the app at large.
+        .chain(match args.fs_mode {
+            policy::files::FsMode::Read | policy::files::FsMode::Write => handlers::TRAPPED_FOR_CWD,
+            _ => &[],
+        })
+        .copied()
+        .collect();
+    let filter_trapped = trapped.clone();
+    let filter = tokio::task::spawn_blocking(move || {
         filter::build(
-            handlers::TRAPPED,
+            &filter_trapped,
             handlers::TRAPPED_WITH_ARG,
             handlers::TRAPPED_WHEN_EQUAL,
             handlers::DISABLED,
@@ -223,6 +237,15 @@ async fn session(
         relay.as_ref().map(|p| p.as_os_str().as_bytes()),
     );
     let standins = crate::standin::StandIns::create(&scratch).context("cannot create the stand-in tree")?;
+    let writebacks = Arc::new(
+        crate::writeback::WriteBacks::create(
+            &scratch,
+            tunnel.clone(),
+            Duration::from_secs_f64(args.remote_timeout.max(0.001)),
+        )
+        .context("cannot create the tree of the app's copies of pod files")?,
+    );
+    writebacks.watch();
     let files = FilePolicy {
         mode: args.fs_mode,
         remote_dns: !args.no_remote_dns,
@@ -230,10 +253,22 @@ async fn session(
         materialized_root: materialized.as_os_str().as_bytes().to_vec(),
         standin_root: standins.root().as_os_str().as_bytes().to_vec(),
         link_root: standins.links().as_os_str().as_bytes().to_vec(),
-        lists: PathLists::new(&args.fs_read_only, &args.fs_local, &args.fs_not_found)
+        lists: PathLists::new(&args.fs_read_write, &args.fs_read_only, &args.fs_local, &args.fs_not_found)
             .context("invalid feature.fs regex")?,
     };
 
+    if files.writes_remote() && tunnel.version() < kmirror_protocol::WRITES_VERSION {
+        return Err(Exit {
+            message: format!(
+                "the pod agent speaks protocol {}, and writes to pod files need {}: use an agent of this \
+                 kmirror's version, or a mode without writes (--fs-mode read)",
+                tunnel.version(),
+                kmirror_protocol::WRITES_VERSION
+            ),
+            code: 2,
+        }
+        .into());
+    }
     let incoming = Arc::new(IncomingPolicy {
         setting: args.incoming,
         port_map: args.port_map.iter().copied().collect(),
@@ -298,6 +333,8 @@ async fn session(
         hostname: handlers::host::Hostname::new(pod_hostname.unwrap_or_else(handlers::host::local_hostname)),
         remote_timeout: Duration::from_secs_f64(args.remote_timeout.max(0.001)),
         pod_fds: Default::default(),
+        writebacks,
+        cwds: Default::default(),
     });
     start_notify_thread(ctx.clone());
     // Listeners passed by socket activation take part in incoming traffic as if the app had
@@ -421,13 +458,17 @@ async fn session(
         failure.get_or_insert(reason);
     }
     let status = main_status.unwrap_or(ExitStatus::from_raw(libc::SIGKILL));
-    let trapped: Vec<&str> = handlers::TRAPPED
+    let trapped: Vec<&str> = trapped
         .iter()
         .copied()
         .chain(handlers::TRAPPED_WITH_ARG.iter().map(|&(name, _)| name))
         .chain(handlers::TRAPPED_WHEN_EQUAL.iter().map(|&(name, _)| name))
         .collect();
     crate::stats::write_if_requested(&trapped);
+    // Every process of the app has exited: what its descriptors wrote goes to the pod now.
+    if tunnel_up {
+        ctx.writebacks.finish_all().await;
+    }
     tunnel.goodbye("the app exited".into());
     let _ = std::fs::remove_dir_all(&scratch);
     // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.

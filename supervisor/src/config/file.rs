@@ -244,9 +244,7 @@ pub enum FsModeName {
     #[serde(rename = "localwithoverrides")]
     LocalWithOverrides,
     Read,
-    /// Not supported yet: the schema lists it as mirrord's mode, and the reader refuses it
-    /// with that message until writes to pod files exist.
-    #[allow(dead_code)]
+    /// As `read`, and writes to the paths read from the pod go to the pod's files.
     Write,
 }
 
@@ -264,7 +262,7 @@ pub enum FsField {
 pub struct FsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<FsModeName>,
-    /// Regexes of paths read and written in the pod (not supported yet: only `[]`).
+    /// Regexes (case-insensitive) of paths read and written in the pod, whatever the mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_write: Option<Vec<String>>,
     /// Regexes (case-insensitive) of paths read from the pod; writes stay local.

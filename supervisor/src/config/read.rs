@@ -638,14 +638,7 @@ impl Reader {
             "local" => FsModeName::Local,
             "localwithoverrides" => FsModeName::LocalWithOverrides,
             "read" => FsModeName::Read,
-            "write" => {
-                self.error_help(
-                    node.pos,
-                    format!("`{path}: write`: writing pod files is not supported yet (writes stay local in every mode)"),
-                    "use `read`: the app reads pod files and writes local ones",
-                );
-                return None;
-            }
+            "write" => FsModeName::Write,
             _ => {
                 let modes = ["local", "localwithoverrides", "read", "write"];
                 let help = closest(&text, modes).map_or_else(
@@ -672,14 +665,6 @@ impl Reader {
         }
         if let Some(n) = t.get("read_write") {
             f.read_write = self.regexes("feature.fs.read_write", n);
-            if f.read_write.as_ref().is_some_and(|l| !l.is_empty()) {
-                self.error_help(
-                    n.pos,
-                    "`feature.fs.read_write`: writing pod files is not supported yet",
-                    "use `read_only`: the app reads those pod files and writes local ones",
-                );
-                f.read_write = None;
-            }
         }
         if let Some(n) = t.get("read_only") {
             f.read_only = self.regexes("feature.fs.read_only", n);

@@ -53,6 +53,7 @@ pub struct Shown {
 pub struct Settings {
     pub target: Option<String>,
     pub fs_mode: FsMode,
+    pub fs_read_write: Vec<String>,
     pub fs_read_only: Vec<String>,
     pub fs_local: Vec<String>,
     pub fs_not_found: Vec<String>,
@@ -121,6 +122,7 @@ fn fs_mode_name(mode: FsMode) -> &'static str {
         FsMode::Local => "local",
         FsMode::LocalWithOverrides => "localwithoverrides",
         FsMode::Read => "read",
+        FsMode::Write => "write",
     }
 }
 
@@ -209,10 +211,8 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
     let (file_fs_mode, fs_config) = match &feature.fs {
         Some(FsField::Enabled(true)) => (Some((FsMode::Read, "feature.fs")), FsConfig::default()),
         Some(FsField::Enabled(false)) => (Some((FsMode::Local, "feature.fs")), FsConfig::default()),
-        Some(FsField::Mode(m)) => (fs_mode(*m).map(|m| (m, "feature.fs")), FsConfig::default()),
-        Some(FsField::Config(cfg)) => {
-            (cfg.mode.and_then(fs_mode).map(|m| (m, "feature.fs.mode")), cfg.clone())
-        }
+        Some(FsField::Mode(m)) => (Some((fs_mode(*m), "feature.fs")), FsConfig::default()),
+        Some(FsField::Config(cfg)) => (cfg.mode.map(|m| (fs_mode(m), "feature.fs.mode")), cfg.clone()),
         None => (None, FsConfig::default()),
     };
     let fs_mode = r.pick(
@@ -225,6 +225,7 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
     let file_list = |r: &mut Resolver, key: &str, value: &Option<Vec<String>>| {
         r.pick(key, None, value.clone().map(|v| (v, key)), Vec::new(), |v| list(v))
     };
+    let fs_read_write = file_list(&mut r, "feature.fs.read_write", &fs_config.read_write);
     let fs_read_only = file_list(&mut r, "feature.fs.read_only", &fs_config.read_only);
     let fs_local = file_list(&mut r, "feature.fs.local", &fs_config.local);
     let fs_not_found = file_list(&mut r, "feature.fs.not_found", &fs_config.not_found);
@@ -551,6 +552,7 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
     Ok(Settings {
         target,
         fs_mode,
+        fs_read_write,
         fs_read_only,
         fs_local,
         fs_not_found,
@@ -589,12 +591,12 @@ fn side_name(side: Side) -> &'static str {
     }
 }
 
-fn fs_mode(m: FsModeName) -> Option<FsMode> {
+fn fs_mode(m: FsModeName) -> FsMode {
     match m {
-        FsModeName::Local => Some(FsMode::Local),
-        FsModeName::LocalWithOverrides => Some(FsMode::LocalWithOverrides),
-        FsModeName::Read => Some(FsMode::Read),
-        FsModeName::Write => None,
+        FsModeName::Local => FsMode::Local,
+        FsModeName::LocalWithOverrides => FsMode::LocalWithOverrides,
+        FsModeName::Read => FsMode::Read,
+        FsModeName::Write => FsMode::Write,
     }
 }
 

@@ -193,8 +193,6 @@ telemetry: true
     let e = errors(Format::Yaml, text);
     let messages: Vec<String> = e.iter().map(|d| format!("{}: {}", d.pos.unwrap(), d.message)).collect();
     let expect = [
-        "2:14: `feature.fs.mode: write`: writing pod files is not supported yet",
-        "2:33: `feature.fs.read_write`: writing pod files is not supported yet",
         "2:57: `feature.fs.not_found`: invalid regex `(`",
         "4:22: `feature.network.incoming.mode`: unknown mode `steel`",
         "4:52: `feature.network.incoming.port_mapping`: port 1 or 3 is mapped twice",
@@ -409,4 +407,24 @@ fn resolution_errors_point_at_the_file_or_name_the_source() {
     let flag = |id: &str| (id == "target").then(|| Source::Env("KMIRROR_TARGET".into()));
     let failure = resolve(&Inputs { args: &args, origin: &flag, file: None }).unwrap_err();
     assert!(failure.other[0].message.ends_with("(target from env KMIRROR_TARGET)"), "{:?}", failure.other);
+}
+
+#[test]
+fn write_mode_and_read_write_lists_are_taken_from_the_file() {
+    let file = loaded(
+        Format::Yaml,
+        "feature:\n  fs:\n    mode: write\n    read_write: [\"^/data/out/\"]\n",
+        "/cfg/k.yaml",
+    );
+    let none = |_: &str| None;
+    let args = SettingsArgs::default();
+    let s = resolve(&Inputs { args: &args, origin: &none, file: Some(&file) }).unwrap();
+    assert_eq!(s.fs_mode, FsMode::Write);
+    assert_eq!(s.fs_read_write, ["^/data/out/"]);
+    let shown = |key: &str| s.shown.iter().find(|x| x.key == key).unwrap().clone();
+    assert_eq!(shown("feature.fs.mode").value, "write");
+    assert_eq!(shown("feature.fs.read_write").source.to_string(), "file /cfg/k.yaml:4:17");
+    let toml = loaded(Format::Toml, "[feature]\nfs = \"write\"\n", "/cfg/k.toml");
+    let s = resolve(&Inputs { args: &args, origin: &none, file: Some(&toml) }).unwrap();
+    assert_eq!(s.fs_mode, FsMode::Write);
 }

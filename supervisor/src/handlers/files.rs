@@ -19,19 +19,19 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 /// Remote files larger than this are refused (EFBIG) rather than copied into memory.
-const MAX_REMOTE_FILE: u64 = 256 << 20;
+pub(super) const MAX_REMOTE_FILE: u64 = 256 << 20;
 /// Pod directories with more entries than this are refused (EFBIG) rather than mirrored.
 const MAX_DIR_ENTRIES: usize = 1 << 20;
 /// Fetches and listings that may hold an agent handle at once: the agent refuses more than
 /// 64 handles per session (EMFILE), so more concurrent opens of the app wait here instead.
 /// (One session per process: a static is that session's.)
 static HANDLE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
-const READ_CHUNK: u32 = 512 * 1024;
-const PATH_MAX: usize = libc::PATH_MAX as usize;
+pub(super) const READ_CHUNK: u32 = 512 * 1024;
+pub(super) const PATH_MAX: usize = libc::PATH_MAX as usize;
 const XATTR_NAME_MAX: usize = 255;
 
 /// How a call's path argument is served.
-enum Plan {
+pub(super) enum Plan {
     /// The kernel handles the call as made.
     Local,
     /// kmirror performs the call locally on this resolved path, as the app.
@@ -48,17 +48,17 @@ enum Plan {
 
 /// A trapped call's path argument.
 #[derive(Clone, Copy)]
-struct PathArg {
-    dirfd: i32,
-    ptr: u64,
-    /// The call may modify (then the path is local: writes never reach the pod).
-    write: bool,
+pub(super) struct PathArg {
+    pub dirfd: i32,
+    pub ptr: u64,
+    /// The call may modify (then the path is the pod's only where writes go to the pod).
+    pub write: bool,
     /// openat2's `resolve` flags (0 for other calls).
-    resolve: u64,
+    pub resolve: u64,
     /// The call follows a symlink in the last component.
-    follow_last: bool,
+    pub follow_last: bool,
     /// An empty path names the descriptor `dirfd` itself (AT_EMPTY_PATH, readlinkat).
-    empty_is_fd: bool,
+    pub empty_is_fd: bool,
 }
 
 /// Where a path argument leads, as far as its text tells.
@@ -108,19 +108,29 @@ fn route_arg(ctx: &Context, tid: u32, arg: &PathArg) -> Routing {
         }
         return Routing::Walk { start: b"/".to_vec(), start_in_pod: false, path: raw, rules };
     }
-    if arg.dirfd == libc::AT_FDCWD {
-        return Routing::Decided(Plan::Local);
-    }
-    let Some(pod_dir) = tracee::proc_link(tid, &format!("fd/{}", arg.dirfd))
-        .ok()
-        .and_then(|dir| ctx.files.pod_path_of_fd_link(&dir))
-    else {
+    let pod_dir = if arg.dirfd == libc::AT_FDCWD {
+        // Relative to the working directory: the pod's, after a chdir into a pod directory.
+        cwd_in_pod(ctx, tid)
+    } else {
+        tracee::proc_link(tid, &format!("fd/{}", arg.dirfd))
+            .ok()
+            .and_then(|dir| ctx.files.pod_path_of_fd_link(&dir))
+    };
+    let Some(pod_dir) = pod_dir else {
         return Routing::Decided(Plan::Local);
     };
     if !walk::steps_back(&raw) && !rules.strict && raw.first() != Some(&b'/') {
         return Routing::Decided(plan_for(ctx, files::join(&pod_dir, &raw), arg.write, true));
     }
     Routing::Walk { start: pod_dir, start_in_pod: true, path: raw, rules }
+}
+
+/// The pod directory thread `tid`'s process works in, if it entered one (see `cwd`).
+pub(super) fn cwd_in_pod(ctx: &Context, tid: u32) -> Option<Vec<u8>> {
+    if !ctx.cwds.any() {
+        return None;
+    }
+    ctx.cwds.pod_dir(Caller::of_thread(tid).ok()?.tgid)
 }
 
 /// Routes an absolute pod path the app reached through one of kmirror's local trees.
@@ -253,18 +263,18 @@ impl walk::Lookup for WalkLookup<'_> {
     }
 }
 
-fn caller_of(n: &Notification) -> Result<Caller, i32> {
+pub(super) fn caller_of(n: &Notification) -> Result<Caller, i32> {
     Caller::of_thread(n.tid).map_err(|e| e.raw_os_error().unwrap_or(libc::ESRCH))
 }
 
 /// Who a pod-file request of the calling thread acts for: its file-system credentials.
-fn identity_of(n: &Notification) -> Result<Identity, i32> {
+pub(super) fn identity_of(n: &Notification) -> Result<Identity, i32> {
     Ok(caller_of(n)?.credentials.identity())
 }
 
 /// Decides how to serve a call's path argument and runs `serve` with that plan: at once on the
 /// notify thread when the text decides it, otherwise after a walk on the runtime.
-fn with_plan(
+pub(super) fn with_plan(
     ctx: &Arc<Context>,
     n: Notification,
     arg: PathArg,
@@ -309,7 +319,7 @@ fn as_app<R: Send + 'static>(
     });
 }
 
-async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
+pub(super) async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
     match ctx.tunnel.request(request, ctx.remote_timeout).await {
         Ok(Response::Error(errno)) => Err(errno.0),
         Ok(response) => Ok(response),
@@ -319,8 +329,10 @@ async fn remote(ctx: &Context, request: Request) -> Result<Response, i32> {
 
 /// A request about a pod path, served by the agent with `who`'s credentials, so the pod's
 /// permissions apply to the app as in the pod. An agent older than protocol 5 serves it as
-/// root (the app then reads what its user could not in the pod).
-async fn remote_as(ctx: &Context, who: &Identity, request: Request) -> Result<Response, i32> {
+/// root (the app then reads what its user could not in the pod). What the app's closed
+/// descriptors wrote is in the pod first (see `writeback`).
+pub(super) async fn remote_as(ctx: &Context, who: &Identity, request: Request) -> Result<Response, i32> {
+    ctx.writebacks.settle().await;
     if ctx.tunnel.version() < kmirror_protocol::CREDENTIALS_VERSION {
         let request = match request {
             Request::AccessAt { path, mode, .. } => Request::Access { path, mode },
@@ -335,7 +347,12 @@ async fn remote_as(ctx: &Context, who: &Identity, request: Request) -> Result<Re
     }
 }
 
-async fn remote_stat(ctx: &Context, who: &Identity, path: &[u8], follow: bool) -> Result<FileStat, i32> {
+pub(super) async fn remote_stat(
+    ctx: &Context,
+    who: &Identity,
+    path: &[u8],
+    follow: bool,
+) -> Result<FileStat, i32> {
     match remote_as(ctx, who, Request::Stat { path: path.to_vec(), follow }).await? {
         Response::Stat(st) => Ok(st),
         _ => Err(libc::EIO),
@@ -408,6 +425,9 @@ fn virtual_stat(ctx: &Context, v: VirtualFile) -> Result<FileStat, i32> {
 pub fn on_open(ctx: &Arc<Context>, n: Notification) {
     let (dirfd, path_ptr, flags, mode, resolve) = match n.nr {
         libc::SYS_open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32, n.args[2] as u32, 0),
+        libc::SYS_creat => {
+            (libc::AT_FDCWD, n.args[0], libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, n.args[1] as u32, 0)
+        }
         libc::SYS_openat => (n.args[0] as i32, n.args[1], n.args[2] as i32, n.args[3] as u32, 0),
         _ => match read_open_how(&n) {
             Some(Ok(how)) => (n.args[0] as i32, n.args[1], how.flags as i32, how.mode as u32, how.resolve),
@@ -417,8 +437,10 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
             None => return ctx.listener.continue_call(n.id),
         },
     };
-    let write = flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
-        || flags & libc::O_TMPFILE == libc::O_TMPFILE;
+    // O_PATH ignores every flag that would write.
+    let write = flags & libc::O_PATH == 0
+        && (flags & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0
+            || flags & libc::O_TMPFILE == libc::O_TMPFILE);
     let follow_last = flags & libc::O_NOFOLLOW == 0;
     let arg = PathArg { dirfd, ptr: path_ptr, write, resolve, follow_last, empty_is_fd: false };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
@@ -446,10 +468,15 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
             };
             deliver_fd(ctx, &n, result, flags);
         }
+        Plan::Remote(path) if write => super::writes::open_for_write(ctx, n, path, flags, mode),
         Plan::Remote(path) => open_pod_file(ctx, n, path, flags),
         Plan::PodFile(file) => {
             let nofollow = if file.follow { 0 } else { libc::O_NOFOLLOW };
-            open_pod_file(ctx, n, file.path, (flags & !libc::O_NOFOLLOW) | nofollow);
+            let flags = (flags & !libc::O_NOFOLLOW) | nofollow;
+            match write && ctx.files.route(&file.path, true) == FileRoute::Remote {
+                true => super::writes::open_for_write(ctx, n, file.path, flags, mode),
+                false => open_pod_file(ctx, n, file.path, flags),
+            }
         }
     });
 }
@@ -518,7 +545,7 @@ async fn open_path_only(ctx: &Context, who: &Identity, path: &[u8], flags: i32) 
     tokio::task::spawn_blocking(move || standins.make(&path, &st)).await.unwrap_or(Err(libc::EIO))
 }
 
-fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
+pub(super) fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
         Ok(fd) => {
             if ctx.listener.is_valid(n.id) {
@@ -541,7 +568,12 @@ fn reopen(fd: i32, access: i32) -> std::io::Result<OwnedFd> {
     Ok(nix::fcntl::open(format!("/proc/self/fd/{fd}").as_str(), flags, nix::sys::stat::Mode::empty())?)
 }
 
-async fn open_remote(ctx: &Context, who: &Identity, path: &[u8], flags: i32) -> Result<OwnedFd, i32> {
+pub(super) async fn open_remote(
+    ctx: &Context,
+    who: &Identity,
+    path: &[u8],
+    flags: i32,
+) -> Result<OwnedFd, i32> {
     let st = remote_stat(ctx, who, path, flags & libc::O_NOFOLLOW == 0).await?;
     match st.mode & libc::S_IFMT {
         libc::S_IFDIR => {
@@ -601,9 +633,9 @@ fn dress_as(file: &std::fs::File, st: &FileStat) {
 
 /// A handle the agent holds for this side; closed in the agent if the fetch stops before the
 /// agent closed it itself (an error, a file grown too large, the app's call abandoned).
-struct RemoteHandle<'a> {
-    ctx: &'a Context,
-    handle: Option<u64>,
+pub(super) struct RemoteHandle<'a> {
+    pub ctx: &'a Context,
+    pub handle: Option<u64>,
 }
 
 impl Drop for RemoteHandle<'_> {
@@ -860,7 +892,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
 }
 
 /// Writes an output buffer of an emulated call, after checking the caller is still waiting.
-fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result<(), i32> {
+pub(super) fn write_out(ctx: &Context, n: &Notification, addr: u64, bytes: &[u8]) -> Result<(), i32> {
     let memory = super::output_memory(ctx, n).ok_or(libc::EINTR)?;
     memory.write(addr, bytes).map_err(|_| libc::EFAULT)
 }
@@ -937,8 +969,14 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
     if dirfd == libc::AT_FDCWD && ctx.standins.any_handed_out() {
         let raw = tracee::read_cstring(n.tid, path_ptr, PATH_MAX).unwrap_or_default();
         let link = files::fd_link(&raw).filter(|link| link.rest.is_empty());
-        if let Some(file) = link.and_then(|link| own_pod_file(ctx, n.tid, &link)) {
+        if let Some(file) = link.as_ref().and_then(|link| own_pod_file(ctx, n.tid, link)) {
             return copy_out(ctx, &n, Ok(file.path));
+        }
+        // The app's copy of a pod file it writes: the pod path too.
+        let copy = link.filter(|link| matches!(link.owner, files::FdOwner::Process | files::FdOwner::Thread));
+        let pod_path = copy.and_then(|link| tracee::proc_link(n.tid, &format!("fd/{}", link.fd)).ok());
+        if let Some(path) = pod_path.and_then(|target| ctx.writebacks.pod_path_of_link(&target)) {
+            return copy_out(ctx, &n, Ok(path));
         }
     }
     // An empty path reads the link a descriptor stands for (Linux 2.6.39).

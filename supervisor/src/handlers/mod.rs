@@ -6,12 +6,16 @@
 //! in microseconds — important because Go makes `getpeername` as a raw syscall that holds up
 //! its garbage collector. Calls that need the pod are handed to tokio and run concurrently.
 
+mod cwd;
 mod datagram;
 mod files;
 pub mod host;
 mod net;
 mod pod_fds;
+mod writes;
+pub use cwd::TRAPPED_FOR_CWD;
 pub use net::subscribe_listener;
+pub use writes::TRAPPED_FOR_WRITES;
 
 use crate::outgoing::Proxy;
 use crate::policy::files::{FilePolicy, VirtualFile};
@@ -100,6 +104,10 @@ pub struct Context {
     pub pod_fds: pod_fds::PodFds,
     /// Which names the app resolved to each address (for outgoing filter rules with names).
     pub names: Arc<crate::names::NameBook>,
+    /// The app's copies of pod files it has open for writing.
+    pub writebacks: Arc<crate::writeback::WriteBacks>,
+    /// Processes of the app working in a pod directory.
+    pub cwds: crate::cwd::Cwds,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -257,7 +265,16 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_sendto => datagram::on_sendto(ctx, n),
         libc::SYS_recvfrom => datagram::on_recvfrom(ctx, n),
         libc::SYS_sendmsg | libc::SYS_sendmmsg => datagram::on_sendmsg(ctx, n),
-        libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 => files::on_open(ctx, n),
+        libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 | libc::SYS_creat => files::on_open(ctx, n),
+        libc::SYS_rename | libc::SYS_renameat | libc::SYS_renameat2 => writes::on_rename(ctx, n),
+        libc::SYS_unlink | libc::SYS_unlinkat | libc::SYS_rmdir => writes::on_unlink(ctx, n),
+        libc::SYS_mkdir | libc::SYS_mkdirat => writes::on_mkdir(ctx, n),
+        libc::SYS_symlink | libc::SYS_symlinkat => writes::on_symlink(ctx, n),
+        libc::SYS_truncate => writes::on_truncate(ctx, n),
+        libc::SYS_fsync | libc::SYS_fdatasync => writes::on_fsync(ctx, n),
+        libc::SYS_chdir => cwd::on_chdir(ctx, n),
+        libc::SYS_fchdir => cwd::on_fchdir(ctx, n),
+        libc::SYS_getcwd => cwd::on_getcwd(ctx, n),
         libc::SYS_stat | libc::SYS_lstat | libc::SYS_newfstatat | libc::SYS_statx => files::on_stat(ctx, n),
         libc::SYS_fstat => files::on_fstat(ctx, n),
         libc::SYS_access | libc::SYS_faccessat | libc::SYS_faccessat2 => files::on_access(ctx, n),

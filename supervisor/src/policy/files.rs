@@ -3,8 +3,10 @@
 //! Modes follow mirrord's: `local` (nothing remote), `localwithoverrides` (default: only the
 //! pod-specific paths below come from the pod), `read` (everything comes from the pod except
 //! local-only paths: the kernel's pseudo file systems, temp dirs, the developer's home and the
-//! local runtime's own installation). Writes always stay local. Relative paths stay local
-//! unless they are relative to a pod directory the app opened.
+//! local runtime's own installation), `write` (as `read`, and writes to those paths go to the
+//! pod's files too). In the other modes writes stay local, except to paths of the user's
+//! `read_write` list. Relative paths stay local unless they are relative to a pod directory the
+//! app opened.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FsMode {
@@ -12,6 +14,7 @@ pub enum FsMode {
     #[value(name = "localwithoverrides")]
     LocalWithOverrides,
     Read,
+    Write,
 }
 
 /// Files kmirror synthesises instead of reading them anywhere.
@@ -36,12 +39,14 @@ pub enum FileRoute {
     NotFound,
 }
 
-/// The user's path lists (`feature.fs.read_only`, `local`, `not_found`): case-insensitive
-/// regexes, searched anywhere in the absolute, normalised path (anchor them with `^`/`$`), as
-/// in mirrord. They come before the mode's own rules: `not_found` first, then `local`, then
-/// `read_only`.
+/// The user's path lists (`feature.fs.read_write`, `read_only`, `local`, `not_found`):
+/// case-insensitive regexes, searched anywhere in the absolute, normalised path (anchor them
+/// with `^`/`$`), as in mirrord. They come before the mode's own rules: `not_found` first,
+/// then `local`, then `read_write` (reads and writes in the pod), then `read_only` (reads in
+/// the pod, writes local).
 #[derive(Debug, Clone, Default)]
 pub struct PathLists {
+    pub read_write: Vec<regex::bytes::Regex>,
     pub read_only: Vec<regex::bytes::Regex>,
     pub local: Vec<regex::bytes::Regex>,
     pub not_found: Vec<regex::bytes::Regex>,
@@ -52,14 +57,20 @@ impl PathLists {
         regex::bytes::RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 20).build()
     }
 
-    /// Compiles the three lists (each pattern was checked when the configuration was read).
+    /// Compiles the four lists (each pattern was checked when the configuration was read).
     pub fn new(
+        read_write: &[String],
         read_only: &[String],
         local: &[String],
         not_found: &[String],
     ) -> Result<PathLists, regex::Error> {
         let all = |list: &[String]| list.iter().map(|p| PathLists::compile(p)).collect::<Result<Vec<_>, _>>();
-        Ok(PathLists { read_only: all(read_only)?, local: all(local)?, not_found: all(not_found)? })
+        Ok(PathLists {
+            read_write: all(read_write)?,
+            read_only: all(read_only)?,
+            local: all(local)?,
+            not_found: all(not_found)?,
+        })
     }
 
     fn any(list: &[regex::bytes::Regex], path: &[u8]) -> bool {
@@ -163,12 +174,33 @@ impl FilePolicy {
         if PathLists::any(&self.lists.not_found, path) {
             return FileRoute::NotFound;
         }
-        if write || PathLists::any(&self.lists.local, path) {
+        if PathLists::any(&self.lists.local, path) {
             return FileRoute::Local;
+        }
+        if PathLists::any(&self.lists.read_write, path) {
+            return FileRoute::Remote;
+        }
+        if write {
+            // Only `write` mode writes the pod's files, and only those reads would take there.
+            return match self.mode {
+                FsMode::Write => self.mode_route(path),
+                _ => FileRoute::Local,
+            };
         }
         if PathLists::any(&self.lists.read_only, path) {
             return FileRoute::Remote;
         }
+        self.mode_route(path)
+    }
+
+    /// Whether any write may reach the pod (`write` mode or a `read_write` list): the write
+    /// family of calls is trapped only then.
+    pub fn writes_remote(&self) -> bool {
+        self.mode == FsMode::Write || !self.lists.read_write.is_empty()
+    }
+
+    /// The mode's own rule for a path no list names.
+    fn mode_route(&self, path: &[u8]) -> FileRoute {
         match self.mode {
             FsMode::Local => FileRoute::Local,
             FsMode::LocalWithOverrides => {
@@ -178,7 +210,7 @@ impl FilePolicy {
                     FileRoute::Local
                 }
             }
-            FsMode::Read => {
+            FsMode::Read | FsMode::Write => {
                 // Ancestors of the app's own directories stay local too: runtimes resolve their
                 // script's real path component by component (lstat of /home, /home/dev, ...).
                 let local = path == b"/"
@@ -343,6 +375,7 @@ mod tests {
     fn user_lists_come_before_the_mode() {
         let mut p = policy(FsMode::LocalWithOverrides);
         p.lists = PathLists::new(
+            &[],
             &["^/data/".into(), "^/usr/share/pod-data$".into()],
             &["^/data/local".into(), r"\.CACHE$".into()],
             &["secret".into(), "^/etc/hostname$".into()],
@@ -359,6 +392,30 @@ mod tests {
         assert_eq!(p.route(b"/etc/resolv.conf", false), FileRoute::Virtual(VirtualFile::ResolvConf));
         assert_eq!(p.route(b"/etc/passwd", false), FileRoute::Local, "the mode decides the rest");
         assert!(PathLists::compile("(").is_err());
+    }
+
+    #[test]
+    fn write_mode_and_read_write_lists_send_writes_to_the_pod() {
+        let p = policy(FsMode::Write);
+        assert!(p.writes_remote());
+        assert_eq!(p.route(b"/data/x", true), FileRoute::Remote);
+        assert_eq!(p.route(b"/data/x", false), FileRoute::Remote);
+        assert_eq!(p.route(b"/tmp/x", true), FileRoute::Local, "local-only paths stay local for writes");
+        assert_eq!(p.route(b"/work/app/out.log", true), FileRoute::Local);
+        assert_eq!(p.route(b"/srv/run.sh", true), FileRoute::Local, "so does a runtime's code");
+        assert_eq!(p.route(b"/proc/sys/kernel/hostname", true), FileRoute::Virtual(VirtualFile::Hostname));
+        assert_eq!(p.route(b"/etc/hosts", true), FileRoute::Remote, "the pod's hosts file, for writes too");
+        assert!(!policy(FsMode::Read).writes_remote());
+        let mut p = policy(FsMode::LocalWithOverrides);
+        p.lists =
+            PathLists::new(&["^/data/rw/".into()], &["^/data/".into()], &["^/data/rw/local".into()], &[])
+                .unwrap();
+        assert!(p.writes_remote());
+        assert_eq!(p.route(b"/data/rw/a", true), FileRoute::Remote, "read_write: writes in the pod");
+        assert_eq!(p.route(b"/data/rw/a", false), FileRoute::Remote, "and reads");
+        assert_eq!(p.route(b"/data/ro", true), FileRoute::Local, "read_only: writes stay local");
+        assert_eq!(p.route(b"/data/rw/local", true), FileRoute::Local, "local beats read_write");
+        assert_eq!(p.route(b"/etc/hostname", true), FileRoute::Local, "the mode keeps writes local");
     }
 
     #[test]
