@@ -4,6 +4,7 @@
 
 use kmirror_suite::app::{BackgroundApp, HttpConn};
 use kmirror_suite::pod::LocalPod;
+use kmirror_suite::run::{alive, wait_until};
 use kmirror_suite::run::{field, go_fixtures, kmirror, kmirror_cmd, ok, output_within};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,18 +18,6 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
 fn pod_addr(pod: &LocalPod) -> SocketAddr {

@@ -7,19 +7,8 @@ use kmirror_suite::run::{
     LineReader, agent_of, children_of, descendants_of, field, go_fixtures, kmirror, kmirror_bin, ok,
     output_within, wait_output_within,
 };
+use kmirror_suite::run::{alive, wait_until};
 use std::time::{Duration, Instant};
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The app's main process: the child of kmirror's keeper (kmirror's child that is not the agent).
 fn app_pid(app: &BackgroundApp) -> u32 {

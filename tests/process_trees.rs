@@ -5,6 +5,7 @@
 
 use kmirror_suite::app::BackgroundApp;
 use kmirror_suite::pod::LocalPod;
+use kmirror_suite::run::{alive, comm, pid_written_to, wait_until};
 use kmirror_suite::run::{children_of, kmirror, kmirror_bin, kmirror_cmd};
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -216,32 +217,6 @@ fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
     bin
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
-}
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The pid a process of the app wrote to `file`, once it is there.
-fn pid_from(file: &Path) -> u32 {
-    let mut pid = None;
-    wait_until(&format!("{} holds a pid", file.display()), Duration::from_secs(20), || {
-        pid = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok());
-        pid.is_some()
-    });
-    pid.unwrap()
-}
-
 /// Kills, when dropped, the processes a test started that may outlive a failed test: by pid
 /// and name (so a reused pid is left alone), or every process whose command line holds a
 /// marker (the test's own temp dir).
@@ -401,7 +376,7 @@ fn redis_server_daemonized_reaches_the_pod() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let redis_pid = pid_from(&pidfile);
+    let redis_pid = pid_written_to(&pidfile, Duration::from_secs(20));
     assert!(app.child.try_wait().unwrap().is_none(), "kmirror exited while redis ran");
     // SIGTERM to the redis this test started.
     let _ = kmirror_suite::run::signal(redis_pid, libc::SIGTERM);
@@ -429,7 +404,7 @@ fn exit_with_main_ends_the_rest_of_the_tree() {
     let run = kmirror(pod.target_pid, &["--exit-with-main"], &["sh", "-c", &script]);
     assert_eq!(run.status.code(), Some(5), "stderr: {}", String::from_utf8_lossy(&run.stderr));
     assert!(started.elapsed() < Duration::from_secs(20));
-    let sleep = pid_from(&pidfile);
+    let sleep = pid_written_to(&pidfile, Duration::from_secs(20));
     let _leftovers = Leftovers::pids(vec![(sleep, "sleep")]);
     // Ended (and reaped) before kmirror returned.
     assert!(!alive(sleep), "the background sleep outlived the main process");
@@ -449,7 +424,10 @@ fn killing_kmirror_ends_every_process_of_the_tree() {
         daemon = daemon_file.display()
     );
     let mut app = BackgroundApp::start(pod.target_pid, &[], &["sh", "-c", &script]);
-    let (grandchild, daemon) = (pid_from(&grandchild_file), pid_from(&daemon_file));
+    let (grandchild, daemon) = (
+        pid_written_to(&grandchild_file, Duration::from_secs(20)),
+        pid_written_to(&daemon_file, Duration::from_secs(20)),
+    );
     let _leftovers = Leftovers::pids(vec![(grandchild, "sleep"), (daemon, "sleep")]);
     // The daemon's parent (the setsid'd shell) has exited: it is an orphan now.
     wait_until("the daemon was orphaned", Duration::from_secs(10), || comm(parent_of(daemon)) != "sh");
@@ -594,7 +572,11 @@ fn a_termination_signal_after_the_main_process_exited_ends_the_rest() {
         stubborn = stubborn_file.display()
     );
     let mut app = BackgroundApp::start(pod.target_pid, &[], &["sh", "-c", &script]);
-    let (main, polite, stubborn) = (pid_from(&main_file), pid_from(&polite_file), pid_from(&stubborn_file));
+    let (main, polite, stubborn) = (
+        pid_written_to(&main_file, Duration::from_secs(20)),
+        pid_written_to(&polite_file, Duration::from_secs(20)),
+        pid_written_to(&stubborn_file, Duration::from_secs(20)),
+    );
     let _leftovers = Leftovers::pids(vec![(polite, "sleep"), (stubborn, "sleep")]);
     wait_until("the main process exited", Duration::from_secs(10), || !alive(main));
     wait_until("both sleeps sleep", Duration::from_secs(10), || sleeping(polite) && sleeping(stubborn));
@@ -644,7 +626,10 @@ fn a_killed_keeper_takes_the_tree_with_it_and_kmirror_says_so() {
         main_file.display()
     );
     let mut app = BackgroundApp::start(pod.target_pid, &[], &["sh", "-c", &script]);
-    let (orphan, main) = (pid_from(&orphan_file), pid_from(&main_file));
+    let (orphan, main) = (
+        pid_written_to(&orphan_file, Duration::from_secs(20)),
+        pid_written_to(&main_file, Duration::from_secs(20)),
+    );
     let _leftovers = Leftovers::pids(vec![(orphan, "sleep"), (main, "sleep")]);
     wait_until("both sleep", Duration::from_secs(10), || sleeping(orphan) && sleeping(main));
     let keeper = keeper_of(app.child.id()).expect("kmirror has a keeper");

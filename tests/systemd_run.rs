@@ -7,36 +7,11 @@
 
 use kmirror_suite::pod::LocalPod;
 use kmirror_suite::run::{ScratchDir, agent_of, kmirror_bin, output_within, spawn_tied};
+use kmirror_suite::run::{alive, comm, pid_written_to, wait_until};
 use kmirror_suite::systemd::UserManager;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
-}
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The pid a process of the app wrote to `file`, once it is there.
-fn pid_from(file: &Path) -> u32 {
-    let mut pid = None;
-    wait_until(&format!("{} holds a pid", file.display()), Duration::from_secs(30), || {
-        pid = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok());
-        pid.is_some()
-    });
-    pid.unwrap()
-}
 
 /// The process waits in nanosleep (past its start-up, whose trapped calls need kmirror).
 fn sleeping(pid: u32) -> bool {
@@ -150,7 +125,7 @@ fn systemd_run_with_exit_with_main_ends_the_unit_with_the_main_process() {
         report(&run, &manager)
     );
     // The job wrote its pid before the main process exited.
-    let job = pid_from(&job_file);
+    let job = pid_written_to(&job_file, Duration::from_secs(30));
     assert!(!alive(job), "the background job outlived the unit");
     assert!(!out.exists(), "the background job wrote {}", out.display());
     assert_unit_gone(&manager, unit, &run);
@@ -179,7 +154,10 @@ fn start_tree(
     let mut cmd = systemd_run(manager, unit, properties, target, &[], &script);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = spawn_tied(cmd).expect("cannot start systemd-run");
-    let (grandchild, daemon) = (pid_from(&grandchild_file), pid_from(&daemon_file));
+    let (grandchild, daemon) = (
+        pid_written_to(&grandchild_file, Duration::from_secs(30)),
+        pid_written_to(&daemon_file, Duration::from_secs(30)),
+    );
     // Both past their start-up, which a dead listener would fail; the daemon's parent is gone.
     wait_until("both sleeps sleep", Duration::from_secs(20), || sleeping(grandchild) && sleeping(daemon));
     let kmirror: u32 = manager.property(unit, "MainPID").parse().expect("a MainPID");

@@ -1,7 +1,7 @@
 //! Running kmirror and the fixtures from tests: binary locations and bounded waits.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
@@ -284,4 +284,33 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// The command name of process `pid` (empty once it is gone).
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+}
+
+/// Polls `check` until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The pid a process wrote to `file`, once it is there (at most `limit`).
+pub fn pid_written_to(file: &Path, limit: Duration) -> u32 {
+    let mut pid = None;
+    wait_until(&format!("{} holds a pid", file.display()), limit, || {
+        pid = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok());
+        pid.is_some()
+    });
+    pid.expect("checked above")
 }
