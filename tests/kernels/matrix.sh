@@ -54,15 +54,19 @@ if ((${#need[@]})); then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# A private apt configuration that knows the suites the kernels come from.
+# A private apt configuration that knows every suite the kernels come from (all of them,
+# whatever KERNELS says: two runs at once, from two clones or with different KERNELS, share
+# this directory and must not rewrite it under each other). The apt steps below also hold
+# its lock.
 apt_dir=$CACHE/apt
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$CACHE/debs"
+exec 8>"$apt_dir/.lock"
+flock 8
 sources=$apt_dir/sources.list
-: > "$sources.new"
-for k in $KERNELS; do
-  echo "deb http://deb.debian.org/debian $(suite_of "$k") main" >> "$sources.new"
-done
-sort -u "$sources.new" > "$sources"
+for k in 5.10 6.1 6.12; do
+  echo "deb http://deb.debian.org/debian $(suite_of "$k") main"
+done | sort -u > "$sources.new"
+mv "$sources.new" "$sources"
 APT=(-o "Dir::Etc::SourceList=$sources" -o Dir::Etc::SourceParts=/dev/null
      -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir" -o Dir::State::Status=/dev/null
      -o APT::Architecture=amd64 -o Debug::NoLocking=1)
@@ -70,6 +74,8 @@ if [[ ! -f $apt_dir/updated ]] || ! cmp -s "$sources" "$apt_dir/updated"; then
   apt-get "${APT[@]}" update -qq
   cp "$sources" "$apt_dir/updated"
 fi
+
+flock -u 8
 
 # The test binaries, built once on the host.
 cargo build -q --workspace
@@ -88,6 +94,7 @@ failed_kernels=0
 summary=()
 for k in $KERNELS; do
   suite=$(suite_of "$k")
+  flock 8
   version=$(apt-cache "${APT[@]}" show linux-image-amd64 | awk -v k="$k" '
     /^Version:/ { v = $2 } /^Depends:/ && index(v, k ".") == 1 { print $2; exit }')
   [[ -n $version ]] || { echo "kernel-matrix: no linux-image-amd64 $k in $suite" >&2; exit 1; }
@@ -101,6 +108,7 @@ for k in $KERNELS; do
     [[ -e $kdir/root/lib ]] || ln -s usr/lib "$kdir/root/lib"
     touch "$kdir/ready"
   fi
+  flock -u 8
   kver=$(ls "$kdir/root/lib/modules")
   depmod -b "$kdir/root" "$kver"
 
