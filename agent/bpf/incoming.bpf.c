@@ -83,8 +83,11 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+/* Per-CPU packet sequence numbers: a packet's id is (sequence << 12) | cpu, unique across
+ * CPUs without an atomic fetch-and-add, which kernels before 5.12 refuse ("BPF_STX uses
+ * reserved fields"); TC programs are not preempted, so the plain increment is safe. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
@@ -250,7 +253,8 @@ static __always_inline void mirror(struct __sk_buff *skb, struct parsed *p)
 	__u64 *counter = bpf_map_lookup_elem(&packet_counter, &zero);
 	if (!counter)
 		return;
-	__u64 id = __sync_fetch_and_add(counter, 1);
+	__u64 id = (*counter << 12) | (bpf_get_smp_processor_id() & 0xfff);
+	*counter += 1;
 	count(STAT_MIRROR_PACKETS);
 
 	for (__u32 i = 0; i < MAX_CHUNKS; i++) {
