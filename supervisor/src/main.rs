@@ -9,6 +9,7 @@ mod config;
 mod dns_server;
 mod handlers;
 mod incoming;
+mod intercept;
 mod keeper;
 mod kernel;
 mod launch;

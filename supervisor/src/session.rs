@@ -2,6 +2,7 @@
 
 use crate::config::settings::Settings;
 use crate::handlers::{self, Context};
+use crate::intercept::Interceptor;
 use crate::keeper::{TreeControl, TreeEvent};
 use crate::policy::env::{EnvPolicy, UserEnv};
 use crate::policy::files::{FilePolicy, PathLists, VirtualFile};
@@ -274,7 +275,7 @@ async fn session(
     signals::report_to(signal_pipe, signals_tx);
 
     let ctx = Arc::new(Context {
-        listener: Arc::new(Listener::new(app.listener)),
+        interceptor: Arc::new(Interceptor::Seccomp(Listener::new(app.listener))),
         tunnel: tunnel.clone(),
         runtime: tokio::runtime::Handle::current(),
         outgoing: OutgoingPolicy {
@@ -466,10 +467,11 @@ fn start_notify_thread(ctx: Arc<Context>) {
             // RECV blocks until a notification is pending, so the hot path is one ioctl per
             // notification; poll is only consulted when RECV finds nothing, to tell a
             // withdrawn notification (the caller was killed) from "every task has exited".
+            let Interceptor::Seccomp(listener) = &*ctx.interceptor;
             loop {
-                match ctx.listener.receive() {
+                match listener.receive() {
                     Ok(Some(n)) => handlers::dispatch(&ctx, n),
-                    Ok(None) => match ctx.listener.wait() {
+                    Ok(None) => match listener.wait() {
                         Ok(true) => {}
                         Ok(false) => return,
                         Err(e) => {
