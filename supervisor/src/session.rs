@@ -2,7 +2,7 @@
 
 use crate::config::settings::Settings;
 use crate::handlers::{self, Context};
-use crate::intercept::Interceptor;
+use crate::intercept::{Interceptor, Mechanism, NoListener};
 use crate::keeper::{TreeControl, TreeEvent};
 use crate::policy::env::{EnvPolicy, UserEnv};
 use crate::policy::files::{FilePolicy, PathLists, VirtualFile};
@@ -49,8 +49,12 @@ pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
     let program = command::resolve(&command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
     let features = crate::kernel::features();
-    if let Some(missing) = features.refusal() {
+    let choice = crate::intercept::choose(args.interceptor, crate::kernel::listener_available);
+    if let Some(missing) = features.refusal_for(choice.mechanism) {
         return Err(Exit { message: crate::kernel::refusal_message(&missing), code: 1 }.into());
+    }
+    if choice.mechanism == Mechanism::Ptrace {
+        return Err(Exit { message: ptrace_not_ready(choice.because), code: 2 }.into());
     }
     for fallback in features.fallbacks() {
         tracing::info!(
@@ -434,6 +438,19 @@ async fn session(
     // Give the goodbye a moment to reach the agent; it also exits when the tunnel closes.
     let _ = tokio::time::timeout(Duration::from_millis(500), agent_child.wait()).await;
     Ok(session_status(status, failure.is_some(), stopped))
+}
+
+/// Why a session that needs the ptrace interceptor cannot run yet.
+fn ptrace_not_ready(because: Option<NoListener>) -> String {
+    let missing = "the ptrace interceptor is not implemented yet: it attaches nothing and answers no call, \
+                   so it cannot serve the app (design: docs/ptrace.md)";
+    match because {
+        None => format!("--interceptor ptrace: {missing}; run with --interceptor seccomp"),
+        Some(why) => format!(
+            "cannot intercept the app's calls with a seccomp listener: {why}; and {missing}. \
+             Run kmirror outside that sandbox"
+        ),
+    }
 }
 
 /// kmirror's own exit status for the app's `status`. The app's own failure says more than

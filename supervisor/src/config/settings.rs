@@ -79,6 +79,7 @@ pub struct Settings {
     pub outgoing_udp: bool,
     pub outgoing_filter: Option<AddressFilter>,
     pub exit_with_main: bool,
+    pub interceptor: crate::intercept::InterceptorSetting,
     /// Every setting, for `verify-config`.
     pub shown: Vec<Shown>,
     /// Settings kept for Kubernetes targets, unused today.
@@ -515,6 +516,13 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
         false,
         |b| b.to_string(),
     );
+    let interceptor = r.pick(
+        "interceptor",
+        args.interceptor.map(|i| ("interceptor", i)),
+        c.interceptor.map(|i| (interceptor_setting(i), "interceptor")),
+        crate::intercept::InterceptorSetting::Auto,
+        |i| i.name().to_string(),
+    );
 
     let mut stored = Vec::new();
     let mut accepted = Vec::new();
@@ -576,6 +584,7 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
         outgoing_udp,
         outgoing_filter,
         exit_with_main,
+        interceptor,
         shown: r.shown,
         stored,
         accepted,
@@ -595,6 +604,15 @@ fn fs_mode(m: FsModeName) -> Option<FsMode> {
         FsModeName::LocalWithOverrides => Some(FsMode::LocalWithOverrides),
         FsModeName::Read => Some(FsMode::Read),
         FsModeName::Write => None,
+    }
+}
+
+fn interceptor_setting(i: InterceptorName) -> crate::intercept::InterceptorSetting {
+    use crate::intercept::InterceptorSetting;
+    match i {
+        InterceptorName::Auto => InterceptorSetting::Auto,
+        InterceptorName::Seccomp => InterceptorSetting::Seccomp,
+        InterceptorName::Ptrace => InterceptorSetting::Ptrace,
     }
 }
 
