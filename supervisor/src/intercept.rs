@@ -109,6 +109,8 @@ pub struct Notification {
 pub enum Interceptor {
     /// A seccomp user-notification listener.
     Seccomp(crate::seccomp::Listener),
+    /// ptrace, with a `SECCOMP_RET_TRACE` filter (docs/ptrace.md).
+    Ptrace(crate::ptrace::Tracer),
 }
 
 impl Interceptor {
@@ -117,6 +119,7 @@ impl Interceptor {
     pub fn continue_call(&self, id: u64) {
         match self {
             Interceptor::Seccomp(listener) => listener.continue_call(id),
+            Interceptor::Ptrace(tracer) => tracer.continue_call(id),
         }
     }
 
@@ -125,6 +128,7 @@ impl Interceptor {
     pub fn return_value(&self, id: u64, val: i64) {
         match self {
             Interceptor::Seccomp(listener) => listener.return_value(id, val),
+            Interceptor::Ptrace(tracer) => tracer.return_value(id, val),
         }
     }
 
@@ -133,6 +137,7 @@ impl Interceptor {
     pub fn return_errno(&self, id: u64, errno: i32) {
         match self {
             Interceptor::Seccomp(listener) => listener.return_errno(id, errno),
+            Interceptor::Ptrace(tracer) => tracer.return_errno(id, errno),
         }
     }
 
@@ -142,6 +147,7 @@ impl Interceptor {
     pub fn return_new_fd(&self, id: u64, fd: RawFd, cloexec: bool) {
         match self {
             Interceptor::Seccomp(listener) => listener.return_new_fd(id, fd, cloexec),
+            Interceptor::Ptrace(tracer) => tracer.return_new_fd(id, fd, cloexec),
         }
     }
 
@@ -151,6 +157,7 @@ impl Interceptor {
     pub fn is_valid(&self, id: u64) -> bool {
         match self {
             Interceptor::Seccomp(listener) => listener.is_valid(id),
+            Interceptor::Ptrace(tracer) => tracer.is_valid(id),
         }
     }
 }

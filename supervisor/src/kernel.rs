@@ -45,15 +45,14 @@ impl Features {
         self.all().into_iter().find(|f| !f.present && matches!(f.without, Without::Refuse(_)))
     }
 
-    /// The first missing feature that `mechanism` cannot do without (the ptrace interceptor
-    /// needs no listener, so no WAIT_KILLABLE_RECV).
+    /// The first missing feature that `mechanism` cannot do without: a listener cannot do
+    /// without WAIT_KILLABLE_RECV, whose fallback is the ptrace interceptor.
     pub fn refusal_for(&self, mechanism: crate::intercept::Mechanism) -> Option<Feature> {
-        let listener_only = |f: &Feature| {
-            mechanism == crate::intercept::Mechanism::Ptrace && f.name == self.wait_killable_recv.name
-        };
-        self.all()
-            .into_iter()
-            .find(|f| !f.present && matches!(f.without, Without::Refuse(_)) && !listener_only(f))
+        let listener = self.wait_killable_recv;
+        if mechanism == crate::intercept::Mechanism::Seccomp && !listener.present {
+            return Some(Feature { without: Without::Refuse(LISTENER_NEEDS_IT), ..listener });
+        }
+        self.refusal()
     }
 
     /// Missing features that have a fallback in use.
@@ -61,6 +60,10 @@ impl Features {
         self.all().into_iter().filter(|f| !f.present && matches!(f.without, Without::Fallback(_))).collect()
     }
 }
+
+/// Why a seccomp listener cannot do without WAIT_KILLABLE_RECV.
+const LISTENER_NEEDS_IT: &str = "without it Go programs livelock under a seccomp listener (their preemption \
+     signal restarts every trapped call forever); --interceptor ptrace (or auto) works without it";
 
 /// The features of this kernel, probed on first use.
 pub fn features() -> &'static Features {
@@ -70,9 +73,9 @@ pub fn features() -> &'static Features {
             name: "seccomp WAIT_KILLABLE_RECV",
             since: "5.19",
             present: probe_wait_killable_recv(),
-            without: Without::Refuse(
-                "without it Go programs livelock (their preemption signal restarts every trapped call \
-                 forever); the ptrace backend that will cover older kernels does not exist yet",
+            without: Without::Fallback(
+                "the ptrace interceptor (a listener without it livelocks Go programs: their preemption \
+                 signal restarts every trapped call forever); --interceptor seccomp is refused",
             ),
         },
         pidfd_getfd: Feature {
@@ -303,19 +306,23 @@ mod tests {
 
     #[test]
     fn refusals_and_fallbacks_are_told_apart() {
+        use crate::intercept::Mechanism;
         let mut features = *features();
         features.thread_pidfd.present = false;
         assert_eq!(features.fallbacks().len(), 1);
         assert!(features.refusal().is_none());
+        // Without WAIT_KILLABLE_RECV: the ptrace interceptor instead; a listener is refused.
         features.wait_killable_recv.present = false;
-        let refused = features.refusal().unwrap();
+        assert_eq!(features.fallbacks().len(), 2);
+        assert_eq!(features.refusal(), None);
+        assert_eq!(features.refusal_for(Mechanism::Ptrace), None, "ptrace needs no listener");
+        let refused = features.refusal_for(Mechanism::Seccomp).unwrap();
         let message = refusal_message(&refused);
         assert!(message.contains("WAIT_KILLABLE_RECV") && message.contains("5.19"), "{message}");
-        use crate::intercept::Mechanism;
-        assert_eq!(features.refusal_for(Mechanism::Seccomp), Some(refused));
-        assert_eq!(features.refusal_for(Mechanism::Ptrace), None, "ptrace needs no listener");
+        assert!(message.contains("--interceptor ptrace"), "{message}");
         features.openat2.present = false;
         assert_eq!(features.refusal_for(Mechanism::Ptrace).map(|f| f.name), Some("openat2"));
+        assert_eq!(features.refusal().map(|f| f.name), Some("openat2"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod names;
 mod outgoing;
 mod policy;
 mod port_forward;
+mod ptrace;
 mod random;
 mod seccomp;
 mod service_manager;
