@@ -209,7 +209,10 @@ pub(super) fn answer_restart(lp: &mut Loop, tid: u32, regs: Regs, value: i64) {
 /// the thread's call with that number (docs/ptrace.md, *Descriptors without ADDFD*).
 pub(super) fn deliver_fd(lp: &mut Loop, tid: u32, regs: Regs, fd: OwnedFd, cloexec: bool) {
     let mut inj = Injection::new(tid, regs);
-    let Some(tgid) = tgid_of(tid) else { return };
+    let Some(tgid) = tgid_of(tid) else {
+        // Its process cannot be read: the call fails rather than waiting forever.
+        return inj.finish(-i64::from(libc::EIO), None);
+    };
     match deliver(lp, &mut inj, tgid, &fd, cloexec) {
         Ok(result) => {
             let scratch = lp.scratch.get(&tgid).map(|&page| (tgid, page));
