@@ -75,6 +75,7 @@ fn flags_beat_variables_which_beat_the_file_which_beats_defaults() {
     .unwrap();
     let mut cmd = kmirror_in(&dir.0, &["verify-config", "-f", "k.yaml", "--fs-mode", "local"]);
     cmd.env("KMIRROR_FS_MODE", "read").env("KMIRROR_INCOMING", "off").env("KMIRROR_TARGET", "pid/2");
+    cmd.env("KMIRROR_INTERCEPTOR", "ptrace");
     let out = ok(&output_within(cmd, LIMIT));
     let line = |key: &str| -> Vec<String> {
         let l = out
@@ -92,6 +93,7 @@ fn flags_beat_variables_which_beat_the_file_which_beats_defaults() {
     assert_eq!(line("target"), ["pid/2", "env", "KMIRROR_TARGET"]);
     assert_eq!(line("remote_timeout"), ["7", "file", "k.yaml:2:17"], "file over default");
     assert_eq!(line("exit_with_main"), ["false", "default"]);
+    assert_eq!(line("interceptor"), ["ptrace", "env", "KMIRROR_INTERCEPTOR"]);
 
     // The file itself through KMIRROR_CONFIG, and found by discovery from a subdirectory.
     let mut cmd = kmirror_in(&dir.0, &["verify-config"]);

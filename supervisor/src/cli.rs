@@ -215,6 +215,12 @@ pub struct SettingsArgs {
     /// container's runtime does), instead of serving them until the last one exits.
     #[arg(long, env = "KMIRROR_EXIT_WITH_MAIN", value_parser = FalseyValueParser::new())]
     pub exit_with_main: bool,
+
+    /// How the app's calls are intercepted: a seccomp listener, ptrace (works where another
+    /// seccomp listener already supervises kmirror: containers, sandboxes, kmirror under
+    /// kmirror), or `auto`, seccomp where a listener can be installed [default: auto].
+    #[arg(long, value_enum, env = "KMIRROR_INTERCEPTOR")]
+    pub interceptor: Option<crate::intercept::InterceptorSetting>,
 }
 
 /// Parses the command line; the matches say which values came from flags and which from

@@ -45,11 +45,25 @@ impl Features {
         self.all().into_iter().find(|f| !f.present && matches!(f.without, Without::Refuse(_)))
     }
 
+    /// The first missing feature that `mechanism` cannot do without: a listener cannot do
+    /// without WAIT_KILLABLE_RECV, whose fallback is the ptrace interceptor.
+    pub fn refusal_for(&self, mechanism: crate::intercept::Mechanism) -> Option<Feature> {
+        let listener = self.wait_killable_recv;
+        if mechanism == crate::intercept::Mechanism::Seccomp && !listener.present {
+            return Some(Feature { without: Without::Refuse(LISTENER_NEEDS_IT), ..listener });
+        }
+        self.refusal()
+    }
+
     /// Missing features that have a fallback in use.
     pub fn fallbacks(&self) -> Vec<Feature> {
         self.all().into_iter().filter(|f| !f.present && matches!(f.without, Without::Fallback(_))).collect()
     }
 }
+
+/// Why a seccomp listener cannot do without WAIT_KILLABLE_RECV.
+const LISTENER_NEEDS_IT: &str = "without it Go programs livelock under a seccomp listener (their preemption \
+     signal restarts every trapped call forever); --interceptor ptrace (or auto) works without it";
 
 /// The features of this kernel, probed on first use.
 pub fn features() -> &'static Features {
@@ -59,9 +73,9 @@ pub fn features() -> &'static Features {
             name: "seccomp WAIT_KILLABLE_RECV",
             since: "5.19",
             present: probe_wait_killable_recv(),
-            without: Without::Refuse(
-                "without it Go programs livelock (their preemption signal restarts every trapped call \
-                 forever); the ptrace backend that will cover older kernels does not exist yet",
+            without: Without::Fallback(
+                "the ptrace interceptor (a listener without it livelocks Go programs: their preemption \
+                 signal restarts every trapped call forever); --interceptor seccomp is refused",
             ),
         },
         pidfd_getfd: Feature {
@@ -182,6 +196,76 @@ fn probe_sync_wake_up() -> bool {
     matches!(waitpid(nix::unistd::Pid::from_raw(child), None), Ok(WaitStatus::Exited(_, 0)))
 }
 
+/// Whether the app could be given a seccomp listener (see docs/ptrace.md, *Choosing the
+/// interceptor*). Free when kmirror runs under no seccomp filter (the usual case); otherwise a
+/// forked child tries to install one, since only the kernel knows whether a filter of the chain
+/// has a listener already.
+pub fn listener_available() -> Result<(), crate::intercept::NoListener> {
+    use crate::intercept::NoListener;
+    if !features().wait_killable_recv.present {
+        return Err(NoListener::NoWaitKillableRecv);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if crate::tracee::status_field(&status, "Seccomp_filters:") == Some("0") {
+        return Ok(());
+    }
+    match probe_listener() {
+        0 => Ok(()),
+        libc::EBUSY => Err(NoListener::Busy),
+        errno => Err(NoListener::Refused(errno)),
+    }
+}
+
+/// Installs a listener the way the app's launcher does, in a forked child: 0, or the errno.
+fn probe_listener() -> i32 {
+    // Notifies for a call nobody makes here: enough for a listener.
+    let filter = [
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 0 },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_getppid as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_USER_NOTIF,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: the child makes only raw system calls, on memory prepared before the fork, and
+    // leaves with _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+            let mut rc = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &program);
+            if rc < 0 && *libc::__errno_location() == libc::EACCES {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                rc = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &program);
+            }
+            libc::_exit(if rc >= 0 { 0 } else { (*libc::__errno_location()).clamp(1, 255) });
+        }
+    }
+    if child < 0 {
+        return std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EAGAIN);
+    }
+    use nix::sys::wait::{WaitStatus, waitpid};
+    match waitpid(nix::unistd::Pid::from_raw(child), None) {
+        Ok(WaitStatus::Exited(_, code)) => code,
+        _ => libc::ECHILD,
+    }
+}
+
 /// A table of every feature, one line each, for `kmirror features`.
 pub fn report(features: &Features) -> String {
     let mut out = format!("kernel {}\n", release());
@@ -222,14 +306,64 @@ mod tests {
 
     #[test]
     fn refusals_and_fallbacks_are_told_apart() {
+        use crate::intercept::Mechanism;
         let mut features = *features();
         features.thread_pidfd.present = false;
         assert_eq!(features.fallbacks().len(), 1);
         assert!(features.refusal().is_none());
+        // Without WAIT_KILLABLE_RECV: the ptrace interceptor instead; a listener is refused.
         features.wait_killable_recv.present = false;
-        let refused = features.refusal().unwrap();
+        assert_eq!(features.fallbacks().len(), 2);
+        assert_eq!(features.refusal(), None);
+        assert_eq!(features.refusal_for(Mechanism::Ptrace), None, "ptrace needs no listener");
+        let refused = features.refusal_for(Mechanism::Seccomp).unwrap();
         let message = refusal_message(&refused);
         assert!(message.contains("WAIT_KILLABLE_RECV") && message.contains("5.19"), "{message}");
+        assert!(message.contains("--interceptor ptrace"), "{message}");
+        features.openat2.present = false;
+        assert_eq!(features.refusal_for(Mechanism::Ptrace).map(|f| f.name), Some("openat2"));
+        assert_eq!(features.refusal().map(|f| f.name), Some("openat2"));
+    }
+
+    #[test]
+    fn a_listener_can_be_had_outside_a_sandbox_and_not_under_a_listener() {
+        // This test process runs under no filter: the free answer.
+        assert_eq!(listener_available(), Ok(()));
+        assert_eq!(probe_listener(), 0, "a forked child installs one");
+        // Under a listener (a child that installed one first), another is refused with EBUSY.
+        // SAFETY: the child makes raw system calls and the probe (fork, seccomp, waitpid) only,
+        // then leaves with _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let first = probe_filter_with_listener();
+            let second = if first { probe_listener() } else { 254 };
+            // SAFETY: as above.
+            unsafe { libc::_exit(second) };
+        }
+        use nix::sys::wait::{WaitStatus, waitpid};
+        let status = waitpid(nix::unistd::Pid::from_raw(child), None).unwrap();
+        assert_eq!(status, WaitStatus::Exited(nix::unistd::Pid::from_raw(child), libc::EBUSY));
+    }
+
+    /// Installs a listener on the calling (forked) process itself.
+    fn probe_filter_with_listener() -> bool {
+        let filter = [libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        }];
+        let program = libc::sock_fprog { len: 1, filter: filter.as_ptr().cast_mut() };
+        // SAFETY: a valid one-instruction program; the listener descriptor is left open.
+        unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &program,
+            ) >= 0
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Starting the app under the seccomp filter and taking its listener.
+//! Starting the app under the seccomp filter and taking its listener (or, for the ptrace
+//! interceptor, attaching it before it execs: docs/ptrace.md).
 //!
 //! Sequence: the keeper (see [`crate::keeper`]), started at the beginning of the session,
 //! receives a launch request and forks the app (std's `Command` with a `pre_exec` hook). In the
@@ -8,7 +9,9 @@
 //! SIGURG preemption restarts trapped calls forever), then the child tells kmirror its pid and
 //! the listener's number over a socketpair (kmirror copies the listener out with pidfd_getfd)
 //! and waits for an acknowledgement before it execs. Only raw system calls run between fork and
-//! exec.
+//! exec. For the ptrace interceptor the filter traces instead of notifying and has no listener
+//! (the descriptor number sent is -1), and kmirror's tracer thread attaches the child while it
+//! waits for the acknowledgement.
 
 // Unsafe: seccomp(2) and the hand-off between fork and exec, where only raw calls may run.
 #![allow(unsafe_code)]
@@ -26,7 +29,8 @@ use std::time::Duration;
 pub struct App {
     /// Signals the main process without ever hitting a process that reuses its pid.
     pub handle: crate::signals::Pidfd,
-    pub listener: OwnedFd,
+    /// The seccomp listener (none for the ptrace interceptor).
+    pub listener: Option<OwnedFd>,
     /// The main process's exit, then the end of the whole tree.
     pub events: tokio::sync::mpsc::UnboundedReceiver<TreeEvent>,
     /// Signals or ends every process of the tree.
@@ -40,6 +44,8 @@ pub enum LaunchError {
     Spawn { program: String, source: std::io::Error },
     #[error("the app did not hand over its seccomp listener: {0}")]
     Handoff(std::io::Error),
+    #[error("cannot trace the app (PTRACE_SEIZE): {0}; the ptrace interceptor needs ptrace rights over it")]
+    Attach(std::io::Error),
     #[error("cannot set up the launcher: {0}")]
     Setup(std::io::Error),
 }
@@ -53,6 +59,14 @@ pub struct Inheritance {
     pub pass_fds: Vec<RawFd>,
 }
 
+/// How the app's calls are to be trapped.
+pub enum Trap {
+    /// A seccomp listener, passed to the closure before the app execs.
+    Listener(Box<dyn FnOnce(&OwnedFd) + Send>),
+    /// ptrace: the tracer attaches the app before it execs.
+    Tracer(crate::ptrace::Tracer),
+}
+
 /// Has the keeper start `program` with exactly `inherit.env`, its stdio inherited from kmirror.
 pub fn launch(
     keeper: Keeper,
@@ -60,7 +74,7 @@ pub fn launch(
     args: Vec<std::ffi::OsString>,
     inherit: Inheritance,
     filter: Program,
-    on_listener: impl FnOnce(&OwnedFd),
+    trap: Trap,
 ) -> Result<App, LaunchError> {
     let shown = program.display().to_string();
     let request = LaunchRequest {
@@ -69,6 +83,7 @@ pub fn launch(
         args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: inherit.env.into_iter().collect(),
         filter: filter.instructions,
+        listener: matches!(trap, Trap::Listener(_)),
         own_pid_vars: inherit.own_pid_vars,
         pass_fds: inherit.pass_fds,
     };
@@ -82,7 +97,16 @@ pub fn launch(
         Ok(Handoff::SpawnFailed(source)) => return Err(LaunchError::Spawn { program: shown, source }),
         Err(e) => return Err(LaunchError::Handoff(e)),
     };
-    on_listener(&listener);
+    match (trap, &listener) {
+        (Trap::Listener(on_listener), Some(listener)) => on_listener(listener),
+        // Without the acknowledgement the child fails before exec (and the keeper reports it).
+        (Trap::Tracer(tracer), None) => tracer.seize(child_pid).map_err(LaunchError::Attach)?,
+        _ => {
+            return Err(LaunchError::Handoff(std::io::Error::other(
+                "the app installed another kind of filter",
+            )));
+        }
+    }
     send_ack(&handoff).map_err(LaunchError::Handoff)?;
     let pid = match started.recv() {
         Ok(Ok(pid)) => pid,
@@ -104,7 +128,7 @@ fn send_ack(mut sock: &UnixStream) -> std::io::Result<()> {
 }
 
 enum Handoff {
-    Listener(OwnedFd, u32, crate::signals::Pidfd),
+    Listener(Option<OwnedFd>, u32, crate::signals::Pidfd),
     SpawnFailed(std::io::Error),
 }
 
@@ -143,8 +167,9 @@ fn receive_fd(
 
 /// Receives the child's pid and the number of its listener descriptor, then copies the
 /// listener out of the child with pidfd_getfd. (Not SCM_RIGHTS: `sendmsg` is itself trapped
-/// once the filter is in place, and nobody would answer the child yet.)
-fn recv_fd(mut sock: &UnixStream) -> std::io::Result<(OwnedFd, u32, crate::signals::Pidfd)> {
+/// once the filter is in place, and nobody would answer the child yet.) Number -1: no
+/// listener (the ptrace interceptor's filter).
+fn recv_fd(mut sock: &UnixStream) -> std::io::Result<(Option<OwnedFd>, u32, crate::signals::Pidfd)> {
     let mut msg = [0u8; 8];
     let n = std::io::Read::read(&mut sock, &mut msg)?;
     if n == 0 {
@@ -157,7 +182,8 @@ fn recv_fd(mut sock: &UnixStream) -> std::io::Result<(OwnedFd, u32, crate::signa
     let fd = i32::from_ne_bytes(msg[4..].try_into().expect("4 bytes"));
     // Taken while the child waits for our ack: it cannot have exited yet.
     let child = crate::signals::Pidfd::open(pid)?;
-    Ok((child.take_fd(fd)?, pid, child))
+    let listener = if fd < 0 { None } else { Some(child.take_fd(fd)?) };
+    Ok((listener, pid, child))
 }
 
 unsafe extern "C" {
@@ -206,9 +232,11 @@ pub fn write_own_pid(names: &[Vec<u8>]) {
 }
 
 /// Runs in the forked child (forked by the keeper, `parent_pid`): only raw system calls, no
-/// allocation.
+/// allocation. Without `listener` the filter is installed on its own (the ptrace
+/// interceptor's, which nests under any other).
 pub fn install_filter(
     instructions: &[libc::sock_filter],
+    listener: bool,
     sock: RawFd,
     parent_pid: libc::pid_t,
 ) -> std::io::Result<()> {
@@ -224,17 +252,22 @@ pub fn install_filter(
     unsafe {
         let prog =
             libc::sock_fprog { len: instructions.len() as u16, filter: instructions.as_ptr() as *mut _ };
-        let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
-        let mut listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
-        if listener < 0 && *libc::__errno_location() == libc::EACCES {
+        let flags = if listener {
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+        } else {
+            0
+        };
+        let mut rc = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
+        if rc < 0 && *libc::__errno_location() == libc::EACCES {
             // Without CAP_SYS_ADMIN a filter needs no_new_privs.
             nix::sys::prctl::set_no_new_privs()?;
-            listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
+            rc = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog);
         }
-        if listener < 0 {
+        if rc < 0 {
             return fail();
         }
-        let listener = listener as RawFd;
+        // The listener's number, or -1 (a filter without one returns 0).
+        let listener: RawFd = if listener { rc as RawFd } else { -1 };
         // Our pid (the parent takes a pidfd while we wait, so even an app that exits at once is
         // never confused with a process that later reuses its pid) and the listener's number,
         // which the parent copies out with pidfd_getfd. write(2) is not trapped; sendmsg is.
@@ -256,7 +289,9 @@ pub fn install_filter(
                 return fail();
             }
         }
-        libc::close(listener);
+        if listener >= 0 {
+            libc::close(listener);
+        }
         libc::close(sock);
     }
     Ok(())

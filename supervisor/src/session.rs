@@ -2,6 +2,7 @@
 
 use crate::config::settings::Settings;
 use crate::handlers::{self, Context};
+use crate::intercept::{Interceptor, Mechanism};
 use crate::keeper::{TreeControl, TreeEvent};
 use crate::policy::env::{EnvPolicy, UserEnv};
 use crate::policy::files::{FilePolicy, PathLists, VirtualFile};
@@ -48,8 +49,17 @@ pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
     let program = command::resolve(&command[0], std::env::var_os("PATH").as_deref())
         .map_err(|e| Exit { message: e.to_string(), code: e.exit_code() })?;
     let features = crate::kernel::features();
-    if let Some(missing) = features.refusal() {
+    let choice = crate::intercept::choose(args.interceptor, crate::kernel::listener_available);
+    if let Some(missing) = features.refusal_for(choice.mechanism) {
         return Err(Exit { message: crate::kernel::refusal_message(&missing), code: 1 }.into());
+    }
+    if choice.mechanism == Mechanism::Ptrace {
+        if let Some(why) = choice.because {
+            eprintln!("kmirror: {why}; intercepting the app's calls with ptrace instead (docs/ptrace.md)");
+        }
+        // Before any other thread exists, so that every thread inherits it: only the tracer
+        // thread takes SIGCHLD, inside its wait (docs/ptrace.md, *The tracer thread*).
+        crate::ptrace::block_sigchld().context("cannot block SIGCHLD for the tracer")?;
     }
     for fallback in features.fallbacks() {
         tracing::info!(
@@ -73,7 +83,7 @@ pub fn run(args: Settings, command: Vec<OsString>) -> Result<ExitStatus> {
     // through the driver's eventfd even from the runtime's own thread, one system call and one
     // extra event-loop turn per message it receives.
     runtime.block_on(async {
-        tokio::spawn(session(args, command, target, pid, program, signal_pipe))
+        tokio::spawn(session(args, command, target, pid, program, signal_pipe, choice.mechanism))
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")))
     })
@@ -86,7 +96,9 @@ async fn session(
     pid: u32,
     program: PathBuf,
     signal_pipe: std::os::fd::OwnedFd,
+    mechanism: Mechanism,
 ) -> Result<ExitStatus> {
+    let traced = mechanism == Mechanism::Ptrace;
     // Start-up work that needs no agent runs while the agent starts, and the pod's environment
     // and resolv.conf are asked for together: every step here delays the app's start.
     // The write family is trapped only where writes may reach the pod: other sessions pay
@@ -109,6 +121,7 @@ async fn session(
             handlers::TRAPPED_WITH_ARG,
             handlers::TRAPPED_WHEN_EQUAL,
             handlers::DISABLED,
+            traced,
         )
     });
     // What a service manager handed to kmirror for the app (socket activation, notifications).
@@ -283,15 +296,31 @@ async fn session(
     let filter =
         filter.await.context("the filter task failed")?.context("cannot build the seccomp filter")?;
     let app_args: Vec<OsString> = command[1..].to_vec();
-    let app = tokio::task::spawn_blocking(move || {
-        let inherit = launch::Inheritance { env, own_pid_vars, pass_fds };
-        launch::launch(keeper, program, app_args, inherit, filter, |listener| {
+    // The ptrace interceptor's thread, started before the app (it attaches it), and a SIGCHLD
+    // handler (tokio's) for the signal to wake it with.
+    let (tracer, _sigchld) = match traced {
+        true => (
+            Some(crate::ptrace::Tracer::start().context("cannot start the tracer thread")?),
+            Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+                    .context("cannot handle SIGCHLD")?,
+            ),
+        ),
+        false => (None, None),
+    };
+    let trap = match &tracer {
+        Some(tracer) => launch::Trap::Tracer(tracer.clone()),
+        None => launch::Trap::Listener(Box::new(|listener| {
             if let Err(e) = Listener::set_sync_wake_up_fd(listener) {
                 tracing::info!(
                     "seccomp SYNC_WAKE_UP unavailable ({e}; Linux 6.6): each trapped call's answer wakes the app more slowly"
                 );
             }
-        })
+        })),
+    };
+    let app = tokio::task::spawn_blocking(move || {
+        let inherit = launch::Inheritance { env, own_pid_vars, pass_fds };
+        launch::launch(keeper, program, app_args, inherit, filter, trap)
     })
     .await
     .context("the launcher task failed")?
@@ -309,7 +338,11 @@ async fn session(
     signals::report_to(signal_pipe, signals_tx);
 
     let ctx = Arc::new(Context {
-        listener: Arc::new(Listener::new(app.listener)),
+        interceptor: Arc::new(match (tracer, app.listener) {
+            (Some(tracer), _) => Interceptor::Ptrace(tracer),
+            (None, Some(listener)) => Interceptor::Seccomp(Listener::new(listener)),
+            (None, None) => anyhow::bail!("the app was started without a seccomp listener"),
+        }),
         tunnel: tunnel.clone(),
         runtime: tokio::runtime::Handle::current(),
         outgoing: OutgoingPolicy {
@@ -336,7 +369,10 @@ async fn session(
         writebacks,
         cwds: Default::default(),
     });
-    start_notify_thread(ctx.clone());
+    match &*ctx.interceptor {
+        Interceptor::Seccomp(_) => start_notify_thread(ctx.clone()),
+        Interceptor::Ptrace(tracer) => tracer.serve(ctx.clone()),
+    }
     // Listeners passed by socket activation take part in incoming traffic as if the app had
     // called listen on them.
     for port in activated_ports {
@@ -507,10 +543,11 @@ fn start_notify_thread(ctx: Arc<Context>) {
             // RECV blocks until a notification is pending, so the hot path is one ioctl per
             // notification; poll is only consulted when RECV finds nothing, to tell a
             // withdrawn notification (the caller was killed) from "every task has exited".
+            let Interceptor::Seccomp(listener) = &*ctx.interceptor else { return };
             loop {
-                match ctx.listener.receive() {
+                match listener.receive() {
                     Ok(Some(n)) => handlers::dispatch(&ctx, n),
-                    Ok(None) => match ctx.listener.wait() {
+                    Ok(None) => match listener.wait() {
                         Ok(true) => {}
                         Ok(false) => return,
                         Err(e) => {

@@ -44,6 +44,11 @@ pub struct FileConfig {
     /// `--exit-with-main`). Default false.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_with_main: Option<bool>,
+    /// How the app's calls are intercepted: `seccomp` (a user-notification listener),
+    /// `ptrace` (works under another seccomp listener), or `auto` (seccomp where a listener
+    /// can be installed). kmirror's own; `--interceptor`. Default `auto`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interceptor: Option<InterceptorName>,
     /// mirrord's telemetry switch: kmirror sends none, so only `false` is accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "only_false")]
@@ -60,6 +65,14 @@ fn only_false(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 
 fn only_true(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "const": true })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InterceptorName {
+    Auto,
+    Seccomp,
+    Ptrace,
 }
 
 /// `"pid/4242"` (or mirrord's `"pod/<name>[/container/<c>]"`, ...), or an object.

@@ -110,6 +110,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "feature",
             "remote_timeout",
             "exit_with_main",
+            "interceptor",
             "telemetry",
             "operator",
         ],
@@ -413,6 +414,9 @@ impl Reader {
         if let Some(n) = t.get("exit_with_main") {
             c.exit_with_main = self.bool("exit_with_main", n);
         }
+        if let Some(n) = t.get("interceptor") {
+            c.interceptor = self.interceptor(n);
+        }
         if let Some(n) = t.get("telemetry") {
             c.telemetry = self.only("telemetry", n, false, "kmirror sends no telemetry");
         }
@@ -695,6 +699,25 @@ impl Reader {
                 self.only("feature.network.ipv6", n, true, "kmirror always carries IPv6 through the pod");
         }
         Some(net)
+    }
+
+    fn interceptor(&mut self, node: &Node) -> Option<InterceptorName> {
+        const PATH: &str = "interceptor";
+        let text = self.string(PATH, node)?;
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Some(InterceptorName::Auto),
+            "seccomp" => Some(InterceptorName::Seccomp),
+            "ptrace" => Some(InterceptorName::Ptrace),
+            _ => {
+                let names = ["auto", "seccomp", "ptrace"];
+                let help = closest(&text, names).map_or_else(
+                    || format!("one of {}", names.join(", ")),
+                    |m| format!("did you mean `{m}`?"),
+                );
+                self.error_help(node.pos, format!("`{PATH}`: unknown interceptor `{text}`"), help);
+                None
+            }
+        }
     }
 
     fn incoming_mode(&mut self, path: &str, node: &Node) -> Option<IncomingModeName> {

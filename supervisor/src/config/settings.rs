@@ -80,6 +80,7 @@ pub struct Settings {
     pub outgoing_udp: bool,
     pub outgoing_filter: Option<AddressFilter>,
     pub exit_with_main: bool,
+    pub interceptor: crate::intercept::InterceptorSetting,
     /// Every setting, for `verify-config`.
     pub shown: Vec<Shown>,
     /// Settings kept for Kubernetes targets, unused today.
@@ -516,6 +517,13 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
         false,
         |b| b.to_string(),
     );
+    let interceptor = r.pick(
+        "interceptor",
+        args.interceptor.map(|i| ("interceptor", i)),
+        c.interceptor.map(|i| (interceptor_setting(i), "interceptor")),
+        crate::intercept::InterceptorSetting::Auto,
+        |i| i.name().to_string(),
+    );
 
     let mut stored = Vec::new();
     let mut accepted = Vec::new();
@@ -578,6 +586,7 @@ pub fn resolve(inputs: &Inputs<'_>) -> Result<Settings, Failure> {
         outgoing_udp,
         outgoing_filter,
         exit_with_main,
+        interceptor,
         shown: r.shown,
         stored,
         accepted,
@@ -597,6 +606,15 @@ fn fs_mode(m: FsModeName) -> FsMode {
         FsModeName::LocalWithOverrides => FsMode::LocalWithOverrides,
         FsModeName::Read => FsMode::Read,
         FsModeName::Write => FsMode::Write,
+    }
+}
+
+fn interceptor_setting(i: InterceptorName) -> crate::intercept::InterceptorSetting {
+    use crate::intercept::InterceptorSetting;
+    match i {
+        InterceptorName::Auto => InterceptorSetting::Auto,
+        InterceptorName::Seccomp => InterceptorSetting::Seccomp,
+        InterceptorName::Ptrace => InterceptorSetting::Ptrace,
     }
 }
 

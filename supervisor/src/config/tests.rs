@@ -428,3 +428,30 @@ fn write_mode_and_read_write_lists_are_taken_from_the_file() {
     let s = resolve(&Inputs { args: &args, origin: &none, file: Some(&toml) }).unwrap();
     assert_eq!(s.fs_mode, FsMode::Write);
 }
+
+#[test]
+fn the_interceptor_comes_from_its_flag_variable_or_file_and_defaults_to_auto() {
+    use crate::intercept::InterceptorSetting;
+    let none = |_: &str| None;
+    let s = resolve(&Inputs { args: &SettingsArgs::default(), origin: &none, file: None }).unwrap();
+    assert_eq!(s.interceptor, InterceptorSetting::Auto);
+
+    let file = loaded(Format::Toml, "interceptor = \"ptrace\"\n", "/cfg/k.toml");
+    let s = resolve(&Inputs { args: &SettingsArgs::default(), origin: &none, file: Some(&file) }).unwrap();
+    assert_eq!(s.interceptor, InterceptorSetting::Ptrace);
+    let shown = s.shown.iter().find(|x| x.key == "interceptor").unwrap();
+    assert_eq!((shown.value.as_str(), shown.source.to_string()), ("ptrace", "file /cfg/k.toml:1:15".into()));
+
+    let args = SettingsArgs { interceptor: Some(InterceptorSetting::Seccomp), ..Default::default() };
+    let origin = |id: &str| (id == "interceptor").then(|| Source::Env("KMIRROR_INTERCEPTOR".into()));
+    let s = resolve(&Inputs { args: &args, origin: &origin, file: Some(&file) }).unwrap();
+    assert_eq!(s.interceptor, InterceptorSetting::Seccomp, "the variable beats the file");
+
+    let e = errors(Format::Yaml, "interceptor: ptrac\n");
+    assert_eq!(e[0].message, "`interceptor`: unknown interceptor `ptrac`");
+    assert_eq!(e[0].help.as_deref(), Some("did you mean `ptrace`?"));
+    assert_eq!(
+        errors(Format::Json, "{\"interceptor\": true}")[0].message,
+        "`interceptor` must be a string, not a boolean"
+    );
+}

@@ -5,7 +5,7 @@
 use super::files::{self, PathArg, Plan};
 use super::{Context, answer};
 use crate::caller::Caller;
-use crate::seccomp::Notification;
+use crate::intercept::Notification;
 use crate::tracee;
 use kmirror_protocol::Request;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ pub fn on_chdir(ctx: &Arc<Context>, n: Notification) {
         Plan::Local => {
             // Relative paths here are the kernel's only without a pod working directory.
             leaving(ctx, &n, raw.starts_with(b"/").then_some(&raw[..]));
-            ctx.listener.continue_call(n.id)
+            ctx.interceptor.continue_call(n.id)
         }
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::ENOTDIR)),
@@ -95,13 +95,13 @@ pub fn on_fchdir(ctx: &Arc<Context>, n: Notification) {
             if is_dir() {
                 leaving(ctx, &n, None);
             }
-            ctx.listener.continue_call(n.id)
+            ctx.interceptor.continue_call(n.id)
         }
     }
 }
 
 pub fn on_getcwd(ctx: &Arc<Context>, n: Notification) {
-    let Some(dir) = files::cwd_in_pod(ctx, n.tid) else { return ctx.listener.continue_call(n.id) };
+    let Some(dir) = files::cwd_in_pod(ctx, n.tid) else { return ctx.interceptor.continue_call(n.id) };
     let (buf, size) = (n.args[0], n.args[1] as usize);
     let bytes = [&dir[..], b"\0"].concat();
     let result = if size < bytes.len() {

@@ -12,9 +12,9 @@
 //! the others with their own address, because the kernel cannot be given back half a batch.
 
 use super::{Context, answer};
+use crate::intercept::Notification;
 use crate::policy::filter::Proto;
 use crate::policy::net::{self, Destination, Route};
-use crate::seccomp::Notification;
 use crate::{sockets, tracee};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -105,21 +105,21 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
     let (fd, buf, len, flags, addr, addr_len) =
         (n.args[0] as i32, n.args[1], n.args[2] as usize, n.args[3] as i32, n.args[4], n.args[5] as usize);
     let Some(name) = read_name(n.tid, addr, addr_len) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Some(pod) = pod_destination(ctx, &name) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let proto = match transport_of(&socket) {
         Some(Transport::Udp) => Proto::Udp,
         Some(Transport::Tcp) => Proto::Tcp,
-        None => return ctx.listener.continue_call(n.id),
+        None => return ctx.interceptor.continue_call(n.id),
     };
     if !super::net::admits(ctx, pod.0, proto) {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     match transport_of(&socket) {
         Some(Transport::Udp) => {}
@@ -128,17 +128,17 @@ pub fn on_sendto(ctx: &Arc<Context>, n: Notification) {
         Some(Transport::Tcp) if flags & libc::MSG_FASTOPEN != 0 && sockets::tcp_is_fresh(socket.as_fd()) => {
             let Ok(payload) = tracee::read_bytes(n.tid, buf, len.min(super::net::MAX_FASTOPEN_PAYLOAD))
             else {
-                return ctx.listener.return_errno(n.id, libc::EFAULT);
+                return ctx.interceptor.return_errno(n.id, libc::EFAULT);
             };
             return super::net::on_fastopen(ctx, n, socket, pod, payload);
         }
-        _ => return ctx.listener.continue_call(n.id),
+        _ => return ctx.interceptor.continue_call(n.id),
     }
     if len > max_datagram(pod.0) {
-        return ctx.listener.return_errno(n.id, libc::EMSGSIZE);
+        return ctx.interceptor.return_errno(n.id, libc::EMSGSIZE);
     }
     let Ok(payload) = tracee::read_bytes(n.tid, buf, len) else {
-        return ctx.listener.return_errno(n.id, libc::EFAULT);
+        return ctx.interceptor.return_errno(n.id, libc::EFAULT);
     };
     let datagram = Datagram { payload, control: Vec::new(), name: Some(name), pod: Some(pod) };
     let ctx = ctx.clone();
@@ -158,18 +158,18 @@ const MAX_RECEIVE: usize = 256 * 1024;
 /// kmirror's relay. Every other `recvfrom` costs only the check that no relay exists.
 pub fn on_recvfrom(ctx: &Arc<Context>, n: Notification) {
     if !ctx.proxy.relays_datagrams() {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let (fd, flags) = (n.args[0] as i32, n.args[3] as i32);
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let relayed = ctx.proxy.redirect_of(inode).is_some() || ctx.proxy.has_sendto_relay(inode);
     if !relayed || transport_of(&socket) != Some(Transport::Udp) {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     if flags & libc::MSG_DONTWAIT != 0 || sockets::is_nonblocking(socket.as_fd()) {
         receive_now(ctx, &n, &socket, inode);
@@ -180,7 +180,7 @@ pub fn on_recvfrom(ctx: &Arc<Context>, n: Notification) {
     let ctx2 = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
         let Some(socket) = super::waitable(socket) else {
-            return ctx2.listener.continue_call(n.id);
+            return ctx2.interceptor.continue_call(n.id);
         };
         loop {
             match super::wait_for_data(&ctx2, &n, &socket, deadline).await {
@@ -190,7 +190,7 @@ pub fn on_recvfrom(ctx: &Arc<Context>, n: Notification) {
                         return;
                     }
                 }
-                super::Waited::TimedOut => return ctx2.listener.return_errno(n.id, libc::EAGAIN),
+                super::Waited::TimedOut => return ctx2.interceptor.return_errno(n.id, libc::EAGAIN),
                 super::Waited::Answered => return,
             }
         }
@@ -209,7 +209,7 @@ fn receive_now(ctx: &Context, n: &Notification, socket: &OwnedFd, inode: u64) ->
         Err(errno) => {
             let blocking = flags & libc::MSG_DONTWAIT == 0 && !sockets::is_nonblocking(socket.as_fd());
             if !(errno == libc::EAGAIN && blocking) {
-                ctx.listener.return_errno(n.id, errno);
+                ctx.interceptor.return_errno(n.id, errno);
             }
             return Some(errno);
         }
@@ -225,7 +225,7 @@ fn receive_now(ctx: &Context, n: &Notification, socket: &OwnedFd, inode: u64) ->
     // The call is gone (nothing to answer) when its memory cannot be had.
     let memory = super::output_memory(ctx, n)?;
     if memory.write(buf, &data[..received.min(data.len())]).is_err() {
-        ctx.listener.return_errno(n.id, libc::EFAULT);
+        ctx.interceptor.return_errno(n.id, libc::EFAULT);
         return Some(libc::EFAULT);
     }
     // An address buffer without a length is EFAULT, after the datagram was taken, as the
@@ -235,12 +235,12 @@ fn receive_now(ctx: &Context, n: &Notification, socket: &OwnedFd, inode: u64) ->
             Ok(()) => {}
             Err(0) => return None,
             Err(errno) => {
-                ctx.listener.return_errno(n.id, errno);
+                ctx.interceptor.return_errno(n.id, errno);
                 return Some(errno);
             }
         }
     }
-    ctx.listener.return_value(n.id, received as i64);
+    ctx.interceptor.return_value(n.id, received as i64);
     None
 }
 
@@ -256,7 +256,7 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
     };
     let stride = if is_batch { MMSGHDR_SIZE } else { MSGHDR_SIZE };
     let Ok(raw) = tracee::read_bytes(n.tid, first, stride * count) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let headers: Vec<MsgHeader> = raw.chunks_exact(stride).map(parse_msghdr).collect();
     let mut destinations = Vec::with_capacity(count);
@@ -266,21 +266,21 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
         destinations.push((name, pod));
     }
     if destinations.iter().all(|(_, pod)| pod.is_none()) {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let proto = match transport_of(&socket) {
         Some(Transport::Udp) => Proto::Udp,
         Some(Transport::Tcp) => Proto::Tcp,
-        None => return ctx.listener.continue_call(n.id),
+        None => return ctx.interceptor.continue_call(n.id),
     };
     for (_, pod) in &mut destinations {
         *pod = pod.filter(|&(dest, _)| super::net::admits(ctx, dest, proto));
     }
     if destinations.iter().all(|(_, pod)| pod.is_none()) {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     match transport_of(&socket) {
         Some(Transport::Udp) => {}
@@ -292,10 +292,10 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
             return match gather(n.tid, hdr, super::net::MAX_FASTOPEN_PAYLOAD, Overflow::Truncate) {
                 // Control messages mean nothing to a TCP connect; they are dropped.
                 Ok((payload, _)) => super::net::on_fastopen(ctx, n, socket, pod, payload),
-                Err(errno) => ctx.listener.return_errno(n.id, errno),
+                Err(errno) => ctx.interceptor.return_errno(n.id, errno),
             };
         }
-        _ => return ctx.listener.continue_call(n.id),
+        _ => return ctx.interceptor.continue_call(n.id),
     }
     // As the kernel does, a message that cannot be read ends the batch there; only a failure
     // on the first one is the call's error.
@@ -305,7 +305,7 @@ pub fn on_sendmsg(ctx: &Arc<Context>, n: Notification) {
         let max = pod.map_or(MAX_DATAGRAM_V6, |(dest, _)| max_datagram(dest));
         match gather(n.tid, hdr, max, Overflow::Fail) {
             Ok((payload, control)) => datagrams.push(Datagram { payload, control, name, pod }),
-            Err(errno) if datagrams.is_empty() => return ctx.listener.return_errno(n.id, errno),
+            Err(errno) if datagrams.is_empty() => return ctx.interceptor.return_errno(n.id, errno),
             Err(_) => break,
         }
     }

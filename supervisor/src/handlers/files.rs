@@ -8,9 +8,9 @@
 
 use super::{Context, answer, tunnel_errno};
 use crate::caller::Caller;
+use crate::intercept::Notification;
 use crate::policy::files::{self, FileRoute, VirtualFile};
 use crate::policy::walk::{self, Node, Scope};
-use crate::seccomp::Notification;
 use crate::{abi, localfs, tracee};
 use kmirror_protocol::{DirEntry, FileStat, Identity, Request, Response};
 use std::io::Write;
@@ -434,7 +434,7 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
             // `how` is one the kernel refuses before it looks at the path: its answer.
             Some(Err(errno)) => return answer(ctx, &n, Err(errno)),
             // Too small, too large or unreadable: the kernel's to refuse as it does.
-            None => return ctx.listener.continue_call(n.id),
+            None => return ctx.interceptor.continue_call(n.id),
         },
     };
     // O_PATH ignores every flag that would write.
@@ -444,7 +444,7 @@ pub fn on_open(ctx: &Arc<Context>, n: Notification) {
     let follow_last = flags & libc::O_NOFOLLOW == 0;
     let arg = PathArg { dirfd, ptr: path_ptr, write, resolve, follow_last, empty_is_fd: false };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
-        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Local => ctx.interceptor.continue_call(n.id),
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
@@ -548,8 +548,8 @@ async fn open_path_only(ctx: &Context, who: &Identity, path: &[u8], flags: i32) 
 pub(super) fn deliver_fd(ctx: &Context, n: &Notification, result: Result<OwnedFd, i32>, flags: i32) {
     match result {
         Ok(fd) => {
-            if ctx.listener.is_valid(n.id) {
-                ctx.listener.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0);
+            if ctx.interceptor.is_valid(n.id) {
+                ctx.interceptor.return_new_fd(n.id, fd.as_raw_fd(), flags & libc::O_CLOEXEC != 0);
             }
         }
         Err(errno) => answer(ctx, n, Err(errno)),
@@ -832,7 +832,7 @@ fn kind_of(ft: std::fs::FileType) -> u8 {
 pub fn on_fstat(ctx: &Arc<Context>, n: Notification) {
     let (fd, buf) = (n.args[0] as i32, n.args[1]);
     let file = if ctx.standins.any_handed_out() { pod_file_of_fd(ctx, n.tid, fd) } else { None };
-    let Some(file) = file else { return ctx.listener.continue_call(n.id) };
+    let Some(file) = file else { return ctx.interceptor.continue_call(n.id) };
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
         let stat = match identity_of(&n) {
@@ -856,7 +856,7 @@ pub fn on_stat(ctx: &Arc<Context>, n: Notification) {
     let empty_is_fd = flags & libc::AT_EMPTY_PATH != 0;
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last: follow, empty_is_fd };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
-        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Local => ctx.interceptor.continue_call(n.id),
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
@@ -914,7 +914,7 @@ pub fn on_access(ctx: &Arc<Context>, n: Notification) {
     let empty_is_fd = flags & libc::AT_EMPTY_PATH != 0;
     let arg = PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last, empty_is_fd };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
-        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Local => ctx.interceptor.continue_call(n.id),
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(
             ctx,
@@ -983,7 +983,7 @@ pub fn on_readlink(ctx: &Arc<Context>, n: Notification) {
     let arg =
         PathArg { dirfd, ptr: path_ptr, write: false, resolve: 0, follow_last: false, empty_is_fd: true };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
-        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Local => ctx.interceptor.continue_call(n.id),
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => as_app(ctx, n, move |caller| localfs::read_link(caller, &path), copy_out),
         Plan::Virtual(_) => answer(ctx, &n, Err(libc::EINVAL)),
@@ -1024,7 +1024,7 @@ pub fn on_xattr(ctx: &Arc<Context>, n: Notification) {
         empty_is_fd: false,
     };
     with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
-        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Local => ctx.interceptor.continue_call(n.id),
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::LocalAt(path) => {
             let (name, buf, size) = if list {

@@ -6,8 +6,8 @@
 //! by the app and every process it starts, and never reaches the developer's machine.
 
 use super::Context;
+use crate::intercept::Notification;
 use crate::policy::host;
-use crate::seccomp::Notification;
 use crate::{caller, tracee, uts};
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -37,14 +37,14 @@ pub fn local_hostname() -> String {
 
 pub fn on_uname(ctx: &Arc<Context>, n: Notification) {
     let Some(local) = uts::local() else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Some(memory) = super::output_memory(ctx, &n) else {
         return; // The call is gone: nothing to answer.
     };
     match memory.write(n.args[0], &host::with_nodename(&local, &ctx.hostname.get())) {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
-        Err(_) => ctx.listener.return_errno(n.id, libc::EFAULT),
+        Ok(()) => ctx.interceptor.return_value(n.id, 0),
+        Err(_) => ctx.interceptor.return_errno(n.id, libc::EFAULT),
     }
 }
 

@@ -17,11 +17,11 @@ pub use cwd::TRAPPED_FOR_CWD;
 pub use net::subscribe_listener;
 pub use writes::TRAPPED_FOR_WRITES;
 
+use crate::intercept::{Interceptor, Notification};
 use crate::outgoing::Proxy;
 use crate::policy::files::{FilePolicy, VirtualFile};
 use crate::policy::incoming::IncomingPolicy;
 use crate::policy::net::OutgoingPolicy;
-use crate::seccomp::{Listener, Notification};
 use kmirror_protocol::tunnel::Tunnel;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -76,7 +76,8 @@ pub const DISABLED: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_re
 
 /// Everything handlers share for one session.
 pub struct Context {
-    pub listener: Arc<Listener>,
+    /// How trapped calls are answered (whichever mechanism trapped them).
+    pub interceptor: Arc<Interceptor>,
     pub tunnel: Tunnel,
     pub runtime: tokio::runtime::Handle,
     pub outgoing: OutgoingPolicy,
@@ -124,11 +125,11 @@ pub fn spawn_answering(
     id: u64,
     handler: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let listener = ctx.listener.clone();
+    let interceptor = ctx.interceptor.clone();
     ctx.runtime.spawn(async move {
         if CatchUnwind(Box::pin(handler)).await.is_err() {
             tracing::error!("a handler panicked; the app's call gets EIO");
-            listener.return_errno(id, libc::EIO);
+            interceptor.return_errno(id, libc::EIO);
         }
     });
 }
@@ -156,8 +157,8 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
 /// kernel refuses the answer, which is harmless, so there is no validity check first.
 pub fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
     match result {
-        Ok(value) => ctx.listener.return_value(n.id, value),
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
+        Ok(value) => ctx.interceptor.return_value(n.id, value),
+        Err(errno) => ctx.interceptor.return_errno(n.id, errno),
     }
 }
 
@@ -166,7 +167,7 @@ pub fn answer(ctx: &Context, n: &Notification, result: Result<i64, i32>) {
 /// is opened before the check, so a thread id reused after it cannot redirect the writes.
 pub fn output_memory(ctx: &Context, n: &Notification) -> Option<crate::tracee::Memory> {
     let memory = crate::tracee::Memory::open(n.tid).ok()?;
-    ctx.listener.is_valid(n.id).then_some(memory)
+    ctx.interceptor.is_valid(n.id).then_some(memory)
 }
 
 /// How often a blocking call emulated here looks for signals sent to the waiting thread: often
@@ -211,11 +212,11 @@ pub async fn wait_for_data(
     };
     let started = std::time::Instant::now();
     loop {
-        if !ctx.listener.is_valid(n.id) {
+        if !ctx.interceptor.is_valid(n.id) {
             return Waited::Answered;
         }
         if signals.pending().unwrap_or(false) {
-            ctx.listener.continue_call(n.id);
+            ctx.interceptor.continue_call(n.id);
             return Waited::Answered;
         }
         let interval = signal_check_interval(started.elapsed());
@@ -240,7 +241,7 @@ pub async fn wait_for_data(
 
 /// Hands a call back to the kernel, which reports what is wrong with its descriptor.
 fn hand_back(ctx: &Context, n: &Notification) -> Waited {
-    ctx.listener.continue_call(n.id);
+    ctx.interceptor.continue_call(n.id);
     Waited::Answered
 }
 
@@ -282,7 +283,7 @@ pub fn dispatch(ctx: &Arc<Context>, n: Notification) {
         libc::SYS_getxattr | libc::SYS_lgetxattr | libc::SYS_listxattr | libc::SYS_llistxattr => {
             files::on_xattr(ctx, n)
         }
-        _ => ctx.listener.continue_call(n.id),
+        _ => ctx.interceptor.continue_call(n.id),
     }
 }
 

@@ -1,10 +1,10 @@
 //! `connect`, `getpeername`, `getsockname`, `listen` and `accept`.
 
 use super::Context;
+use crate::intercept::Notification;
 use crate::outgoing::Outcome;
 use crate::policy::filter::Proto;
 use crate::policy::net::{self, Destination, Route};
-use crate::seccomp::Notification;
 use crate::{sockets, tracee};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -18,29 +18,29 @@ const BLOCKING_CONNECT_LIMIT: Duration = Duration::from_secs(75);
 pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
     let (fd, addr, len) = (n.args[0] as i32, n.args[1], n.args[2] as usize);
     if !(2..=128).contains(&len) {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let Ok(raw) = tracee::read_bytes(n.tid, addr, len) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let dest = match net::parse_sockaddr(&raw) {
         Some(Destination::Inet(dest)) => dest,
         Some(Destination::Unix(path)) if ctx.files.remote_dns && net::is_nscd_socket(&path) => {
-            if ctx.listener.is_valid(n.id) {
-                ctx.listener.return_errno(n.id, libc::ENOENT);
+            if ctx.interceptor.is_valid(n.id) {
+                ctx.interceptor.return_errno(n.id, libc::ENOENT);
             }
             return;
         }
-        _ => return ctx.listener.continue_call(n.id),
+        _ => return ctx.interceptor.continue_call(n.id),
     };
     let Route::Remote(dest) = ctx.outgoing.route(dest) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
         // Not an open descriptor (any more): the kernel reports it.
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
-    if !ctx.listener.is_valid(n.id) {
+    if !ctx.interceptor.is_valid(n.id) {
         return;
     }
     let family = net::family_of(&raw);
@@ -60,7 +60,7 @@ pub fn on_connect(ctx: &Arc<Context>, n: Notification) {
             });
         }
         // Raw sockets, SCTP, MPTCP...: not tunnelled; the kernel handles them locally.
-        _ => ctx.listener.continue_call(n.id),
+        _ => ctx.interceptor.continue_call(n.id),
     }
 }
 
@@ -94,7 +94,7 @@ async fn connect_through_pod(
 ) -> Option<Result<(), i32>> {
     let fd = socket.as_fd();
     let Some(inode) = sockets::socket_inode(fd) else {
-        ctx.listener.continue_call(n.id);
+        ctx.interceptor.continue_call(n.id);
         return None;
     };
     let nonblocking = sockets::is_nonblocking(fd);
@@ -123,7 +123,7 @@ async fn connect_through_pod(
             Some(outcome) if !nonblocking => outcome,
             // Connecting or connected: the kernel answers (EALREADY, EISCONN, or it waits).
             _ => {
-                ctx.listener.continue_call(n.id);
+                ctx.interceptor.continue_call(n.id);
                 return None;
             }
         }
@@ -170,11 +170,11 @@ pub(super) async fn interruptible<T>(
         if let Ok(done) = tokio::time::timeout(slice, &mut work).await {
             return Some(done);
         }
-        if !ctx.listener.is_valid(n.id) {
+        if !ctx.interceptor.is_valid(n.id) {
             return None;
         }
         if signals.as_mut().is_some_and(|s| s.pending().unwrap_or(false)) {
-            ctx.listener.return_errno(n.id, ERESTARTSYS);
+            ctx.interceptor.return_errno(n.id, ERESTARTSYS);
             return None;
         }
     }
@@ -197,11 +197,11 @@ async fn wait_for_outcome(
         if now != Outcome::Pending {
             return Some(now);
         }
-        if !ctx.listener.is_valid(n.id) {
+        if !ctx.interceptor.is_valid(n.id) {
             return None;
         }
         if signals.as_mut().is_some_and(|s| s.pending().unwrap_or(false)) {
-            ctx.listener.continue_call(n.id);
+            ctx.interceptor.continue_call(n.id);
             return None;
         }
         let mut slice = super::signal_check_interval(started.elapsed());
@@ -257,15 +257,15 @@ pub const MAX_FASTOPEN_PAYLOAD: usize = 64 * 1024;
 /// kernel's, at the cost of one lookup.
 pub fn on_getsockopt(ctx: &Arc<Context>, n: Notification) {
     if !ctx.proxy.has_failures_to_report() {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let (fd, value_ptr, len_ptr) = (n.args[0] as i32, n.args[3], n.args[4]);
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Some(errno) = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.take_failure(inode))
     else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     // The stand-in goes, as reading SO_ERROR clears the error.
     let _ = sockets::take_error(socket.as_fd());
@@ -281,15 +281,15 @@ pub fn on_getsockopt(ctx: &Arc<Context>, n: Notification) {
         memory.write(len_ptr, &(copy as u32).to_ne_bytes()).map_err(|_| libc::EFAULT)
     })();
     match result {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Ok(()) => ctx.interceptor.return_value(n.id, 0),
         Err(0) => {}
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
+        Err(errno) => ctx.interceptor.return_errno(n.id, errno),
     }
 }
 
 async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest: SocketAddr, family: i32) {
     let Some(inode) = sockets::socket_inode(socket.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     // Bound first (as connect's own autobind would), so the relay can be tied to the socket's
     // address before the socket learns the relay's.
@@ -298,8 +298,8 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     let app = match app {
         Ok(app) => app,
         Err(errno) => {
-            if ctx.listener.is_valid(n.id) {
-                ctx.listener.return_errno(n.id, errno);
+            if ctx.interceptor.is_valid(n.id) {
+                ctx.interceptor.return_errno(n.id, errno);
             }
             return;
         }
@@ -309,8 +309,8 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     let flow = match flow {
         Ok(flow) => flow,
         Err(errno) => {
-            if ctx.listener.is_valid(n.id) {
-                ctx.listener.return_errno(n.id, errno);
+            if ctx.interceptor.is_valid(n.id) {
+                ctx.interceptor.return_errno(n.id, errno);
             }
             return;
         }
@@ -319,12 +319,12 @@ async fn connect_udp(ctx: &Arc<Context>, n: Notification, socket: OwnedFd, dest:
     if result.is_ok() {
         ctx.proxy.start_udp(flow, inode, dest);
     }
-    if !ctx.listener.is_valid(n.id) {
+    if !ctx.interceptor.is_valid(n.id) {
         return;
     }
     match result {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
+        Ok(()) => ctx.interceptor.return_value(n.id, 0),
+        Err(errno) => ctx.interceptor.return_errno(n.id, errno),
     }
 }
 
@@ -369,36 +369,36 @@ fn incoming_client(ctx: &Context, raw_peer: &[u8], family: i32) -> Option<Vec<u8
 pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
     let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     // Most sockets are neither redirected nor delivered: answer those with as few calls as possible.
     let redirected = sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.redirect_of(inode));
     if redirected.is_none() && ctx.incoming_peers.is_empty() {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let Ok(family) = sockets::socket_domain(socket.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let encoded = match redirected {
         Some(dest) => {
             // Only a connected socket has a peer: Go polls getpeername to learn whether a
             // connect finished, so an unfinished one must still say ENOTCONN.
             if let Err(errno) = sockets::peer_check(socket.as_fd()) {
-                return ctx.listener.return_errno(n.id, errno);
+                return ctx.interceptor.return_errno(n.id, errno);
             }
             net::encode_sockaddr(dest, family)
         }
         None => {
             match sockets::peer_addr(socket.as_fd()).ok().and_then(|raw| incoming_client(ctx, &raw, family)) {
                 Some(client) => client,
-                None => return ctx.listener.continue_call(n.id),
+                None => return ctx.interceptor.continue_call(n.id),
             }
         }
     };
     match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Ok(()) => ctx.interceptor.return_value(n.id, 0),
         Err(0) => {}
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
+        Err(errno) => ctx.interceptor.return_errno(n.id, errno),
     }
 }
 
@@ -410,11 +410,11 @@ pub fn on_getpeername(ctx: &Arc<Context>, n: Notification) {
 pub fn on_getsockname(ctx: &Arc<Context>, n: Notification) {
     let (redirects, deliveries) = (ctx.proxy.has_redirects(), !ctx.incoming_peers.is_empty());
     if !redirects && !deliveries {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let (fd, addr_ptr, len_ptr) = (n.args[0] as i32, n.args[1], n.args[2]);
     let Ok(socket) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let redirected = redirects
         .then(|| sockets::socket_inode(socket.as_fd()).and_then(|inode| ctx.proxy.pod_local_of(inode)))
@@ -426,18 +426,18 @@ pub fn on_getsockname(ctx: &Arc<Context>, n: Notification) {
             .map(|d| d.server)
     };
     let Some(pod_local) = redirected.or_else(delivered) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let Some(encoded) = sockets::socket_domain(socket.as_fd())
         .ok()
         .and_then(|family| net::encode_for_socket(pod_local, family))
     else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     match write_sockaddr_out(ctx, &n, addr_ptr, len_ptr, &encoded) {
-        Ok(()) => ctx.listener.return_value(n.id, 0),
+        Ok(()) => ctx.interceptor.return_value(n.id, 0),
         Err(0) => {}
-        Err(errno) => ctx.listener.return_errno(n.id, errno),
+        Err(errno) => ctx.interceptor.return_errno(n.id, errno),
     }
 }
 
@@ -452,20 +452,20 @@ pub fn on_accept(ctx: &Arc<Context>, n: Notification) {
         || !ctx.incoming.receives_pod_traffic()
         || flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0
     {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let Ok(listening) = ctx.threads.take_fd(n.tid, fd) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     let nonblocking = sockets::is_nonblocking(listening.as_fd());
     if nonblocking && ctx.incoming_peers.is_empty() {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     // Only a TCP listener whose port receives pod traffic: any other (AF_UNIX, UDP-less
     // protocols, a port whose subscription failed) never gets a delivered connection, and its
     // accept stays the kernel's in every respect.
     let Some(family) = serves_pod_port(ctx, listening.as_fd()) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     if nonblocking {
         return deliver_accepted(ctx, &n, &listening, flags, family);
@@ -511,7 +511,7 @@ async fn wait_and_accept(
     deadline: Option<std::time::Instant>,
 ) {
     let Some(listening) = super::waitable(listening) else {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     };
     loop {
         match super::wait_for_data(ctx, n, &listening, deadline).await {
@@ -520,7 +520,7 @@ async fn wait_and_accept(
                 // the connection (to a thread of the app accepting natively) blocks. So the
                 // accept runs on a blocking thread, never on the runtime's only one.
                 let Ok(fd) = listening.get_ref().try_clone() else {
-                    return ctx.listener.continue_call(n.id);
+                    return ctx.interceptor.continue_call(n.id);
                 };
                 let (ctx2, n2) = (ctx.clone(), *n);
                 let accepted = tokio::task::spawn_blocking(move || {
@@ -535,10 +535,10 @@ async fn wait_and_accept(
                     Ok(true) => return,
                     // Another waiter took the connection: wait for the next.
                     Ok(false) => {}
-                    Err(_) => return ctx.listener.return_errno(n.id, libc::EIO),
+                    Err(_) => return ctx.interceptor.return_errno(n.id, libc::EIO),
                 }
             }
-            super::Waited::TimedOut => return ctx.listener.return_errno(n.id, libc::EAGAIN),
+            super::Waited::TimedOut => return ctx.interceptor.return_errno(n.id, libc::EAGAIN),
             super::Waited::Answered => return,
         }
     }
@@ -550,15 +550,15 @@ fn deliver_accepted(ctx: &Context, n: &Notification, listening: &OwnedFd, flags:
     let (addr_ptr, len_ptr) = (n.args[1], n.args[2]);
     let (conn, raw_peer) = match sockets::accept(listening.as_fd(), flags & libc::SOCK_NONBLOCK) {
         Ok(accepted) => accepted,
-        Err(errno) => return ctx.listener.return_errno(n.id, errno),
+        Err(errno) => return ctx.interceptor.return_errno(n.id, errno),
     };
     let encoded = incoming_client(ctx, &raw_peer, family).unwrap_or(raw_peer);
     match write_sockaddr_out(ctx, n, addr_ptr, len_ptr, &encoded) {
         Ok(()) => {}
         Err(0) => return,
-        Err(errno) => return ctx.listener.return_errno(n.id, errno),
+        Err(errno) => return ctx.interceptor.return_errno(n.id, errno),
     }
-    ctx.listener.return_new_fd(n.id, conn.as_raw_fd(), flags & libc::SOCK_CLOEXEC != 0);
+    ctx.interceptor.return_new_fd(n.id, conn.as_raw_fd(), flags & libc::SOCK_CLOEXEC != 0);
 }
 
 /// Learns the ports the app serves: once its listen succeeds, the matching pod port is
@@ -566,7 +566,7 @@ fn deliver_accepted(ctx: &Context, n: &Notification, listening: &OwnedFd, flags:
 pub fn on_listen(ctx: &Arc<Context>, n: Notification) {
     let fd = n.args[0] as i32;
     let socket = ctx.threads.take_fd(n.tid, fd).ok();
-    ctx.listener.continue_call(n.id);
+    ctx.interceptor.continue_call(n.id);
     let Some(socket) = socket else { return };
     if !matches!(sockets::socket_type(socket.as_fd()), Ok(libc::SOCK_STREAM)) {
         return;

@@ -9,7 +9,7 @@
 
 use super::files::{self, PathArg, Plan};
 use super::{Context, answer};
-use crate::seccomp::Notification;
+use crate::intercept::Notification;
 use crate::tracee;
 use crate::writeback;
 use kmirror_protocol::{Request, Response};
@@ -150,7 +150,7 @@ fn on_path(
     request: impl FnOnce(Vec<u8>, &crate::caller::Caller) -> Request + Send + 'static,
 ) {
     files::with_plan(ctx, n, arg, move |ctx, n, plan| match plan {
-        Plan::Local => ctx.listener.continue_call(n.id),
+        Plan::Local => ctx.interceptor.continue_call(n.id),
         Plan::Missing => answer(ctx, &n, Err(libc::ENOENT)),
         Plan::Remote(path) => {
             let ctx = ctx.clone();
@@ -205,7 +205,7 @@ pub fn on_symlink(ctx: &Arc<Context>, n: Notification) {
     let target = match tracee::read_cstring(n.tid, target_ptr, files::PATH_MAX) {
         Ok(target) => target,
         // Unreadable or too long: the kernel's own errno.
-        Err(_) => return ctx.listener.continue_call(n.id),
+        Err(_) => return ctx.interceptor.continue_call(n.id),
     };
     on_path(ctx, n, write_arg(dirfd, ptr, false), move |path, _| Request::Symlink { target, path });
 }
@@ -230,7 +230,7 @@ pub fn on_rename(ctx: &Arc<Context>, n: Notification) {
     let (from, to) = (write_arg(from_dir, from_ptr, false), write_arg(to_dir, to_ptr, false));
     files::with_plan(ctx, n, from, move |ctx, n, from| {
         files::with_plan(ctx, n, to, move |ctx, n, to| match (from, to) {
-            (Plan::Local, Plan::Local) => ctx.listener.continue_call(n.id),
+            (Plan::Local, Plan::Local) => ctx.interceptor.continue_call(n.id),
             (Plan::Missing, _) | (_, Plan::Missing) => answer(ctx, &n, Err(libc::ENOENT)),
             (Plan::Remote(from), Plan::Remote(to)) => {
                 let ctx = ctx.clone();
@@ -254,18 +254,18 @@ pub fn on_rename(ctx: &Arc<Context>, n: Notification) {
 /// before the call returns. Every other descriptor is the kernel's.
 pub fn on_fsync(ctx: &Arc<Context>, n: Notification) {
     if !ctx.writebacks.any() {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let link = tracee::proc_link(n.tid, &format!("fd/{}", n.args[0] as i32)).unwrap_or_default();
     if ctx.writebacks.pod_path_of_link(&link).is_none() {
-        return ctx.listener.continue_call(n.id);
+        return ctx.interceptor.continue_call(n.id);
     }
     let data_only = n.nr == libc::SYS_fdatasync;
     let ctx = ctx.clone();
     super::spawn_answering(ctx.clone(), n.id, async move {
         match ctx.writebacks.sync(&link, data_only).await {
             Some(result) => answer(&ctx, &n, result.map(|()| 0)),
-            None => ctx.listener.continue_call(n.id),
+            None => ctx.interceptor.continue_call(n.id),
         }
     });
 }

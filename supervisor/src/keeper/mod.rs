@@ -374,6 +374,7 @@ fn keep() -> std::io::Result<()> {
     let mut command = std::process::Command::new(OsStr::from_bytes(&request.program));
     command.args(request.args.iter().map(|a| OsStr::from_bytes(a)));
     let filter = request.filter;
+    let listener = request.listener;
     let own_pid_vars = request.own_pid_vars;
     let sock = handoff.as_raw_fd();
     let me = nix::unistd::getpid().as_raw();
@@ -382,7 +383,7 @@ fn keep() -> std::io::Result<()> {
     unsafe {
         command.pre_exec(move || {
             crate::launch::write_own_pid(&own_pid_vars);
-            crate::launch::install_filter(&filter, sock, me)
+            crate::launch::install_filter(&filter, listener, sock, me)
         });
     }
     let spawned = command.spawn();

@@ -29,6 +29,9 @@ pub struct LaunchRequest {
     pub args: Vec<Vec<u8>>,
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     pub filter: Vec<libc::sock_filter>,
+    /// Install the filter with a seccomp listener (false: for the ptrace interceptor, which
+    /// attaches before exec instead).
+    pub listener: bool,
     /// Variables of `env` whose value the app's launcher replaces with the app's pid (see
     /// [`crate::policy::service_manager`]).
     pub own_pid_vars: Vec<Vec<u8>>,
@@ -135,6 +138,7 @@ impl Command {
                     body.push(insn.jf);
                     body.extend_from_slice(&insn.k.to_le_bytes());
                 }
+                body.push(req.listener as u8);
                 body.extend_from_slice(&(req.own_pid_vars.len() as u32).to_le_bytes());
                 for name in &req.own_pid_vars {
                     put_bytes(&mut body, name);
@@ -171,9 +175,19 @@ impl Command {
                         Ok(libc::sock_filter { code, jt, jf, k: f.u32()? })
                     })
                     .collect::<Result<_, _>>()?;
+                let listener = f.u8()? != 0;
                 let own_pid_vars = (0..f.u32()?).map(|_| f.bytes()).collect::<Result<_, _>>()?;
                 let pass_fds = (0..f.u32()?).map(|_| Ok(f.u32()? as i32)).collect::<Result<_, _>>()?;
-                Command::Launch(LaunchRequest { ignored, program, args, env, filter, own_pid_vars, pass_fds })
+                Command::Launch(LaunchRequest {
+                    ignored,
+                    program,
+                    args,
+                    env,
+                    filter,
+                    listener,
+                    own_pid_vars,
+                    pass_fds,
+                })
             }
             b'S' => Command::Signal { sig: f.u8()? as i32, outside_group_only: f.u8()? != 0 },
             b'E' => Command::EndTree,
@@ -230,6 +244,7 @@ mod tests {
                 libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 4 },
                 libc::sock_filter { code: 0x15, jt: 1, jf: 2, k: 0xc000_003e },
             ],
+            listener: false,
             own_pid_vars: vec![b"LISTEN_PID".to_vec()],
             pass_fds: vec![3, 4],
         })

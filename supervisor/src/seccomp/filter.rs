@@ -29,20 +29,25 @@ pub struct Program {
 /// `sendto` only with a destination address), `notify_if_args_equal` calls trapped only when
 /// the given 32-bit arguments have the given values (`getsockopt` of one option), so the common
 /// case costs no notification.
+///
+/// `trace` makes the trapped calls `SECCOMP_RET_TRACE` instead of `SECCOMP_RET_USER_NOTIF`: the
+/// same program for the ptrace interceptor, installed without a listener (docs/ptrace.md).
 pub fn build(
     notify: &[&str],
     notify_if_arg_set: &[(&str, u32)],
     notify_if_args_equal: &[(&str, &[(u32, u64)])],
     enosys: &[&str],
+    trace: bool,
 ) -> Result<Program, FilterError> {
+    let trap = if trace { ScmpAction::Trace(0) } else { ScmpAction::Notify };
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
     ctx.set_act_badarch(ScmpAction::Errno(libc::ENOSYS))?;
     for name in notify {
-        ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)?;
+        ctx.add_rule(trap, ScmpSyscall::from_name(name)?)?;
     }
     for &(name, arg) in notify_if_arg_set {
         let set = libseccomp::ScmpArgCompare::new(arg, libseccomp::ScmpCompareOp::NotEqual, 0);
-        ctx.add_rule_conditional(ScmpAction::Notify, ScmpSyscall::from_name(name)?, &[set])?;
+        ctx.add_rule_conditional(trap, ScmpSyscall::from_name(name)?, &[set])?;
     }
     for &(name, args) in notify_if_args_equal {
         // Only the low 32 bits: the kernel reads these arguments as ints.
@@ -56,7 +61,7 @@ pub fn build(
                 )
             })
             .collect();
-        ctx.add_rule_conditional(ScmpAction::Notify, ScmpSyscall::from_name(name)?, &equal)?;
+        ctx.add_rule_conditional(trap, ScmpSyscall::from_name(name)?, &equal)?;
     }
     for name in enosys {
         ctx.add_rule(ScmpAction::Errno(libc::ENOSYS), ScmpSyscall::from_name(name)?)?;
@@ -92,6 +97,7 @@ mod tests {
             &[("sendto", 4)],
             &[("getsockopt", &[(1, 1), (2, 4)])],
             &["io_uring_setup"],
+            false,
         )
         .unwrap();
         assert!(program.instructions.len() > 6);
@@ -108,7 +114,28 @@ mod tests {
     }
 
     #[test]
+    fn the_ptrace_program_traces_what_the_listener_program_notifies() {
+        let returns = |trace: bool| -> Vec<u32> {
+            build(&["connect", "openat"], &[("sendto", 4)], &[], &["io_uring_setup"], trace)
+                .unwrap()
+                .instructions
+                .iter()
+                .filter(|i| i.code == (libc::BPF_RET | libc::BPF_K) as u16)
+                .map(|i| i.k)
+                .collect()
+        };
+        let (notify, trace) = (returns(false), returns(true));
+        assert!(trace.contains(&libc::SECCOMP_RET_TRACE) && !trace.contains(&libc::SECCOMP_RET_USER_NOTIF));
+        // The same program otherwise: every notification became a trace, nothing else moved.
+        let as_trace: Vec<u32> = notify
+            .iter()
+            .map(|&k| if k == libc::SECCOMP_RET_USER_NOTIF { libc::SECCOMP_RET_TRACE } else { k })
+            .collect();
+        assert_eq!(as_trace, trace);
+    }
+
+    #[test]
     fn unknown_syscall_names_are_errors() {
-        assert!(build(&["no_such_call"], &[], &[], &[]).is_err());
+        assert!(build(&["no_such_call"], &[], &[], &[], false).is_err());
     }
 }

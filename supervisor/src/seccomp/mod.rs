@@ -3,4 +3,4 @@
 pub mod filter;
 pub mod notify;
 
-pub use notify::{Listener, Notification};
+pub use notify::Listener;

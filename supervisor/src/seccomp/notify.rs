@@ -7,17 +7,8 @@
 // Unsafe: the seccomp user-notify ioctls (RECV, SEND, ID_VALID, ADDFD), which nix does not wrap.
 #![allow(unsafe_code)]
 
+use crate::intercept::Notification;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-
-/// One trapped system call.
-#[derive(Debug, Clone, Copy)]
-pub struct Notification {
-    pub id: u64,
-    /// Thread id of the caller, in our pid namespace.
-    pub tid: u32,
-    pub nr: i64,
-    pub args: [u64; 6],
-}
 
 /// From linux/seccomp.h (6.6); not in the libc crate yet.
 const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: libc::c_ulong = 1;
