@@ -139,8 +139,12 @@ fn mirror_all_requests(pod: &LocalPod, command: &[String], requests: usize) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let addr = pod_addr(pod);
     let app = start(pod, &["--incoming", "mirror"], command);
-    // Fewer under emulation (the kernel matrix), where the agent drains the ring buffer slowly.
-    let threads = std::env::var("KMIRROR_MIRROR_CLIENTS").ok().and_then(|n| n.parse().ok()).unwrap_or(25);
+    // Ten clients at once: on this 2-core machine, next to the other tests of this file, 25
+    // made bursts the local app could not read within kmirror's 32 MiB bound on queued mirror
+    // data (it then drops the streams, by design), so the test failed about one run in five
+    // without anything being wrong. Fewer still under emulation (the kernel matrix), where the
+    // agent drains the ring buffer slowly.
+    let threads = std::env::var("KMIRROR_MIRROR_CLIENTS").ok().and_then(|n| n.parse().ok()).unwrap_or(10);
     let per_thread = requests / threads;
     let index = pod.index;
     let workers: Vec<_> = (0..threads)
