@@ -203,7 +203,8 @@ fn outgoing_proxy_takes_connections_from_the_app_socket_only() {
     let _serial = one_at_a_time();
     let pod = LocalPod::start(170);
     let go = GoFile::new(&pod, "tcp");
-    let port = (41000 + pod.index as u16).to_string();
+    // Below the ephemeral range (32768-60999), so no connection of another test holds it.
+    let port = (21000 + pod.index as u16).to_string();
     let service = pod.service_ip.to_string();
     let app = BackgroundApp::start(pod.target_pid, &[], &[PYTHON, "-c", TCP_APP, &service, &port, go.path()]);
     app.wait_stdout("the app to start", Duration::from_secs(30), |l| l.iter().any(|l| l == "ready"));
@@ -278,7 +279,8 @@ fn udp_relay_talks_to_the_app_socket_only() {
     let _serial = one_at_a_time();
     let pod = LocalPod::start(171);
     let go = GoFile::new(&pod, "udp");
-    let port = (41000 + pod.index as u16).to_string();
+    // Below the ephemeral range (32768-60999), so no connection of another test holds it.
+    let port = (21000 + pod.index as u16).to_string();
     let service = pod.service_ip.to_string();
     let app = BackgroundApp::start(pod.target_pid, &[], &[PYTHON, "-c", UDP_APP, &service, &port, go.path()]);
     app.wait_stdout("the app to connect", Duration::from_secs(30), |l| l.iter().any(|l| l == "connected"));
