@@ -40,10 +40,12 @@ fuzz: setup
 	@scripts/fuzz.sh
 
 # Lint and fuzz, then unit tests of every crate and the end-to-end suite against local pods,
-# then the test cluster (needs root): its smoke suite on a running one, or else the whole cycle
+# the process-tree and service-manager tests again under the ptrace interceptor, then the test
+# cluster (needs root): its smoke suite on a running one, or else the whole cycle
 # (tests/cluster/test.sh; a fresh machine first builds the cluster, about 19 minutes).
 test: build fixtures lint fuzz
 	$(CARGO) test --workspace
+	KMIRROR_INTERCEPTOR=ptrace $(CARGO) test --test process_trees --test systemd_run --test service_manager
 	@tests/cluster/test.sh
 
 clean:
