@@ -148,35 +148,11 @@ pub fn sync_wake_up() -> Feature {
 }
 
 fn probe_sync_wake_up() -> bool {
-    // An allow-all filter that notifies for one call nobody makes here: enough for a listener.
-    let filter = [
-        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 0 },
-        libc::sock_filter {
-            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_getppid as u32,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_USER_NOTIF,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ALLOW,
-        },
-    ];
+    let filter = getppid_notify_filter();
     let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
-    // SAFETY: the child makes only raw system calls, on memory prepared before the fork, and
-    // leaves with _exit.
-    let child = unsafe { libc::fork() };
-    if child == 0 {
+    let status = in_child(|| {
         let _ = nix::sys::prctl::set_no_new_privs();
-        // SAFETY: as above.
+        // SAFETY: raw system calls on memory prepared before the fork.
         unsafe {
             let listener = libc::syscall(
                 libc::SYS_seccomp,
@@ -186,14 +162,48 @@ fn probe_sync_wake_up() -> bool {
             );
             let ok = listener >= 0
                 && libc::ioctl(listener as i32, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, 1 as libc::c_ulong) == 0;
-            libc::_exit(if ok { 0 } else { 1 });
+            if ok { 0 } else { 1 }
         }
+    });
+    status == Ok(0)
+}
+
+/// An allow-all filter that notifies for one call nobody makes here (getppid): enough for a
+/// listener.
+fn getppid_notify_filter() -> [libc::sock_filter; 4] {
+    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    [
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_getppid as u32,
+        },
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_USER_NOTIF),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Runs `probe` in a forked child, which leaves with the status `probe` returns: the status,
+/// or the errno of a failed fork or wait. `probe` may make only raw system calls on memory
+/// prepared before the fork (kmirror has threads).
+fn in_child(probe: impl FnOnce() -> i32) -> Result<i32, i32> {
+    // SAFETY: the child runs `probe` (raw system calls only, see above) and leaves with _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let status = probe();
+        // SAFETY: ends the child without running anything of the parent's.
+        unsafe { libc::_exit(status) };
     }
     if child < 0 {
-        return false;
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EAGAIN));
     }
     use nix::sys::wait::{WaitStatus, waitpid};
-    matches!(waitpid(nix::unistd::Pid::from_raw(child), None), Ok(WaitStatus::Exited(_, 0)))
+    match waitpid(nix::unistd::Pid::from_raw(child), None) {
+        Ok(WaitStatus::Exited(_, status)) => Ok(status),
+        _ => Err(libc::ECHILD),
+    }
 }
 
 /// Whether the app could be given a seccomp listener (see docs/ptrace.md, *Choosing the
@@ -218,34 +228,10 @@ pub fn listener_available() -> Result<(), crate::intercept::NoListener> {
 
 /// Installs a listener the way the app's launcher does, in a forked child: 0, or the errno.
 fn probe_listener() -> i32 {
-    // Notifies for a call nobody makes here: enough for a listener.
-    let filter = [
-        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 0 },
-        libc::sock_filter {
-            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_getppid as u32,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_USER_NOTIF,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ALLOW,
-        },
-    ];
+    let filter = getppid_notify_filter();
     let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
-    // SAFETY: the child makes only raw system calls, on memory prepared before the fork, and
-    // leaves with _exit.
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        // SAFETY: as above.
+    let status = in_child(|| {
+        // SAFETY: raw system calls on memory prepared before the fork.
         unsafe {
             let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
             let mut rc = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &program);
@@ -253,17 +239,10 @@ fn probe_listener() -> i32 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 rc = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &program);
             }
-            libc::_exit(if rc >= 0 { 0 } else { (*libc::__errno_location()).clamp(1, 255) });
+            if rc >= 0 { 0 } else { (*libc::__errno_location()).clamp(1, 255) }
         }
-    }
-    if child < 0 {
-        return std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EAGAIN);
-    }
-    use nix::sys::wait::{WaitStatus, waitpid};
-    match waitpid(nix::unistd::Pid::from_raw(child), None) {
-        Ok(WaitStatus::Exited(_, code)) => code,
-        _ => libc::ECHILD,
-    }
+    });
+    status.unwrap_or_else(|errno| errno)
 }
 
 /// A table of every feature, one line each, for `kmirror features`.
