@@ -48,6 +48,12 @@ fn raise_fd_limit() {
     }
 }
 
+/// Ends kmirror with the error's message and its exit status (a [`session::Exit`]'s, else 1).
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("kmirror: {e:#}");
+    std::process::exit(e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code))
+}
+
 fn main() {
     // kmirror's own binary started again as the app's keeper: nothing of a session runs there.
     if keeper::invoked() {
@@ -58,21 +64,11 @@ fn main() {
     raise_fd_limit();
     match cli.command {
         cli::Command::Run(args) => {
-            match session::run(config::settings_or_exit(&args.settings, &matches), args.command) {
-                Ok(status) => signals::exit_like(status),
-                Err(e) => {
-                    eprintln!("kmirror: {e:#}");
-                    let code = e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code);
-                    std::process::exit(code);
-                }
-            }
+            let settings = config::settings_or_exit(&args.settings, &matches);
+            signals::exit_like(session::run(settings, args.command).unwrap_or_else(|e| fail(e)))
         }
         cli::Command::PortForward(args) => {
-            if let Err(e) = port_forward::run(&args.target, args.forwards) {
-                eprintln!("kmirror: {e:#}");
-                let code = e.downcast_ref::<session::Exit>().map_or(1, |exit| exit.code);
-                std::process::exit(code);
-            }
+            port_forward::run(&args.target, args.forwards).unwrap_or_else(|e| fail(e))
         }
         cli::Command::Features => {
             let features = kernel::features();
